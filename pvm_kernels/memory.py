@@ -1,0 +1,59 @@
+"""VisualMemory: the projected visual side of one PVM block, computed once per prompt."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class VisualMemory:
+    """Visual keys/values of one PVM block, ready for retrieval at every decode step.
+
+    Built by ``FusedPVM.encode_visual``; hold on to it for the life of a request.
+
+    Attributes:
+        key:        [B, Nv, Hkv, hd] k-normed visual keys (dtype of the block).
+        value:      [B, Nv, Hkv, hd] visual values.
+        key_mask:   [B, Nv] bool, True = valid token; None when every token is valid.
+        kv_len:     [B] int32, one past the last valid token of each sample (0 = none):
+                    kernels never visit keys at or beyond it.
+        has_visual: [B] bool, the sample has at least one valid visual token.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_mask: Optional[torch.Tensor]
+    kv_len: torch.Tensor
+    has_visual: torch.Tensor
+
+    @classmethod
+    def from_kv(cls, key: torch.Tensor, value: torch.Tensor,
+                key_mask: Optional[torch.Tensor] = None) -> "VisualMemory":
+        """Wrap projected keys/values; derives kv_len and has_visual on device (no host sync)."""
+        B, Nv = key.shape[:2]
+        if key_mask is None:
+            kv_len = torch.full((B,), Nv, dtype=torch.int32, device=key.device)
+            has_visual = torch.full((B,), Nv > 0, dtype=torch.bool, device=key.device)
+        else:
+            pos = torch.arange(1, Nv + 1, device=key.device, dtype=torch.int32)
+            kv_len = (key_mask.to(torch.int32) * pos).amax(dim=1).to(torch.int32) if Nv else \
+                torch.zeros(B, dtype=torch.int32, device=key.device)
+            has_visual = kv_len > 0
+        return cls(key, value, key_mask, kv_len, has_visual)
+
+    @property
+    def batch_size(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Nv, the padded number of visual tokens."""
+        return self.key.shape[1]
+
+    def index_select(self, batch_index: torch.Tensor) -> "VisualMemory":
+        """Rows of the memory in a new order (beam search, batch reordering)."""
+        pick = lambda t: None if t is None else t.index_select(0, batch_index)  # noqa: E731
+        return VisualMemory(pick(self.key), pick(self.value), pick(self.key_mask),
+                            pick(self.kv_len), pick(self.has_visual))

@@ -1,0 +1,4 @@
+"""nn.Module wrappers around the PVM ops."""
+from .fused_pvm import FusedPVM
+
+__all__ = ["FusedPVM"]

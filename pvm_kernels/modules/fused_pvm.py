@@ -1,0 +1,206 @@
+"""FusedPVM: the PVM block as an nn.Module with the published parameter names."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PVMDims
+from ..memory import VisualMemory
+from ..ops import pvm_merge, pvm_retrieval, resolve_backend
+from ..reference import rms_norm
+
+
+class PVMRMSNorm(nn.Module):
+    """RMSNorm with a gain (Qwen convention: float32 statistics, cast, then the gain)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class PVMCrossAttention(nn.Module):
+    """Projections and per-head norms of the text-to-visual cross-attention (no RoPE)."""
+
+    def __init__(self, dims: PVMDims):
+        super().__init__()
+        P, hd = dims.pvm_hidden_size, dims.head_dim
+        bias = dims.attention_bias
+        self.q_proj = nn.Linear(P, dims.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(P, dims.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(P, dims.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(dims.num_heads * hd, P, bias=bias)
+        self.q_norm = PVMRMSNorm(hd, dims.eps)
+        self.k_norm = PVMRMSNorm(hd, dims.eps)
+
+
+class PVMMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) of width I."""
+
+    def __init__(self, dims: PVMDims):
+        super().__init__()
+        P, inter = dims.pvm_hidden_size, dims.intermediate_size
+        self.gate_proj = nn.Linear(P, inter, bias=False)
+        self.up_proj = nn.Linear(P, inter, bias=False)
+        self.down_proj = nn.Linear(inter, P, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FusedPVM(nn.Module):
+    """Persistent Visual Memory block (spec: ``PVM_SPEC.md``), parallel to a decoder FFN.
+
+    ``FusedPVM(config)`` takes any object with ``hidden_size, num_attention_heads,
+    num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, pvm_hidden_size``
+    (optionally ``attention_bias``, ``initializer_range``), e.g. ``PVMConfig`` or a
+    transformers Qwen3-VL text config. Parameter names and shapes are the published ones,
+    so ``load_state_dict(block_state, strict=True)`` loads a released checkpoint.
+
+    At construction ``gate_alpha = 0``: the block is exactly inert until trained.
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        dims = PVMDims.from_config(config)
+        self.dims = dims
+        D, P = dims.hidden_size, dims.pvm_hidden_size
+        self.text_reducer = nn.Linear(D, P, bias=False)
+        self.vision_reducer = nn.Linear(D, P, bias=False)
+        self.output_expander = nn.Linear(P, D, bias=False)
+        self.input_norm = PVMRMSNorm(P, dims.eps)
+        self.post_attn_norm = PVMRMSNorm(P, dims.eps)
+        self.cross_attn = PVMCrossAttention(dims)
+        self.mlp = PVMMLP(dims)
+        self.gate_alpha = nn.Parameter(torch.zeros(1))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Spec initialisation: Linear ~ N(0, initializer_range), biases 0, gains 1, gate 0.
+
+        The output expander is *not* zeroed: with the gate at 0 as well, every PVM gradient
+        would be 0 and training could never start.
+        """
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.normal_(0.0, self.dims.initializer_range)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, PVMRMSNorm):
+                mod.weight.fill_(1.0)
+        self.gate_alpha.zero_()
+
+    def extra_repr(self) -> str:
+        d = self.dims
+        return (f"D={d.hidden_size}, P={d.pvm_hidden_size}, H={d.num_heads}, "
+                f"Hkv={d.num_kv_heads}, hd={d.head_dim}, I={d.intermediate_size}")
+
+    # ---- visual side -----------------------------------------------------------------------
+
+    def encode_visual(self, visual: torch.Tensor,
+                      visual_mask: Optional[torch.Tensor] = None) -> VisualMemory:
+        """Project visual embeddings once: vision_reducer, k/v projections and k-norm.
+
+        visual [B, Nv, D] (dtype of the block's input); visual_mask [B, Nv] bool, True =
+        valid token, or None (all valid). Masked tokens are zeroed before projection so
+        padding can hold anything, NaN included. Returns a VisualMemory to pass as
+        ``visual`` to later calls (every decode step), which then only do the query side.
+        """
+        d = self.dims
+        if not isinstance(visual, torch.Tensor) or visual.dim() != 3 \
+                or visual.shape[-1] != d.hidden_size:
+            shape = tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual)
+            raise ValueError(f"visual must be [B, Nv, {d.hidden_size}], got {shape}")
+        B, Nv, _ = visual.shape
+        if visual_mask is not None:
+            if visual_mask.dtype != torch.bool:
+                raise TypeError(f"visual_mask must be torch.bool, got {visual_mask.dtype}")
+            if tuple(visual_mask.shape) != (B, Nv):
+                raise ValueError(f"visual_mask must have shape {(B, Nv)}, got "
+                                 f"{tuple(visual_mask.shape)}")
+            if visual_mask.device != visual.device:
+                raise ValueError(f"visual_mask is on {visual_mask.device}, visual on "
+                                 f"{visual.device}")
+            visual = visual.masked_fill(~visual_mask[..., None], 0.0)
+        attn = self.cross_attn
+        y = self.vision_reducer(visual)
+        key = attn.k_norm(attn.k_proj(y).view(B, Nv, d.num_kv_heads, d.head_dim))
+        value = attn.v_proj(y).view(B, Nv, d.num_kv_heads, d.head_dim)
+        return VisualMemory.from_kv(key, value, visual_mask)
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor,
+                visual: Union[torch.Tensor, VisualMemory, None],
+                visual_mask: Optional[torch.Tensor] = None,
+                query_is_visual: Optional[torch.Tensor] = None,
+                ffn_output: Optional[torch.Tensor] = None,
+                backend: Optional[str] = None) -> torch.Tensor:
+        """The PVM update ``u`` [B, T, D], or ``ffn_output + u`` when ffn_output is given.
+
+        hidden_states [B, T, D]: the residual stream entering post_attention_layernorm.
+        visual: [B, Nv, D] visual embeddings, a VisualMemory from ``encode_visual``, or
+        None for a text-only call (returns zeros, or ffn_output itself, without any work).
+        visual_mask [B, Nv] bool (only with raw embeddings; a memory carries its own).
+        query_is_visual [B, T] bool: the update is 0 at those positions.
+        ffn_output [B, T, D]: fused into the output by the merge kernel.
+        backend: "reference", "triton", ... or None for the fastest on this device.
+        Samples with no valid visual token get an update of exactly 0.
+        """
+        d = self.dims
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 \
+                or hidden_states.shape[-1] != d.hidden_size:
+            shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) \
+                else type(hidden_states)
+            raise ValueError(f"hidden_states must be [B, T, {d.hidden_size}], got {shape}")
+        B, T, _ = hidden_states.shape
+        if ffn_output is not None and (ffn_output.shape != hidden_states.shape
+                                       or ffn_output.dtype != hidden_states.dtype):
+            raise ValueError(f"ffn_output must match hidden_states {tuple(hidden_states.shape)}"
+                             f" {hidden_states.dtype}, got {tuple(ffn_output.shape)} "
+                             f"{ffn_output.dtype}")
+        if visual is None or (isinstance(visual, torch.Tensor) and visual.shape[1] == 0):
+            return torch.zeros_like(hidden_states) if ffn_output is None else ffn_output
+        impl = resolve_backend(backend, hidden_states.device)
+
+        if isinstance(visual, VisualMemory):
+            if visual_mask is not None:
+                raise ValueError("visual_mask must be None when visual is a VisualMemory "
+                                 "(the memory carries its own mask)")
+            memory = visual
+        else:
+            if isinstance(visual, torch.Tensor) and visual.dtype != hidden_states.dtype:
+                raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "
+                                f"dtype {hidden_states.dtype}")
+            memory = self.encode_visual(visual, visual_mask)
+        if memory.batch_size != B:
+            raise ValueError(f"visual has batch size {memory.batch_size}, hidden_states {B}")
+        if memory.key.shape[2:] != (d.num_kv_heads, d.head_dim):
+            raise ValueError(f"VisualMemory heads {tuple(memory.key.shape[2:])} do not match "
+                             f"this block's (Hkv, hd) = {(d.num_kv_heads, d.head_dim)}")
+
+        keep = None
+        if memory.key_mask is not None:
+            keep = memory.has_visual[:, None].expand(B, T)
+        if query_is_visual is not None:
+            if query_is_visual.dtype != torch.bool or tuple(query_is_visual.shape) != (B, T):
+                raise ValueError(f"query_is_visual must be a bool tensor of shape {(B, T)}, "
+                                 f"got {query_is_visual.dtype} {tuple(query_is_visual.shape)}")
+            keep = ~query_is_visual if keep is None else keep & ~query_is_visual
+
+        attn = self.cross_attn
+        x = self.input_norm(self.text_reducer(hidden_states))
+        q = attn.q_norm(attn.q_proj(x).view(B, T, d.num_heads, d.head_dim))
+        a = pvm_retrieval(q, memory.key, memory.value, memory.key_mask, memory.kv_len,
+                          backend=impl.name)
+        m = attn.o_proj(a.reshape(B, T, d.num_heads * d.head_dim))
+        m = m + self.mlp(self.post_attn_norm(m))
+        expanded = self.output_expander(m)
+        return pvm_merge(expanded, self.gate_alpha, keep, ffn_output, d.eps, backend=impl.name)

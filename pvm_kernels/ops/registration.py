@@ -1,0 +1,108 @@
+"""torch.library registration of the PVM ops, shared by every compiled/kernel backend.
+
+Each backend X provides four ops in the ``pvm_kernels`` namespace with the schemas below:
+``X_retrieval_fwd``, ``X_retrieval_bwd``, ``X_merge_fwd``, ``X_merge_bwd``. Whatever
+implements them (Triton from Python here, C++ through TORCH_LIBRARY in csrc/), the fake
+(meta) functions and the autograd formulas are the ones in this file, so torch.compile
+traces every backend the same way.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+NAMESPACE = "pvm_kernels"
+
+SCHEMAS: Dict[str, str] = {
+    "retrieval_fwd": "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? kv_len, "
+                     "float scale) -> (Tensor, Tensor)",
+    "retrieval_bwd": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                     "Tensor? key_mask, Tensor? kv_len, float scale) -> (Tensor, Tensor, Tensor)",
+    "merge_fwd": "(Tensor expanded, Tensor gate, Tensor? keep, Tensor? ffn_output, float eps) "
+                 "-> (Tensor, Tensor)",
+    "merge_bwd": "(Tensor grad_out, Tensor expanded, Tensor gate, Tensor? keep, Tensor rstd) "
+                 "-> (Tensor, Tensor)",
+}
+
+
+def op_name(backend: str, op: str) -> str:
+    return f"{NAMESPACE}::{backend}_{op}"
+
+
+def get_op(backend: str, op: str):
+    return getattr(getattr(torch.ops, NAMESPACE), f"{backend}_{op}").default
+
+
+# ---- fake (meta) implementations: shapes and dtypes only -------------------------------
+
+def retrieval_fwd_fake(q, k, v, key_mask, kv_len, scale):
+    B, T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+def retrieval_bwd_fake(grad_out, q, k, v, out, lse, key_mask, kv_len, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def merge_fwd_fake(expanded, gate, keep, ffn_output, eps):
+    n = expanded.numel() // expanded.shape[-1] if expanded.shape[-1] else 0
+    return expanded.new_empty(expanded.shape), expanded.new_empty((n,), dtype=torch.float32)
+
+
+def merge_bwd_fake(grad_out, expanded, gate, keep, rstd):
+    return expanded.new_empty(expanded.shape), gate.new_empty(gate.shape)
+
+
+FAKES: Dict[str, Callable] = {
+    "retrieval_fwd": retrieval_fwd_fake, "retrieval_bwd": retrieval_bwd_fake,
+    "merge_fwd": merge_fwd_fake, "merge_bwd": merge_bwd_fake,
+}
+
+
+# ---- autograd ----------------------------------------------------------------------------
+
+def _autograd_for(backend: str):
+    """setup_context/backward pairs for ``backend``'s forward ops (backward calls its bwd op)."""
+
+    def retrieval_setup(ctx, inputs, output):
+        q, k, v, key_mask, kv_len, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_mask, kv_len)
+        ctx.scale = scale
+
+    def retrieval_backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, key_mask, kv_len = ctx.saved_tensors
+        dq, dk, dv = get_op(backend, "retrieval_bwd")(
+            grad_out, q, k, v, out, lse, key_mask, kv_len, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    def merge_setup(ctx, inputs, output):
+        expanded, gate, keep, ffn_output, eps = inputs
+        ctx.save_for_backward(expanded, gate, keep, output[1])
+        ctx.has_ffn = ffn_output is not None
+
+    def merge_backward(ctx, grad_out, _grad_rstd):
+        expanded, gate, keep, rstd = ctx.saved_tensors
+        d_expanded, d_gate = get_op(backend, "merge_bwd")(grad_out, expanded, gate, keep, rstd)
+        return d_expanded, d_gate, None, (grad_out if ctx.has_ffn else None), None
+
+    return {"retrieval_fwd": (retrieval_setup, retrieval_backward),
+            "merge_fwd": (merge_setup, merge_backward)}
+
+
+def attach_fake_and_autograd(backend: str) -> None:
+    """Give ``backend``'s already-defined ops their fake impls and autograd formulas."""
+    for op, fake in FAKES.items():
+        torch.library.register_fake(op_name(backend, op), fake)
+    for op, (setup, backward) in _autograd_for(backend).items():
+        torch.library.register_autograd(op_name(backend, op), backward, setup_context=setup)
+
+
+def define_python_backend(backend: str, impls: Dict[str, Callable],
+                          device_types: Optional[str] = None) -> None:
+    """Define ``backend``'s four ops from Python implementations (e.g. Triton launchers)."""
+    for op, fn in impls.items():
+        torch.library.custom_op(op_name(backend, op), fn, mutates_args=(),
+                                device_types=device_types, schema=SCHEMAS[op])
+    attach_fake_and_autograd(backend)

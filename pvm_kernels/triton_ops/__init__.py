@@ -1,0 +1,9 @@
+"""Fused Triton kernels for PVM: one op per file, launch wrappers next to their kernels.
+
+Kernel files know nothing of autograd, modules or transformers; ``pvm_kernels.ops`` wraps
+them. Import this package only after deciding on ``TRITON_INTERPRET`` (it imports triton).
+"""
+from .merge import merge_bwd, merge_fwd
+from .retrieval import retrieval_bwd, retrieval_fwd
+
+__all__ = ["retrieval_fwd", "retrieval_bwd", "merge_fwd", "merge_bwd"]
