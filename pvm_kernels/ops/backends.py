@@ -6,7 +6,6 @@ backend that cannot run raises; nothing falls back silently to another implement
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from .. import reference
+from . import triton_backend  # noqa: F401  (defines the triton ops; imports no triton)
+from .registration import get_op
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,19 @@ _REGISTRY: Dict[str, Backend] = {}
 def register_backend(backend: Backend) -> None:
     """Add or replace a backend (used by pvm_kernels itself and by extensions)."""
     _REGISTRY[backend.name] = backend
-    _check_cached.cache_clear()
+    _CHECKS.clear()
 
 
-@functools.lru_cache(maxsize=None)
+# A plain dict, not functools.lru_cache: torch.compile reads it as a constant instead of
+# tracing through the cache wrapper.
+_CHECKS: Dict[tuple, Optional[str]] = {}
+
+
 def _check_cached(name: str, device_type: str) -> Optional[str]:
-    return _REGISTRY[name].check(device_type)
+    key = (name, device_type)
+    if key not in _CHECKS:
+        _CHECKS[key] = _REGISTRY[name].check(device_type)
+    return _CHECKS[key]
 
 
 def _machine_device_types() -> List[str]:
@@ -124,17 +132,12 @@ def _triton_check(device_type: str) -> Optional[str]:
     return f"no Triton support for device type '{device_type}'"
 
 
-def _triton_op(op: str) -> Callable:
-    from . import triton_backend  # noqa: F401  (registers the custom ops on first use)
-    return getattr(torch.ops.pvm_kernels, f"triton_{op}").default
-
-
 def _triton_retrieval(q, k, v, key_mask, kv_len, scale):
-    return _triton_op("retrieval_fwd")(q, k, v, key_mask, kv_len, scale)[0]
+    return get_op("triton", "retrieval_fwd")(q, k, v, key_mask, kv_len, scale)[0]
 
 
 def _triton_merge(expanded, gate, keep, ffn_output, eps):
-    return _triton_op("merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
+    return get_op("triton", "merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
 
 
 # On CPU the interpreter is far slower than the reference: usable there, never the default.

@@ -1,0 +1,57 @@
+"""Testing aids shared by the test suites and benchmarks of every backend.
+
+``poisoned_outputs`` (NaN-filled kernel outputs), ``max_rel_err`` (the error metric the
+tolerances are stated in) and builders of random PVM inputs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from ._alloc import poisoned_outputs
+
+__all__ = ["poisoned_outputs", "max_rel_err", "TOLERANCE", "random_mask", "double_params"]
+
+#: max_rel_err allowed per compute dtype against a float64 reference.
+TOLERANCE: Dict[torch.dtype, float] = {
+    torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10,
+}
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| over every element (NaN anywhere -> inf).
+
+    Normalising by the largest reference magnitude, not element-wise, keeps near-zero
+    elements from dominating while still checking every element.
+    """
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape mismatch: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    scale = e.abs().max().item()
+    diff = (a - e).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def random_mask(batch: int, length: int, *, empty_rows=(), pad_from: Optional[Dict[int, int]] = None,
+                holes: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[batch, length] bool mask: rows in ``empty_rows`` all False, ``pad_from[b] = n`` masks
+    tokens n.. of row b, and a fraction ``holes`` of the remaining tokens is masked at random."""
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    if holes > 0:
+        mask &= torch.rand(batch, length, generator=generator) >= holes
+    for b, n in (pad_from or {}).items():
+        mask[b, n:] = False
+    for b in empty_rows:
+        mask[b] = False
+    return mask
+
+
+def double_params(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The module's state as float64 leaf tensors requiring grad (for reference gradients)."""
+    return {k: v.detach().double().clone().requires_grad_(v.is_floating_point())
+            for k, v in module.state_dict().items()}

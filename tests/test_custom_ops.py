@@ -1,0 +1,81 @@
+"""torch.library registration: opcheck on the kernel-backed ops and torch.compile tracing."""
+import pytest
+import torch
+
+from conftest import DEVICES
+from pvm_kernels import FusedPVM, PVMConfig, available_backends
+from pvm_kernels.ops import registration
+from pvm_kernels.testing import max_rel_err, random_mask
+
+KERNEL_BACKENDS = ["triton"]
+
+
+def op_backend_device_params():
+    return [pytest.param(b, d, id=f"{b}-{d}",
+                         marks=[] if b in available_backends(d) else
+                         [pytest.mark.skip(reason=f"{b} not usable on {d}")])
+            for d in DEVICES for b in KERNEL_BACKENDS]
+
+
+def retrieval_args(device, dtype, requires_grad):
+    B, T, H, Hkv, hd, Nv = 2, 5, 4, 2, 16, 13
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=requires_grad)  # noqa
+    mask = random_mask(B, Nv, empty_rows=[1]).to(device)
+    kv_len = (mask.int() * torch.arange(1, Nv + 1, device=device)).amax(1).int()
+    return (mk(B, T, H, hd), mk(B, Nv, Hkv, hd), mk(B, Nv, Hkv, hd), mask, kv_len, 0.25)
+
+
+@pytest.mark.parametrize("backend,device", op_backend_device_params())
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_retrieval(backend, device, requires_grad):
+    args = retrieval_args(device, torch.float32, requires_grad)
+    fwd = registration.get_op(backend, "retrieval_fwd")
+    torch.library.opcheck(fwd, args)
+    torch.library.opcheck(fwd, args[:3] + (None, None, 0.25))
+    q, k, v, mask, kv_len, scale = [a.detach() if torch.is_tensor(a) else a for a in args]
+    out, lse = fwd(q, k, v, mask, kv_len, scale)
+    torch.library.opcheck(registration.get_op(backend, "retrieval_bwd"),
+                          (torch.randn_like(out), q, k, v, out, lse, mask, kv_len, scale))
+
+
+@pytest.mark.parametrize("backend,device", op_backend_device_params())
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_merge(backend, device, requires_grad):
+    e = torch.randn(3, 4, 48, device=device, requires_grad=requires_grad)
+    gate = torch.tensor([0.3], device=device, requires_grad=requires_grad)
+    ffn = torch.randn(3, 4, 48, device=device, requires_grad=requires_grad)
+    keep = torch.rand(3, 4, device=device) > 0.5
+    fwd = registration.get_op(backend, "merge_fwd")
+    torch.library.opcheck(fwd, (e, gate, keep, ffn, 1e-6))
+    torch.library.opcheck(fwd, (e, gate, None, None, 1e-6))
+    out, rstd = fwd(e.detach(), gate.detach(), keep, ffn.detach(), 1e-6)
+    torch.library.opcheck(registration.get_op(backend, "merge_bwd"),
+                          (torch.randn_like(out), e.detach(), gate.detach(), keep, rstd))
+
+
+@pytest.mark.parametrize("backend,device", op_backend_device_params())
+def test_compile_fullgraph_forward_and_backward(backend, device):
+    """The whole block (with the kernels as custom ops) compiles without a graph break."""
+    torch._dynamo.reset()
+    cfg = PVMConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=128, pvm_hidden_size=64)
+    block = FusedPVM(cfg).to(device)
+    with torch.no_grad():
+        block.gate_alpha.fill_(0.5)
+    h = torch.randn(2, 6, 64, device=device, requires_grad=True)
+    visual = torch.randn(2, 10, 64, device=device)
+    mask = random_mask(2, 10, pad_from={1: 4}).to(device)
+    ffn = torch.randn(2, 6, 64, device=device)
+
+    def step(h, visual, mask, ffn):
+        return block(h, visual, mask, ffn_output=ffn, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(h, visual, mask, ffn)
+    got.square().sum().backward()
+    g_compiled = h.grad.clone()
+    h.grad = None
+    eager = step(h, visual, mask, ffn)
+    eager.square().sum().backward()
+    assert max_rel_err(got, eager) < 1e-6
+    assert max_rel_err(g_compiled, h.grad) < 1e-6
