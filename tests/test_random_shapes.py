@@ -1,0 +1,77 @@
+"""Hypothesis-driven shapes, masks and dtypes: every backend against the float64 reference.
+
+The example budget is fixed so CI time stays sane; PVM_FUZZ_EXAMPLES raises it.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import backend_device_params
+from pvm_kernels import pvm_merge, pvm_retrieval
+from pvm_kernels.reference import merge_reference, retrieval_reference
+from pvm_kernels.testing import TOLERANCE, max_rel_err
+
+EXAMPLES = int(os.environ.get("PVM_FUZZ_EXAMPLES", "25"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+@st.composite
+def retrieval_problem(draw):
+    Hkv = draw(st.integers(1, 3))
+    G = draw(st.sampled_from([1, 2, 4]))
+    hd = draw(st.sampled_from([8, 16, 24, 32, 64]))
+    B, T, Nv = draw(st.integers(1, 3)), draw(st.integers(1, 70)), draw(st.integers(1, 80))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    mask_kind = draw(st.sampled_from(["none", "random", "prefix"]))
+    return B, T, Hkv * G, Hkv, hd, Nv, dtype, seed, mask_kind
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@SETTINGS
+@given(problem=retrieval_problem())
+def test_retrieval_random(backend, device, problem):
+    B, T, H, Hkv, hd, Nv, dtype, seed, mask_kind = problem
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+               for s in ((B, T, H, hd), (B, Nv, Hkv, hd), (B, Nv, Hkv, hd))]
+    mask = None
+    if mask_kind == "random":
+        mask = torch.rand(B, Nv, generator=g) > 0.4
+    elif mask_kind == "prefix":
+        lens = torch.randint(0, Nv + 1, (B,), generator=g)
+        mask = torch.arange(Nv)[None] < lens[:, None]
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = retrieval_reference(*refs, mask)
+    grad = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    expected.backward(grad)
+    out = pvm_retrieval(*leaves, None if mask is None else mask.to(device), backend=backend)
+    out.backward(grad.to(dtype).to(device))
+    tol = TOLERANCE[dtype]
+    assert max_rel_err(out, expected) < tol
+    for got, want in zip(leaves, refs):
+        assert max_rel_err(got.grad, want.grad) < tol
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@SETTINGS
+@given(rows=st.integers(1, 9), D=st.integers(1, 300), seed=st.integers(0, 2 ** 31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       gate=st.floats(-3, 3, allow_nan=False), with_ffn=st.booleans())
+def test_merge_random(backend, device, rows, D, seed, dtype, gate, with_ffn):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(rows, D, generator=g, dtype=torch.float64).to(dtype)
+    ffn = torch.randn(rows, D, generator=g, dtype=torch.float64).to(dtype) if with_ffn else None
+    keep = torch.rand(rows, generator=g) > 0.3
+    gate_t = torch.tensor([gate], dtype=dtype)
+    expected = merge_reference(e.double(), gate_t.double(), keep,
+                               None if ffn is None else ffn.double())
+    out = pvm_merge(e.to(device), gate_t.to(device), keep.to(device),
+                    None if ffn is None else ffn.to(device), backend=backend)
+    assert max_rel_err(out, expected) < TOLERANCE[dtype]
