@@ -17,8 +17,10 @@ test: install
 demo: install
 	$(PYTHON) -m pvm_kernels.demo
 
+# Raw times land in bench/results/<device>.json (device name from torch).
 bench: install
-	$(PYTHON) -m pytest bench --benchmark-only -q
+	$(PYTHON) -m pytest bench --benchmark-only -q \
+	  --benchmark-json=bench/results/$$($(PYTHON) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')").json
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,60 @@
+"""Benchmark set-up: device, dtype and 8B-shaped blocks.
+
+GPU: bf16 at the issue's shapes (T in {1, 2048, 8192}, Nv in {256, 1024, 4096}).
+CPU: fp32 at small sizes, reference only (Triton's CPU interpreter measures numpy).
+"""
+import pytest
+import torch
+
+from pvm_kernels import FusedPVM, PVMConfig, available_backends
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+
+if DEVICE.type == "cuda":
+    TOKENS, VISUAL, BATCH = [1, 2048, 8192], [256, 1024, 4096], 1
+    BACKENDS = [b for b in available_backends(DEVICE)]
+else:
+    TOKENS, VISUAL, BATCH = [1, 128], [256, 1024], 1
+    BACKENDS = ["reference"]
+
+_BLOCKS = {}
+
+
+def block_8b() -> FusedPVM:
+    if "b" not in _BLOCKS:
+        torch.manual_seed(0)
+        block = FusedPVM(PVMConfig.qwen3_vl_8b())
+        with torch.no_grad():
+            block.gate_alpha.fill_(1.0)
+        _BLOCKS["b"] = block.to(device=DEVICE, dtype=DTYPE)
+    return _BLOCKS["b"]
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture
+def block():
+    return block_8b()
+
+
+def device_name() -> str:
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import importlib.metadata as md
+    versions = {}
+    for pkg in ("torch", "triton", "transformers"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    machine_info.update(device=device_name(), dtype=str(DTYPE), versions=versions,
+                        cuda=torch.version.cuda)
