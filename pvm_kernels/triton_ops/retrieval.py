@@ -30,11 +30,42 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _row_offsets(rows, T, G: tl.constexpr, kvh, stride_t, stride_h):
-    """Memory offsets of packed rows r = t * G + g (query token t, head kvh * G + g)."""
+def _row_tile(PTR, b, rows, row_ok, kvh, d, d_ok, G: tl.constexpr, sb, st, sh, sd):
+    """Pointers and mask of a [BLOCK_M, BLOCK_D] tile of packed rows r = t * G + g
+    (query token t, head kvh * G + g) in a [B, T, H, hd] tensor."""
     t = (rows // G).to(tl.int64)
     h = (kvh * G + rows % G).to(tl.int64)
-    return t * stride_t + h * stride_h, t, h
+    ptrs = PTR + b * sb + (t * st + h * sh)[:, None] + d[None, :] * sd
+    return ptrs, row_ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _key_tile(PTR, b, kvh, n, n_in, d, d_ok, sb, sn, sh, sd, TRANSPOSED: tl.constexpr):
+    """Pointers and mask of a key-block tile of a [B, Nv, Hkv, hd] tensor:
+    [BLOCK_N, BLOCK_D], or [BLOCK_D, BLOCK_N] when TRANSPOSED (ready for q @ k^T)."""
+    base = PTR + b * sb + kvh * sh
+    n64 = n.to(tl.int64)
+    if TRANSPOSED:
+        return base + n64[None, :] * sn + d[:, None] * sd, n_in[None, :] & d_ok[:, None]
+    return base + n64[:, None] * sn + d[None, :] * sd, n_in[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G: tl.constexpr, HKV):
+    """log2-domain lse and delta of packed rows, both stored [B, H, T]."""
+    t = (rows // G).to(tl.int64)
+    h = (kvh * G + rows % G).to(tl.int64)
+    stat = (b * (HKV * G) + h) * T + t
+    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    return lse2, tl.load(DELTA + stat, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def _kv_end(KV_LEN, b, NV, HAS_LEN: tl.constexpr):
+    """One past the last key to visit for sample b."""
+    if HAS_LEN:
+        return tl.load(KV_LEN + b)
+    return NV
 
 
 @triton.jit
@@ -67,13 +98,9 @@ def retrieval_fwd_kernel(
     row_ok = rows < T * G
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HD
-    q_off, t, h = _row_offsets(rows, T, G, kvh, sqt, sqh)
-    q = tl.load(Q + b * sqb + q_off[:, None] + d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
-    n_end = NV
-    if HAS_LEN:
-        n_end = tl.load(KV_LEN + b)
+    q_ptrs, q_mask = _row_tile(Q, b, rows, row_ok, kvh, d, d_ok, G, sqb, sqt, sqh, sqd)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    n_end = _kv_end(KV_LEN, b, NV, HAS_LEN)
 
     # Finite start for the running max: an all-masked block then gives exp2(-inf) = 0
     # and a rescale factor of exactly 1 instead of NaN from (-inf) - (-inf).
@@ -84,17 +111,16 @@ def retrieval_fwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_in = n < n_end
         n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn, HAS_MASK)
-        n64 = n.to(tl.int64)
-        kt = tl.load(K + b * skb + kvh * skh + n64[None, :] * skn + d[:, None] * skd,
-                     mask=n_in[None, :] & d_ok[:, None], other=0.0)
+        kt_ptrs, kt_mask = _key_tile(K, b, kvh, n, n_in, d, d_ok, skb, skn, skh, skd, True)
+        kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
         s = mma(q, kt, UPCAST, IEEE) * qk_scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + kvh * svh + n64[:, None] * svn + d[None, :] * svd,
-                    mask=n_in[:, None] & d_ok[None, :], other=0.0)
+        v_ptrs, v_mask = _key_tile(V, b, kvh, n, n_in, d, d_ok, svb, svn, svh, svd, False)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
         # Padding may hold anything; 0 * NaN would leak into valid rows through the dot.
         v = tl.where(n_ok[:, None], v, 0.0)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, IEEE)
@@ -103,10 +129,11 @@ def retrieval_fwd_kernel(
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
-    o_off, _, _ = _row_offsets(rows, T, G, kvh, sot, soh)
-    tl.store(O + b * sob + o_off[:, None] + d[None, :] * sod, out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    o_ptrs, o_mask = _row_tile(O, b, rows, row_ok, kvh, d, d_ok, G, sob, sot, soh, sod)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    t = (rows // G).to(tl.int64)
+    h = (kvh * G + rows % G).to(tl.int64)
     tl.store(LSE + (b * (HKV * G) + h) * T + t, lse, mask=row_ok)
 
 
@@ -129,21 +156,16 @@ def retrieval_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     kvh = pid_bh % HKV
-    n_end = NV
-    if HAS_LEN:
-        n_end = tl.load(KV_LEN + b)
-
+    n_end = _kv_end(KV_LEN, b, NV, HAS_LEN)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NV
-    n64 = n.to(tl.int64)
     n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn, HAS_MASK)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HD
-    k = tl.load(K + b * skb + kvh * skh + n64[:, None] * skn + d[None, :] * skd,
-                mask=n_in[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + n64[:, None] * svn + d[None, :] * svd,
-                mask=n_in[:, None] & d_ok[None, :], other=0.0)
-    v = tl.where(n_ok[:, None], v, 0.0)
+    k_ptrs, kv_mask = _key_tile(K, b, kvh, n, n_in, d, d_ok, skb, skn, skh, skd, False)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v_ptrs, _ = _key_tile(V, b, kvh, n, n_in, d, d_ok, svb, svn, svh, svd, False)
+    v = tl.where(n_ok[:, None], tl.load(v_ptrs, mask=kv_mask, other=0.0), 0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -152,15 +174,11 @@ def retrieval_bwd_dkdv_kernel(
     for r0 in range(0, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < T * G
-        q_off, t, h = _row_offsets(rows, T, G, kvh, sqt, sqh)
-        q = tl.load(Q + b * sqb + q_off[:, None] + d[None, :] * sqd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do_off, _, _ = _row_offsets(rows, T, G, kvh, sdot, sdoh)
-        do = tl.load(DO + b * sdob + do_off[:, None] + d[None, :] * sdod,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        stat = (b * (HKV * G) + h) * T + t
-        lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        q_ptrs, r_mask = _row_tile(Q, b, rows, row_ok, kvh, d, d_ok, G, sqb, sqt, sqh, sqd)
+        q = tl.load(q_ptrs, mask=r_mask, other=0.0)
+        do_ptrs, _ = _row_tile(DO, b, rows, row_ok, kvh, d, d_ok, G, sdob, sdot, sdoh, sdod)
+        do = tl.load(do_ptrs, mask=r_mask, other=0.0)
+        lse2, delta = _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV)
         s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale_log2
         p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dv += mma(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
@@ -170,9 +188,10 @@ def retrieval_bwd_dkdv_kernel(
 
     dk = dk * scale
     # dk and dv are allocated alike (contiguous), so they share the strides sg*.
-    g_off = b * sgb + kvh * sgh + n64[:, None] * sgn + d[None, :] * sgd
-    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=n_in[:, None] & d_ok[None, :])
-    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=n_in[:, None] & d_ok[None, :])
+    dk_ptrs, _ = _key_tile(DK, b, kvh, n, n_in, d, d_ok, sgb, sgn, sgh, sgd, False)
+    dv_ptrs, _ = _key_tile(DV, b, kvh, n, n_in, d, d_ok, sgb, sgn, sgh, sgd, False)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -201,39 +220,29 @@ def retrieval_bwd_dq_kernel(
     row_ok = rows < T * G
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HD
-    q_off, t, h = _row_offsets(rows, T, G, kvh, sqt, sqh)
-    q = tl.load(Q + b * sqb + q_off[:, None] + d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do_off, _, _ = _row_offsets(rows, T, G, kvh, sdot, sdoh)
-    do = tl.load(DO + b * sdob + do_off[:, None] + d[None, :] * sdod,
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    stat = (b * (HKV * G) + h) * T + t
-    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
-
-    n_end = NV
-    if HAS_LEN:
-        n_end = tl.load(KV_LEN + b)
+    q_ptrs, r_mask = _row_tile(Q, b, rows, row_ok, kvh, d, d_ok, G, sqb, sqt, sqh, sqd)
+    q = tl.load(q_ptrs, mask=r_mask, other=0.0)
+    do_ptrs, _ = _row_tile(DO, b, rows, row_ok, kvh, d, d_ok, G, sdob, sdot, sdoh, sdod)
+    do = tl.load(do_ptrs, mask=r_mask, other=0.0)
+    lse2, delta = _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV)
+    n_end = _kv_end(KV_LEN, b, NV, HAS_LEN)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_in = n < n_end
         n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn, HAS_MASK)
-        n64 = n.to(tl.int64)
-        kt = tl.load(K + b * skb + kvh * skh + n64[None, :] * skn + d[:, None] * skd,
-                     mask=n_in[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(V + b * svb + kvh * svh + n64[None, :] * svn + d[:, None] * svd,
-                     mask=n_in[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.where(n_ok[None, :], vt, 0.0)
+        kt_ptrs, kt_mask = _key_tile(K, b, kvh, n, n_in, d, d_ok, skb, skn, skh, skd, True)
+        kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
+        vt_ptrs, _ = _key_tile(V, b, kvh, n, n_in, d, d_ok, svb, svn, svh, svd, True)
+        vt = tl.where(n_ok[None, :], tl.load(vt_ptrs, mask=kt_mask, other=0.0), 0.0)
         s = mma(q, kt, UPCAST, IEEE) * qk_scale_log2
         p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = mma(do, vt, UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(kt.dtype), tl.trans(kt), UPCAST, IEEE)
     dq = dq * scale
-    g_off, _, _ = _row_offsets(rows, T, G, kvh, sgt, sgh)
-    tl.store(DQ + b * sgb + g_off[:, None] + d[None, :] * sgd, dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    dq_ptrs, _ = _row_tile(DQ, b, rows, row_ok, kvh, d, d_ok, G, sgb, sgt, sgh, sgd)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=r_mask)
 
 
 def _blocks(rows: int, hd: int) -> Tuple[int, int, int]:
