@@ -1,14 +1,22 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Where torch is already installed (the GPU box), it is used as is; otherwise the
-# machine's local torch wheel is installed.
+# machine's local torch wheel is installed. The C++ CPU extension is always built and
+# the CUDA one whenever nvcc is found; PVM_STRICT_BUILD=1 makes a failed build fatal,
+# so a CUDA build break fails `make test` (and CI) even on a machine with no GPU.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+MAX_JOBS ?= $(shell nproc)
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export CUDA_HOME MAX_JOBS TORCH_CUDA_ARCH_LIST
+export PVM_STRICT_BUILD ?= 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench cmake-build clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	@command -v ninja >/dev/null || $(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || true
 	$(PIP) install --no-build-isolation -e ".[test]"
 
 test: install
@@ -22,6 +30,17 @@ bench: install
 	$(PYTHON) -m pytest bench --benchmark-only -q \
 	  --benchmark-json=bench/results/$$($(PYTHON) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')").json
 
+# The same sources built standalone against libtorch (C++ developers), in build/cmake.
+# The CUDA root is passed explicitly (an `nvcc` wrapper on PATH misleads FindCUDA), and
+# libnvrtc is taken from torch's pip CUDA wheels when the toolkit has none.
+NVRTC := $(firstword $(wildcard $(CUDA_HOME)/lib64/libnvrtc.so) $(shell $(PYTHON) -c "import glob, os, torch; print(' '.join(glob.glob(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', '*', 'lib', 'libnvrtc.so*'))))" 2>/dev/null))
+cmake-build:
+	cmake -S . -B build/cmake -G Ninja \
+	  -DCMAKE_PREFIX_PATH=$$($(PYTHON) -c "import torch; print(torch.utils.cmake_prefix_path)") \
+	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc) \
+	  $(if $(NVRTC),-DCUDA_nvrtc_LIBRARY=$(NVRTC))
+	cmake --build build/cmake
+
 clean:
-	rm -rf build *.egg-info .pytest_cache .benchmarks
+	rm -rf build *.egg-info .pytest_cache .benchmarks pvm_kernels/*.so
 	find . -name __pycache__ -prune -exec rm -rf {} +

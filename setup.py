@@ -1,13 +1,78 @@
-"""pvm-kernels: fused kernels for Persistent Visual Memory (PVM) in vision-language models."""
+"""pvm-kernels: fused kernels for Persistent Visual Memory (PVM) in vision-language models.
+
+Builds, with the torch already installed (use ``pip install --no-build-isolation .``):
+  pvm_kernels._C       C++ CPU ops, always;
+  pvm_kernels._C_cuda  CUDA ops, when torch has CUDA and nvcc is found (CUDA_HOME).
+Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PVM_SKIP_CUDA=1 to skip
+the CUDA build, PVM_STRICT_BUILD=1 to make any extension build failure fatal (CI). Without
+it a failed build only warns: the package still imports and reports which backends it has.
+"""
+import glob
+import os
+import warnings
+
 from setuptools import find_packages, setup
+
+# torch.utils.cpp_extension reads CUDA_HOME when imported; the `nvcc` on PATH may be a
+# wrapper script whose directory is not a CUDA root.
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+STRICT = os.environ.get("PVM_STRICT_BUILD") == "1"
+
+
+def extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        warnings.warn("torch is not importable at build time: building no C++/CUDA extension "
+                      "(install torch first and use --no-build-isolation)")
+        return [], {}
+    cxx = ["-O3"]  # the C++ standard is torch's choice (C++20 for torch 2.14)
+    macros = [("PVM_PYTHON_MODULE", None)]
+    exts = [CppExtension("pvm_kernels._C", ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
+                         include_dirs=[os.path.abspath("csrc")], define_macros=macros,
+                         extra_compile_args={"cxx": cxx})]
+    want_cuda = os.environ.get("PVM_SKIP_CUDA") != "1"
+    if want_cuda and torch.version.cuda and CUDA_HOME:
+        exts.append(CUDAExtension(
+            "pvm_kernels._C_cuda",
+            sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=[os.path.abspath("csrc")], define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}))
+    elif want_cuda:
+        why = "torch has no CUDA" if not torch.version.cuda else "nvcc not found (set CUDA_HOME)"
+        if STRICT:
+            raise RuntimeError(f"PVM_STRICT_BUILD=1 but the CUDA extension cannot be built: {why}")
+        warnings.warn(f"skipping the CUDA extension: {why}")
+
+    class OptionalBuildExtension(BuildExtension):
+        """A failed extension build warns instead of failing the install (unless strict)."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
+                if STRICT:
+                    raise
+                warnings.warn(f"building {ext.name} failed, its backend will be unavailable: {exc}")
+
+    return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
 
 setup(
     name="pvm-kernels",
     version="0.1.0",
-    description="Fused Triton kernels and modules for Persistent Visual Memory (PVM)",
+    description="Fused Triton, CUDA and CPU kernels for Persistent Visual Memory (PVM)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pvm_kernels", "pvm_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=[
         # 2.11 is the GPU box's torch, 2.14 this project's CPU machines'.

@@ -6,13 +6,13 @@ Run: ``pytest bench/ --benchmark-only`` (``--benchmark-json=FILE`` to keep raw t
 import pytest
 import torch
 
-from conftest import BACKENDS, BATCH, DEVICE, DTYPE, TOKENS, VISUAL, sync
+from conftest import BACKENDS, BATCH, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, TOKENS, VISUAL, sync
 
 
-def inputs(T, Nv, requires_grad=False):
+def inputs(T, Nv, requires_grad=False, batch=BATCH):
     D = 4096
-    h = torch.randn(BATCH, T, D, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
-    visual = torch.randn(BATCH, Nv, D, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
+    h = torch.randn(batch, T, D, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
+    visual = torch.randn(batch, Nv, D, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
     return h, visual
 
 
@@ -29,8 +29,8 @@ def saved_activation_bytes(fn):
     return sum(seen.values())
 
 
-def record(benchmark, backend, T, Nv, **extra):
-    benchmark.extra_info.update(dict(backend=backend, T=T, Nv=Nv, B=BATCH, dtype=str(DTYPE),
+def record(benchmark, backend, T, Nv, B=BATCH, **extra):
+    benchmark.extra_info.update(dict(backend=backend, T=T, Nv=Nv, B=B, dtype=str(DTYPE),
                                      device=str(DEVICE), **extra))
 
 
@@ -72,32 +72,31 @@ def test_forward_backward(benchmark, block, backend, T, Nv):
     benchmark(run)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("Nv", VISUAL)
-def test_decode_step_cached_memory(benchmark, block, backend, Nv):
-    h, visual = inputs(1, Nv)
+def decode_step(benchmark, block, backend, B, Nv, cached):
+    h, visual = inputs(1, Nv, batch=B)
     with torch.no_grad():
-        memory = block.encode_visual(visual)
+        visual_arg = block.encode_visual(visual) if cached else visual
 
     def run():
         with torch.no_grad():
-            block(h, memory, backend=backend)
+            block(h, visual_arg, backend=backend)
         sync()
 
-    record(benchmark, backend, 1, Nv)
+    record(benchmark, backend, 1, Nv, B=B)
     benchmark(run)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("Nv", VISUAL)
-def test_decode_step_reprojecting(benchmark, block, backend, Nv):
+@pytest.mark.parametrize("Nv", DECODE_VISUAL)
+@pytest.mark.parametrize("B", DECODE_BATCH)
+def test_decode_step_cached_memory(benchmark, block, backend, B, Nv):
+    """One decode step of the block reusing a VisualMemory (query side only)."""
+    decode_step(benchmark, block, backend, B, Nv, cached=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Nv", DECODE_VISUAL)
+@pytest.mark.parametrize("B", DECODE_BATCH)
+def test_decode_step_reprojecting(benchmark, block, backend, B, Nv):
     """The published behaviour: the visual tokens are projected again at every step."""
-    h, visual = inputs(1, Nv)
-
-    def run():
-        with torch.no_grad():
-            block(h, visual, backend=backend)
-        sync()
-
-    record(benchmark, backend, 1, Nv)
-    benchmark(run)
+    decode_step(benchmark, block, backend, B, Nv, cached=False)

@@ -1,11 +1,13 @@
 """Output allocation for kernel wrappers.
 
-Every kernel wrapper allocates its outputs here. Tests switch on poisoning so that an
+Every Python kernel wrapper allocates its outputs here (the C++ ops read the same switch
+from the PVM_POISON_OUTPUTS environment variable). Tests switch on poisoning so that an
 output element a kernel forgot to write shows up as NaN instead of passing by luck.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -25,7 +27,13 @@ def poisoned_outputs() -> Iterator[None]:
     """Fill kernel outputs with NaN before the kernels write them (testing aid)."""
     global _POISON
     old, _POISON = _POISON, True
+    old_env = os.environ.get("PVM_POISON_OUTPUTS")
+    os.environ["PVM_POISON_OUTPUTS"] = "1"  # read by the C++/CUDA ops (csrc/native_common.h)
     try:
         yield
     finally:
         _POISON = old
+        if old_env is None:
+            os.environ.pop("PVM_POISON_OUTPUTS", None)
+        else:
+            os.environ["PVM_POISON_OUTPUTS"] = old_env

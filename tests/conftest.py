@@ -12,18 +12,29 @@ import pytest  # noqa: E402
 from pvm_kernels.ops import available_backends  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu", "cuda"]
+
+
+# The device types each backend is meant for; (backend, device) pairs outside this are
+# not generated, pairs inside it that cannot run on this machine are skipped with a reason.
+HOME_DEVICES = {"reference": ("cpu", "cuda"), "triton": ("cpu", "cuda"), "cpu": ("cpu",),
+                "cuda": ("cuda",)}
 
 
 def backend_device_params():
-    """(backend, device) pairs; pairs that cannot run here are skipped with the reason."""
+    """(backend, device) pairs for every backend on every device type it targets."""
     out = []
-    for dev in DEVICES:
-        for be in BACKENDS:
-            usable = be in available_backends(dev)
-            marks = [] if usable else [pytest.mark.skip(reason=f"{be} not usable on {dev}")]
+    for be in BACKENDS:
+        for dev in HOME_DEVICES[be]:
+            usable = dev in DEVICES and be in available_backends(dev)
+            marks = [] if usable else [pytest.mark.skip(reason=f"{be} not usable on {dev} here")]
             out.append(pytest.param(be, dev, id=f"{be}-{dev}", marks=marks))
     return out
+
+
+def op_prefix(backend: str) -> str:
+    """Name prefix of a kernel backend's custom ops (cpu and cuda share the native ops)."""
+    return "native" if backend in ("cpu", "cuda") else backend
 
 
 @pytest.fixture(autouse=True)

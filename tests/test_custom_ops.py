@@ -2,19 +2,14 @@
 import pytest
 import torch
 
-from conftest import DEVICES
-from pvm_kernels import FusedPVM, PVMConfig, available_backends
+from conftest import backend_device_params, op_prefix
+from pvm_kernels import FusedPVM, PVMConfig
 from pvm_kernels.ops import registration
 from pvm_kernels.testing import max_rel_err, random_mask
 
-KERNEL_BACKENDS = ["triton"]
-
-
 def op_backend_device_params():
-    return [pytest.param(b, d, id=f"{b}-{d}",
-                         marks=[] if b in available_backends(d) else
-                         [pytest.mark.skip(reason=f"{b} not usable on {d}")])
-            for d in DEVICES for b in KERNEL_BACKENDS]
+    """The kernel backends only: the reference is plain PyTorch, not a custom op."""
+    return [p for p in backend_device_params() if p.values[0] != "reference"]
 
 
 def retrieval_args(device, dtype, requires_grad):
@@ -29,12 +24,12 @@ def retrieval_args(device, dtype, requires_grad):
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 def test_opcheck_retrieval(backend, device, requires_grad):
     args = retrieval_args(device, torch.float32, requires_grad)
-    fwd = registration.get_op(backend, "retrieval_fwd")
+    fwd = registration.get_op(op_prefix(backend), "retrieval_fwd")
     torch.library.opcheck(fwd, args)
     torch.library.opcheck(fwd, args[:3] + (None, None, 0.25))
     q, k, v, mask, kv_len, scale = [a.detach() if torch.is_tensor(a) else a for a in args]
     out, lse = fwd(q, k, v, mask, kv_len, scale)
-    torch.library.opcheck(registration.get_op(backend, "retrieval_bwd"),
+    torch.library.opcheck(registration.get_op(op_prefix(backend), "retrieval_bwd"),
                           (torch.randn_like(out), q, k, v, out, lse, mask, kv_len, scale))
 
 
@@ -45,11 +40,11 @@ def test_opcheck_merge(backend, device, requires_grad):
     gate = torch.tensor([0.3], device=device, requires_grad=requires_grad)
     ffn = torch.randn(3, 4, 48, device=device, requires_grad=requires_grad)
     keep = torch.rand(3, 4, device=device) > 0.5
-    fwd = registration.get_op(backend, "merge_fwd")
+    fwd = registration.get_op(op_prefix(backend), "merge_fwd")
     torch.library.opcheck(fwd, (e, gate, keep, ffn, 1e-6))
     torch.library.opcheck(fwd, (e, gate, None, None, 1e-6))
     out, rstd = fwd(e.detach(), gate.detach(), keep, ffn.detach(), 1e-6)
-    torch.library.opcheck(registration.get_op(backend, "merge_bwd"),
+    torch.library.opcheck(registration.get_op(op_prefix(backend), "merge_bwd"),
                           (torch.randn_like(out), e.detach(), gate.detach(), keep, rstd))
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .backends import resolve_backend
+from .registry import Backend, resolve_backend
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,6 +31,13 @@ def _check_like(name: str, t: Optional[torch.Tensor], shape, device, dtype=None)
         raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
+def _check_dtype(impl: Backend, dtype: torch.dtype) -> None:
+    if dtype not in impl.dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
+        raise TypeError(f"backend {impl.name!r} supports {names}; got {dtype} "
+                        f"(backend='reference' runs any float dtype)")
+
+
 def pvm_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_mask: Optional[torch.Tensor] = None,
                   kv_len: Optional[torch.Tensor] = None, scale: Optional[float] = None,
@@ -53,7 +60,9 @@ def pvm_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_like("key_mask", key_mask, (B, Nv), q.device, torch.bool)
     _check_like("kv_len", kv_len, (B,), q.device, torch.int32)
     scale = 1.0 / math.sqrt(hd) if scale is None else float(scale)
-    return resolve_backend(backend, q.device).retrieval(q, k, v, key_mask, kv_len, scale)
+    impl = resolve_backend(backend, q.device)
+    _check_dtype(impl, q.dtype)
+    return impl.retrieval(q, k, v, key_mask, kv_len, scale)
 
 
 def pvm_merge(expanded: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.Tensor] = None,
@@ -71,5 +80,6 @@ def pvm_merge(expanded: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.T
     _check_like("gate", gate, (1,), expanded.device)
     _check_like("keep", keep, expanded.shape[:-1], expanded.device, torch.bool)
     _check_like("ffn_output", ffn_output, expanded.shape, expanded.device, expanded.dtype)
-    return resolve_backend(backend, expanded.device).merge(expanded, gate, keep, ffn_output,
-                                                           float(eps))
+    impl = resolve_backend(backend, expanded.device)
+    _check_dtype(impl, expanded.dtype)
+    return impl.merge(expanded, gate, keep, ffn_output, float(eps))

@@ -5,7 +5,14 @@ imports triton and a user can still choose TRITON_INTERPRET after importing us.
 """
 from __future__ import annotations
 
-from .registration import define_python_backend
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from .registration import define_python_backend, get_op
+from .registry import Backend, register_backend
 
 
 def _kernels():
@@ -33,3 +40,33 @@ define_python_backend("triton", {
     "retrieval_fwd": _retrieval_fwd, "retrieval_bwd": _retrieval_bwd,
     "merge_fwd": _merge_fwd, "merge_bwd": _merge_bwd,
 })
+
+
+def triton_interpret_requested() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors in its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_check(device_type: str) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is not installed"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device_type == "cpu":
+        return None if triton_interpret_requested() else (
+            "Triton compiles for GPUs; set TRITON_INTERPRET=1 before importing triton to run "
+            "its kernels on CPU tensors in the interpreter (slow, for testing)")
+    return f"no Triton support for device type '{device_type}'"
+
+
+def _triton_retrieval(q, k, v, key_mask, kv_len, scale):
+    return get_op("triton", "retrieval_fwd")(q, k, v, key_mask, kv_len, scale)[0]
+
+
+def _triton_merge(expanded, gate, keep, ffn_output, eps):
+    return get_op("triton", "merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
+
+
+# On CPU the interpreter is far slower than the reference: usable there, never the default.
+register_backend(Backend("triton", _triton_retrieval, _triton_merge, check=_triton_check,
+                         default_rank={"cuda": 10}))

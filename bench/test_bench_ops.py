@@ -1,0 +1,47 @@
+"""The two ops alone at decode shapes (8B: H 4, Hkv 1, hd 128, D 4096, T 1), every backend.
+
+This is where a fused path must beat the reference on CPU: the reference repeats K/V per
+query head and materialises scores and several [N, D] temporaries.
+"""
+import pytest
+import torch
+
+from conftest import BACKENDS, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, sync
+from pvm_kernels import pvm_merge, pvm_retrieval
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Nv", DECODE_VISUAL)
+@pytest.mark.parametrize("B", DECODE_BATCH)
+def test_retrieval_decode(benchmark, backend, B, Nv):
+    q = torch.randn(B, 1, 4, 128, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(B, Nv, 1, 128, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(B, Nv, 1, 128, device=DEVICE, dtype=DTYPE)
+    mask = torch.ones(B, Nv, dtype=torch.bool, device=DEVICE)
+    mask[:, Nv - Nv // 8:] = False  # padded, as in a mixed batch
+    kv_len = torch.full((B,), Nv - Nv // 8, dtype=torch.int32, device=DEVICE)
+
+    def run():
+        with torch.no_grad():
+            pvm_retrieval(q, k, v, mask, kv_len, backend=backend)
+        sync()
+
+    benchmark.extra_info.update(backend=backend, B=B, Nv=Nv, op="retrieval")
+    benchmark(run)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B", DECODE_BATCH)
+def test_merge_decode(benchmark, backend, B):
+    e = torch.randn(B, 1, 4096, device=DEVICE, dtype=DTYPE)
+    ffn = torch.randn_like(e)
+    gate = torch.ones(1, device=DEVICE, dtype=DTYPE)
+    keep = torch.ones(B, 1, dtype=torch.bool, device=DEVICE)
+
+    def run():
+        with torch.no_grad():
+            pvm_merge(e, gate, keep, ffn, backend=backend)
+        sync()
+
+    benchmark.extra_info.update(backend=backend, B=B, op="merge")
+    benchmark(run)

@@ -1,0 +1,303 @@
+// Retrieval on CPU: online softmax over visual keys, forward and backward.
+//
+// Same decomposition as the GPU kernels: a task owns one (sample, KV head) and a block
+// of packed rows r = t * G + g, so each key/value row is converted to float once per key
+// block and reused by all G query heads that share it (4 at the 8B layout). Scores for a
+// block of keys live in a [kRows x kKeys] buffer; nothing of size T x Nv is allocated.
+// The products are float GEMMs on staged blocks: BLAS for prefill/training blocks, small
+// inline kernels (microkernels.h) for decode blocks, where a BLAS call costs more.
+#include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../native_common.h"
+#include "cpu/microkernels.h"
+
+namespace pvm {
+namespace {
+
+constexpr int64_t kRows = 128;  // packed query rows per task / per staged block
+constexpr int64_t kKeys = 128;  // keys per staged block
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this many multiply-adds a BLAS call costs more than the product (decode blocks:
+// 4 rows x 128 keys x 128 dims = 65k): the inline kernels take those. Measured on the
+// 2-core CI machine: MKL reaches ~95 GFLOP/s on prefill blocks, the inline kernels ~14.
+constexpr int64_t kBlasMinWork = 1 << 17;
+
+enum class Form { NN, NT, TN };  // C += A B,  C += A B^T (B stored [N][K]),  C += A^T B
+
+// C[M][N] += op(A) op(B) on float row-major buffers with leading dimensions.
+void block_gemm(Form form, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                int64_t ldc, int64_t M, int64_t K, int64_t N) {
+  if (M * N * K >= kBlasMinWork) {
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    auto view = [&](const float* ptr, int64_t rows, int64_t cols, int64_t ld) {
+      return at::from_blob(const_cast<float*>(ptr), {rows, cols}, {ld, 1}, opts);
+    };
+    const Tensor a = form == Form::TN ? view(A, K, M, lda).t() : view(A, M, K, lda);
+    const Tensor b = form == Form::NT ? view(B, N, K, ldb).t() : view(B, K, N, ldb);
+    view(C, M, N, ldc).addmm_(a, b);
+    return;
+  }
+  switch (form) {
+    case Form::NN: cpu::gemm_nn_acc(A, lda, B, ldb, C, ldc, M, K, N); break;
+    case Form::NT: cpu::gemm_nt_acc(A, lda, B, ldb, C, ldc, M, K, N); break;
+    case Form::TN: cpu::gemm_tn_acc(A, lda, B, ldb, C, ldc, M, K, N); break;
+  }
+}
+
+struct Layout {
+  const RetrievalParams& p;
+  int64_t G, rows;
+  explicit Layout(const RetrievalParams& prm) : p(prm), G(prm.H / prm.Hkv), rows(prm.T * G) {}
+  // element offset of packed row r (head in group kvh) in a [B, T, H, hd] tensor
+  int64_t row(const int64_t* s, int64_t b, int64_t kvh, int64_t r) const {
+    return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];
+  }
+  int64_t key(const int64_t* s, int64_t b, int64_t kvh, int64_t n) const {
+    return b * s[0] + n * s[1] + kvh * s[2];
+  }
+  int64_t stat(int64_t b, int64_t kvh, int64_t r) const {  // [B, H, T] contiguous
+    return (b * p.H + kvh * G + r % G) * p.T + r / G;
+  }
+  int64_t n_end(int64_t b) const { return p.kv_len ? p.kv_len[b] : p.Nv; }
+  bool valid(int64_t b, int64_t n) const {
+    return n < n_end(b) && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);
+  }
+};
+
+// Packed rows r0..r0+nr of (b, kvh) as float [nr][hd], times `mul`.
+template <typename scalar_t>
+void load_rows(const scalar_t* src, const int64_t* s, const Layout& L, int64_t b, int64_t kvh,
+               int64_t r0, int64_t nr, float mul, float* dst) {
+  const int64_t hd = L.p.hd;
+  for (int64_t i = 0; i < nr; ++i) {
+    const scalar_t* x = src + L.row(s, b, kvh, r0 + i);
+    for (int64_t d = 0; d < hd; ++d) dst[i * hd + d] = static_cast<float>(x[d * s[3]]) * mul;
+  }
+}
+
+// Keys n0..n0+nk of (b, kvh) as float [nk][hd], invalid keys zeroed: padding, NaN
+// included, never reaches a result.
+template <typename scalar_t>
+void load_keys(const scalar_t* src, const int64_t* s, const Layout& L, int64_t b, int64_t kvh,
+               int64_t n0, int64_t nk, const bool* valid, float* dst) {
+  const int64_t hd = L.p.hd;
+  for (int64_t j = 0; j < nk; ++j) {
+    const scalar_t* x = src + L.key(s, b, kvh, n0 + j);
+    for (int64_t d = 0; d < hd; ++d) dst[j * hd + d] = valid[j] ? static_cast<float>(x[d * s[3]]) : 0.f;
+  }
+}
+
+void key_validity(const Layout& L, int64_t b, int64_t n0, int64_t nk, bool* valid) {
+  for (int64_t j = 0; j < nk; ++j) valid[j] = L.valid(b, n0 + j);
+}
+
+template <typename scalar_t>
+void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
+  const Layout L(p);
+  const int64_t hd = p.hd, row_blocks = (L.rows + kRows - 1) / kRows;
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  auto* out = static_cast<scalar_t*>(p.out);
+  at::parallel_for(0, p.B * p.Hkv * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qb(kRows * hd), acc(kRows * hd), kb(kKeys * hd), vb(kKeys * hd);
+    std::vector<float> sc(kRows * kKeys), m(kRows), l(kRows);
+    bool valid[kKeys];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.Hkv * row_blocks), kvh = (task / row_blocks) % p.Hkv;
+      const int64_t r0 = (task % row_blocks) * kRows, nr = std::min(kRows, L.rows - r0);
+      load_rows(q, p.q_stride, L, b, kvh, r0, nr, p.scale, qb.data());
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t n_end = L.n_end(b);
+      for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
+        const int64_t nk = std::min(kKeys, n_end - n0);
+        key_validity(L, b, n0, nk, valid);
+        load_keys(k, p.k_stride, L, b, kvh, n0, nk, valid, kb.data());
+        load_keys(v, p.v_stride, L, b, kvh, n0, nk, valid, vb.data());
+        std::fill(sc.begin(), sc.end(), 0.f);
+        block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), kKeys, nr, hd, nk);
+        for (int64_t i = 0; i < nr; ++i) {
+          float* s = &sc[i * kKeys];
+          float bmax = kNegInf;
+          for (int64_t j = 0; j < nk; ++j) bmax = valid[j] ? std::max(bmax, s[j]) : bmax;
+          if (bmax == kNegInf) {  // no valid key in this block: nothing to add
+            std::fill(s, s + nk, 0.f);
+            continue;
+          }
+          const float m_new = std::max(m[i], bmax);
+          const float alpha = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first block
+          for (int64_t j = 0; j < nk; ++j) s[j] = valid[j] ? s[j] - m_new : kNegInf;
+          cpu::exp_inplace(s, nk);
+          float sum = 0.f;
+          for (int64_t j = 0; j < nk; ++j) sum += s[j];
+          for (int64_t d = 0; d < hd; ++d) acc[i * hd + d] *= alpha;
+          l[i] = l[i] * alpha + sum;
+          m[i] = m_new;
+        }
+        block_gemm(Form::NN, sc.data(), kKeys, vb.data(), hd, acc.data(), hd, nr, nk, hd);
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        const bool has = l[i] > 0.f;
+        const float inv = has ? 1.f / l[i] : 0.f;
+        scalar_t* o = out + L.row(p.o_stride, b, kvh, r0 + i);
+        for (int64_t d = 0; d < hd; ++d) o[d * p.o_stride[3]] = static_cast<scalar_t>(acc[i * hd + d] * inv);
+        p.lse[L.stat(b, kvh, r0 + i)] = has ? m[i] + std::log(l[i]) : kNegInf;
+      }
+    }
+  });
+}
+
+// Probabilities P and dS = P * (dP - delta) of a row block against a staged key block:
+// sc = q kT (scores), dp = do vT, both [nr][kKeys], overwritten with P and dS.
+void softmax_grad_terms(const Layout& L, int64_t b, int64_t kvh, int64_t r0, int64_t nr,
+                        int64_t nk, const bool* valid, float scale, float* sc, float* dp) {
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t st = L.stat(b, kvh, r0 + i);
+    const float lse = L.p.lse[st], delta = L.p.delta[st];
+    float* s = sc + i * kKeys;
+    float* g = dp + i * kKeys;
+    for (int64_t j = 0; j < nk; ++j) s[j] = valid[j] ? s[j] * scale - lse : kNegInf;
+    cpu::exp_inplace(s, nk);
+    for (int64_t j = 0; j < nk; ++j) g[j] = s[j] * (g[j] - delta);
+  }
+}
+
+template <typename scalar_t>
+void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
+  const Layout L(p);
+  const int64_t hd = p.hd, row_blocks = (L.rows + kRows - 1) / kRows;
+  const int64_t key_blocks = (p.Nv + kKeys - 1) / kKeys;
+  const float scale = p.scale;
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const auto* go = static_cast<const scalar_t*>(p.grad_out);
+
+  // dQ: one task per (sample, KV head, row block); loops over the valid keys.
+  at::parallel_for(0, p.B * p.Hkv * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qb(kRows * hd), dob(kRows * hd), dqb(kRows * hd);
+    std::vector<float> kb(kKeys * hd), vb(kKeys * hd), sc(kRows * kKeys), dp(kRows * kKeys);
+    bool valid[kKeys];
+    auto* dq = static_cast<scalar_t*>(p.dq);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.Hkv * row_blocks), kvh = (task / row_blocks) % p.Hkv;
+      const int64_t r0 = (task % row_blocks) * kRows, nr = std::min(kRows, L.rows - r0);
+      load_rows(q, p.q_stride, L, b, kvh, r0, nr, 1.f, qb.data());
+      load_rows(go, p.o_stride, L, b, kvh, r0, nr, 1.f, dob.data());
+      std::fill(dqb.begin(), dqb.end(), 0.f);
+      const int64_t n_end = L.n_end(b);
+      for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
+        const int64_t nk = std::min(kKeys, n_end - n0);
+        key_validity(L, b, n0, nk, valid);
+        load_keys(k, p.k_stride, L, b, kvh, n0, nk, valid, kb.data());
+        load_keys(v, p.v_stride, L, b, kvh, n0, nk, valid, vb.data());
+        std::fill(sc.begin(), sc.end(), 0.f);
+        std::fill(dp.begin(), dp.end(), 0.f);
+        block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), kKeys, nr, hd, nk);
+        block_gemm(Form::NT, dob.data(), hd, vb.data(), hd, dp.data(), kKeys, nr, hd, nk);
+        softmax_grad_terms(L, b, kvh, r0, nr, nk, valid, scale, sc.data(), dp.data());
+        block_gemm(Form::NN, dp.data(), kKeys, kb.data(), hd, dqb.data(), hd, nr, nk, hd);
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        scalar_t* o = dq + L.row(p.dq_stride, b, kvh, r0 + i);
+        for (int64_t d = 0; d < hd; ++d) o[d * p.dq_stride[3]] = static_cast<scalar_t>(dqb[i * hd + d] * scale);
+      }
+    }
+  });
+
+  // dK, dV: one task per (sample, KV head, key block); loops over every packed row.
+  at::parallel_for(0, p.B * p.Hkv * key_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kb(kKeys * hd), vb(kKeys * hd), dkb(kKeys * hd), dvb(kKeys * hd);
+    std::vector<float> qb(kRows * hd), dob(kRows * hd), sc(kRows * kKeys), dp(kRows * kKeys);
+    bool valid[kKeys];
+    auto* dk = static_cast<scalar_t*>(p.dk);
+    auto* dv = static_cast<scalar_t*>(p.dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.Hkv * key_blocks), kvh = (task / key_blocks) % p.Hkv;
+      const int64_t n0 = (task % key_blocks) * kKeys, nk = std::min(kKeys, p.Nv - n0);
+      std::fill(dkb.begin(), dkb.end(), 0.f);
+      std::fill(dvb.begin(), dvb.end(), 0.f);
+      if (n0 < L.n_end(b)) {  // a block wholly past the last valid key has zero gradient
+        key_validity(L, b, n0, nk, valid);
+        load_keys(k, p.k_stride, L, b, kvh, n0, nk, valid, kb.data());
+        load_keys(v, p.v_stride, L, b, kvh, n0, nk, valid, vb.data());
+        for (int64_t r0 = 0; r0 < L.rows; r0 += kRows) {
+          const int64_t nr = std::min(kRows, L.rows - r0);
+          load_rows(q, p.q_stride, L, b, kvh, r0, nr, 1.f, qb.data());
+          load_rows(go, p.o_stride, L, b, kvh, r0, nr, 1.f, dob.data());
+          std::fill(sc.begin(), sc.end(), 0.f);
+          std::fill(dp.begin(), dp.end(), 0.f);
+          block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), kKeys, nr, hd, nk);
+          block_gemm(Form::NT, dob.data(), hd, vb.data(), hd, dp.data(), kKeys, nr, hd, nk);
+          softmax_grad_terms(L, b, kvh, r0, nr, nk, valid, scale, sc.data(), dp.data());
+          block_gemm(Form::TN, sc.data(), kKeys, dob.data(), hd, dvb.data(), hd, nk, nr, hd);
+          block_gemm(Form::TN, dp.data(), kKeys, qb.data(), hd, dkb.data(), hd, nk, nr, hd);
+        }
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t off = L.key(p.dkv_stride, b, kvh, n0 + j);
+        for (int64_t d = 0; d < hd; ++d) {
+          dk[off + d * p.dkv_stride[3]] = static_cast<scalar_t>(dkb[j * hd + d] * scale);
+          dv[off + d * p.dkv_stride[3]] = static_cast<scalar_t>(dvb[j * hd + d]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> retrieval_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const c10::optional<Tensor>& key_mask,
+                                             const c10::optional<Tensor>& kv_len, double scale) {
+  check_retrieval_args(q, k, v, key_mask, kv_len);
+  Tensor out = new_output(q.sizes(), q.options());
+  Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  RetrievalParams p = retrieval_params(q, k, v, key_mask, kv_len, scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  copy_strides(out, p.o_stride);
+  dispatch_float_types(q, [&](auto tag) { retrieval_fwd_cpu_impl<decltype(tag)>(p); });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const c10::optional<Tensor>& key_mask, const c10::optional<Tensor>& kv_len,
+    double scale) {
+  check_retrieval_args(q, k, v, key_mask, kv_len);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out/out must match q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse must be contiguous float32");
+  Tensor dq = new_output(q.sizes(), q.options());
+  Tensor dk = new_output(k.sizes(), k.options());
+  Tensor dv = new_output(v.sizes(), v.options());
+  Tensor delta = softmax_bwd_delta(grad_out, out);
+  RetrievalParams p = retrieval_params(q, k, v, key_mask, kv_len, scale);
+  p.grad_out = grad_out.data_ptr();
+  copy_strides(grad_out, p.o_stride);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  copy_strides(dq, p.dq_stride);
+  copy_strides(dk, p.dkv_stride);
+  dispatch_float_types(q, [&](auto tag) { retrieval_bwd_cpu_impl<decltype(tag)>(p); });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pvm_kernels, CPU, m) {
+  m.impl("native_retrieval_fwd", &retrieval_fwd_cpu);
+  m.impl("native_retrieval_bwd", &retrieval_bwd_cpu);
+}
+
+}  // namespace pvm

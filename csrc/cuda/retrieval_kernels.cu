@@ -1,0 +1,350 @@
+// Retrieval on CUDA (sm_80 / sm_90): online softmax over visual keys, forward and backward.
+//
+// Work split, as in the Triton kernels: a block owns one (sample, KV head) and either a
+// block of packed query rows r = t * G + g (forward, dQ) or a tile of keys (dK/dV), so a
+// KV head's keys are read once for all G query heads sharing it.
+// Inside a block, keys are staged in shared memory 32 at a time, one per lane: lane j
+// computes the score of key j, the warp reduces max/sum with shuffles, and each lane then
+// accumulates output dims lane + 32 i. K and V rows are padded to hd + 1 floats so the 32
+// lanes reading 32 different key rows hit 32 different banks.
+// Scores are in the log2 domain (q pre-scaled by scale * log2 e, exp2f); lse is stored in
+// natural log, -inf for a row with no valid key, whose output is exactly 0.
+#include <cstdint>
+
+#include "cuda/dtype.cuh"
+#include "cuda/launch.h"
+
+namespace pvm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kKeys = 32;                         // one key per lane
+constexpr int kRowsPerWarp = 4;                   // forward / dQ rows per warp
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kRowsPerIter = 8;                   // dK/dV: rows staged per iteration
+constexpr int kDimsPerLane = kMaxHeadDim / 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegBig = -1.0e30f;               // finite running-max start: no inf - inf
+
+__device__ __forceinline__ int64_t row_offset(const int64_t* s, int64_t b, int64_t G, int kvh,
+                                              int64_t r) {
+  return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];
+}
+
+__device__ __forceinline__ int64_t stat_index(const RetrievalParams& p, int64_t b, int64_t G,
+                                              int kvh, int64_t r) {
+  return (b * p.H + kvh * G + r % G) * p.T + r / G;
+}
+
+__device__ __forceinline__ int64_t key_end(const RetrievalParams& p, int64_t b) {
+  return p.kv_len ? static_cast<int64_t>(p.kv_len[b]) : p.Nv;
+}
+
+__device__ __forceinline__ bool key_valid(const RetrievalParams& p, int64_t b, int64_t n,
+                                          int64_t n_end) {
+  return n < n_end && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);
+}
+
+__device__ __forceinline__ float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+  for (int d = 0; d < n; ++d) s = fmaf(a[d], b[d], s);
+  return s;
+}
+
+// Stage `count` packed rows starting at r0 as float (times `mul`; 0 past the last row).
+template <typename T>
+__device__ void stage_rows(const T* src, const int64_t* s, const RetrievalParams& p, int64_t b,
+                           int64_t G, int kvh, int64_t r0, int count, float mul, float* dst) {
+  const int hd = static_cast<int>(p.hd);
+  const int64_t rows = p.T * G;
+  for (int i = threadIdx.x; i < count * hd; i += blockDim.x) {
+    const int rr = i / hd, d = i - rr * hd;
+    const int64_t r = r0 + rr;
+    dst[i] = r < rows ? to_float(src[row_offset(s, b, G, kvh, r) + d * s[3]]) * mul : 0.f;
+  }
+}
+
+// Stage the key tile n0.. (validity, then K and V with invalid keys zeroed: padding may
+// hold NaN, which must not reach a result through 0 * x). Rows have stride ld.
+template <typename T>
+__device__ void stage_keys(const RetrievalParams& p, int64_t b, int kvh, int64_t n0,
+                           int64_t n_end, int ld, float* k_s, float* v_s, int* valid_s) {
+  const int hd = static_cast<int>(p.hd);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  if (threadIdx.x < kKeys) valid_s[threadIdx.x] = key_valid(p, b, n0 + threadIdx.x, n_end);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kKeys * hd; i += blockDim.x) {
+    const int j = i / hd, d = i - j * hd;
+    const int64_t n = n0 + j;
+    float kx = 0.f, vx = 0.f;
+    if (valid_s[j]) {
+      kx = to_float(k[b * p.k_stride[0] + n * p.k_stride[1] + kvh * p.k_stride[2] + d * p.k_stride[3]]);
+      vx = to_float(v[b * p.v_stride[0] + n * p.v_stride[1] + kvh * p.v_stride[2] + d * p.v_stride[3]]);
+    }
+    k_s[j * ld + d] = kx;
+    v_s[j * ld + d] = vx;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const RetrievalParams p) {
+  extern __shared__ float smem[];
+  __shared__ int valid_s[kKeys];
+  const int hd = static_cast<int>(p.hd), ld = hd + 1;
+  float* k_s = smem;
+  float* v_s = k_s + kKeys * ld;
+  float* q_s = v_s + kKeys * ld;
+  const int64_t G = p.H / p.Hkv, rows = p.T * G;
+  const int64_t b = blockIdx.y / p.Hkv;
+  const int kvh = static_cast<int>(blockIdx.y % p.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+
+  stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, row0, kRowsPerBlock,
+             p.scale * kLog2e, q_s);
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDimsPerLane];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    m[rr] = kNegBig;
+    l[rr] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) acc[rr][i] = 0.f;
+  }
+
+  const int64_t n_end = key_end(p, b);
+  for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
+    __syncthreads();  // the previous tile is consumed (and q_s is staged, first time round)
+    stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
+    __syncthreads();
+    const bool key_ok = valid_s[lane];
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      float s = dot(q_s + (warp * kRowsPerWarp + rr) * hd, k_s + lane * ld, hd);
+      s = key_ok ? s : -INFINITY;
+      const float m_new = fmaxf(m[rr], warp_max(s));
+      const float alpha = exp2f(m[rr] - m_new);
+      const float pj = exp2f(s - m_new);
+      l[rr] = l[rr] * alpha + warp_sum(pj);
+#pragma unroll
+      for (int i = 0; i < kDimsPerLane; ++i) acc[rr][i] *= alpha;
+      for (int j = 0; j < kKeys; ++j) {
+        const float pb = __shfl_sync(0xffffffffu, pj, j);
+        const float* vr = v_s + j * ld;
+#pragma unroll
+        for (int i = 0; i < kDimsPerLane; ++i) {
+          const int d = lane + 32 * i;
+          if (d < hd) acc[rr][i] = fmaf(pb, vr[d], acc[rr][i]);
+        }
+      }
+      m[rr] = m_new;
+    }
+  }
+
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int64_t r = row0 + warp * kRowsPerWarp + rr;
+    if (r >= rows) continue;
+    const bool has = l[rr] > 0.f;
+    const float inv = has ? 1.f / l[rr] : 0.f;
+    const int64_t off = row_offset(p.o_stride, b, G, kvh, r);
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) {
+      const int d = lane + 32 * i;
+      if (d < hd) out[off + d * p.o_stride[3]] = from_float<T>(acc[rr][i] * inv);
+    }
+    if (lane == 0) p.lse[stat_index(p, b, G, kvh, r)] = has ? (m[rr] + log2f(l[rr])) * kLn2 : -INFINITY;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const RetrievalParams p) {
+  extern __shared__ float smem[];
+  __shared__ int valid_s[kKeys];
+  const int hd = static_cast<int>(p.hd), ld = hd + 1;
+  float* k_s = smem;
+  float* v_s = k_s + kKeys * ld;
+  float* q_s = v_s + kKeys * ld;
+  float* do_s = q_s + kRowsPerBlock * hd;
+  const int64_t G = p.H / p.Hkv, rows = p.T * G;
+  const int64_t b = blockIdx.y / p.Hkv;
+  const int kvh = static_cast<int>(blockIdx.y % p.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const float scale_log2 = p.scale * kLog2e;
+
+  stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, row0, kRowsPerBlock,
+             scale_log2, q_s);
+  stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, kvh, row0, kRowsPerBlock,
+             1.f, do_s);
+  float lse2[kRowsPerWarp], delta[kRowsPerWarp], dq[kRowsPerWarp][kDimsPerLane];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int64_t r = row0 + warp * kRowsPerWarp + rr;
+    const int64_t st = stat_index(p, b, G, kvh, r);
+    lse2[rr] = r < rows ? p.lse[st] * kLog2e : 0.f;
+    delta[rr] = r < rows ? p.delta[st] : 0.f;
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) dq[rr][i] = 0.f;
+  }
+
+  const int64_t n_end = key_end(p, b);
+  for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
+    __syncthreads();
+    stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
+    __syncthreads();
+    const bool key_ok = valid_s[lane];
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int row_in_block = warp * kRowsPerWarp + rr;
+      const bool ok = key_ok && row0 + row_in_block < rows;
+      const float s = dot(q_s + row_in_block * hd, k_s + lane * ld, hd);
+      const float dp = dot(do_s + row_in_block * hd, v_s + lane * ld, hd);
+      const float pj = ok ? exp2f(s - lse2[rr]) : 0.f;
+      const float ds = pj * (dp - delta[rr]);
+      for (int j = 0; j < kKeys; ++j) {
+        const float dsb = __shfl_sync(0xffffffffu, ds, j);
+        const float* kr = k_s + j * ld;
+#pragma unroll
+        for (int i = 0; i < kDimsPerLane; ++i) {
+          const int d = lane + 32 * i;
+          if (d < hd) dq[rr][i] = fmaf(dsb, kr[d], dq[rr][i]);
+        }
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.dq);
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int64_t r = row0 + warp * kRowsPerWarp + rr;
+    if (r >= rows) continue;
+    const int64_t off = row_offset(p.dq_stride, b, G, kvh, r);
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) {
+      const int d = lane + 32 * i;
+      if (d < hd) out[off + d * p.dq_stride[3]] = from_float<T>(dq[rr][i] * p.scale);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const RetrievalParams p) {
+  extern __shared__ float smem[];
+  __shared__ int valid_s[kKeys];
+  const int hd = static_cast<int>(p.hd), ld = hd + 1;
+  float* k_s = smem;
+  float* v_s = k_s + kKeys * ld;
+  float* dk_s = v_s + kKeys * ld;
+  float* dv_s = dk_s + kKeys * hd;
+  float* q_s = dv_s + kKeys * hd;
+  float* do_s = q_s + kRowsPerIter * hd;
+  float* p_s = do_s + kRowsPerIter * hd;
+  float* ds_s = p_s + kRowsPerIter * kKeys;
+  const int64_t G = p.H / p.Hkv, rows = p.T * G;
+  const int64_t b = blockIdx.y / p.Hkv;
+  const int kvh = static_cast<int>(blockIdx.y % p.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kKeys;
+  const int64_t n_end = key_end(p, b);
+  const float scale_log2 = p.scale * kLog2e;
+
+  stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
+  for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) dk_s[e] = dv_s[e] = 0.f;
+  __syncthreads();
+
+  // A tile wholly past this sample's last valid key has zero gradient: skip the rows.
+  const int64_t rows_end = n0 < n_end ? rows : 0;
+  for (int64_t r0 = 0; r0 < rows_end; r0 += kRowsPerIter) {
+    stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, q_s);
+    stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, do_s);
+    __syncthreads();
+    for (int rr = warp; rr < kRowsPerIter; rr += kWarps) {
+      const int64_t r = r0 + rr;
+      const bool row_ok = r < rows;
+      float lse2 = 0.f, delta = 0.f;
+      if (row_ok) {
+        const int64_t st = stat_index(p, b, G, kvh, r);
+        lse2 = p.lse[st] * kLog2e;
+        delta = p.delta[st];
+      }
+      const float s = dot(q_s + rr * hd, k_s + lane * ld, hd) * scale_log2;
+      const float dp = dot(do_s + rr * hd, v_s + lane * ld, hd);
+      const float pj = (row_ok && valid_s[lane]) ? exp2f(s - lse2) : 0.f;
+      p_s[rr * kKeys + lane] = pj;
+      ds_s[rr * kKeys + lane] = pj * (dp - delta);
+    }
+    __syncthreads();
+    // Each thread owns fixed (key, dim) elements of dK/dV: no atomics, deterministic.
+    for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
+      const int j = e / hd, d = e - j * hd;
+      float a = dv_s[e], c = dk_s[e];
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerIter; ++rr) {
+        a = fmaf(p_s[rr * kKeys + j], do_s[rr * hd + d], a);
+        c = fmaf(ds_s[rr * kKeys + j], q_s[rr * hd + d], c);
+      }
+      dv_s[e] = a;
+      dk_s[e] = c;
+    }
+    __syncthreads();
+  }
+
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+  for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
+    const int j = e / hd, d = e - j * hd;
+    const int64_t n = n0 + j;
+    if (n >= p.Nv) continue;
+    const int64_t off = b * p.dkv_stride[0] + n * p.dkv_stride[1] + kvh * p.dkv_stride[2] + d * p.dkv_stride[3];
+    dk[off] = from_float<T>(dk_s[e] * p.scale);
+    dv[off] = from_float<T>(dv_s[e]);
+  }
+}
+
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const RetrievalParams& p) {
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  if (smem > 48 * 1024) {  // above the default limit shared memory must be opted into
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+dim3 row_grid(const RetrievalParams& p) {
+  const int64_t rows = p.T * (p.H / p.Hkv);
+  return dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock),
+              static_cast<unsigned>(p.B * p.Hkv));
+}
+
+}  // namespace
+
+cudaError_t retrieval_fwd(const RetrievalParams& p, DType dtype, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (2 * kKeys * (p.hd + 1) + kRowsPerBlock * p.hd);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return launch(retrieval_fwd_kernel<decltype(tag)>, row_grid(p), smem, stream, p);
+  });
+}
+
+cudaError_t retrieval_bwd(const RetrievalParams& p, DType dtype, cudaStream_t stream) {
+  const size_t smem_dq = sizeof(float) * (2 * kKeys * (p.hd + 1) + 2 * kRowsPerBlock * p.hd);
+  const size_t smem_dkdv = sizeof(float) * (2 * kKeys * (p.hd + 1) + 2 * kKeys * p.hd +
+                                            2 * kRowsPerIter * p.hd + 2 * kRowsPerIter * kKeys);
+  const dim3 key_grid(static_cast<unsigned>((p.Nv + kKeys - 1) / kKeys), static_cast<unsigned>(p.B * p.Hkv));
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cudaError_t err = launch(retrieval_bwd_dq_kernel<T>, row_grid(p), smem_dq, stream, p);
+    if (err != cudaSuccess) return err;
+    return launch(retrieval_bwd_dkdv_kernel<T>, key_grid, smem_dkdv, stream, p);
+  });
+}
+
+}  // namespace cuda
+}  // namespace pvm

@@ -1,0 +1,61 @@
+"""The compiled backends: ``cpu`` (pvm_kernels._C) and ``cuda`` (pvm_kernels._C_cuda).
+
+Both run the same ops, ``pvm_kernels::native_*``, defined once in csrc/ops.cpp with a CPU
+and a CUDA implementation; their fake implementations and autograd formulas are attached
+here from registration.py, exactly as for the Triton ops. A missing or broken build only
+makes the backend unavailable, with the reason in ``backend_status()``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .registration import attach_fake_and_autograd, get_op
+from .registry import Backend, register_backend
+
+
+def _load(module: str) -> Optional[str]:
+    try:
+        importlib.import_module(f"pvm_kernels.{module}")
+        return None
+    except ImportError as exc:
+        return f"pvm_kernels.{module} is not built or failed to load ({exc})"
+
+
+CPU_LOAD_ERROR = _load("_C")
+CUDA_LOAD_ERROR = _load("_C_cuda") if CPU_LOAD_ERROR is None else \
+    "needs pvm_kernels._C, which defines the op schemas"
+if CPU_LOAD_ERROR is None:
+    attach_fake_and_autograd("native")
+
+
+def _native_retrieval(q, k, v, key_mask, kv_len, scale):
+    return get_op("native", "retrieval_fwd")(q, k, v, key_mask, kv_len, scale)[0]
+
+
+def _native_merge(expanded, gate, keep, ffn_output, eps):
+    return get_op("native", "merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
+
+
+def _cpu_check(device_type: str) -> Optional[str]:
+    if device_type != "cpu":
+        return f"the cpu backend runs on CPU tensors, not '{device_type}'"
+    return CPU_LOAD_ERROR
+
+
+def _cuda_check(device_type: str) -> Optional[str]:
+    if device_type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, not '{device_type}'"
+    if CUDA_LOAD_ERROR is not None:
+        return CUDA_LOAD_ERROR
+    return None if torch.cuda.is_available() else "CUDA is not available"
+
+
+# cpu beats the reference at decode shapes (bench/test_bench_native.py): the CPU default.
+# cuda ranks after triton until GPU measurements show it faster (bench/results).
+register_backend(Backend("cpu", _native_retrieval, _native_merge, check=_cpu_check,
+                         default_rank={"cpu": 1}))
+register_backend(Backend("cuda", _native_retrieval, _native_merge, check=_cuda_check,
+                         default_rank={"cuda": 20}))

@@ -1,0 +1,92 @@
+"""Backend registry and selection: which implementation runs the PVM ops, and why not.
+
+A backend supplies ``retrieval`` and ``merge`` callables (autograd-capable) and says, per
+device type, whether it can run there and how it ranks as the default. Asking for a
+backend that cannot run raises; nothing falls back silently to another implementation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the PVM ops.
+
+    retrieval(q, k, v, key_mask, kv_len, scale) -> out;  merge(expanded, gate, keep,
+    ffn_output, eps) -> out. ``check(device_type)`` returns None when usable there, else
+    the reason. ``default_rank[device_type]``: lower is preferred by ``backend=None``.
+    """
+
+    name: str
+    retrieval: Callable
+    merge: Callable
+    check: Callable[[str], Optional[str]]
+    default_rank: Dict[str, int] = field(default_factory=dict)
+    dtypes: Tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+
+_REGISTRY: Dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add or replace a backend (used by pvm_kernels itself and by extensions)."""
+    _REGISTRY[backend.name] = backend
+    _CHECKS.clear()
+
+
+# A plain dict, not functools.lru_cache: torch.compile reads it as a constant instead of
+# tracing through the cache wrapper.
+_CHECKS: Dict[tuple, Optional[str]] = {}
+
+
+def _check_cached(name: str, device_type: str) -> Optional[str]:
+    key = (name, device_type)
+    if key not in _CHECKS:
+        _CHECKS[key] = _REGISTRY[name].check(device_type)
+    return _CHECKS[key]
+
+
+def _machine_device_types() -> List[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_status(device: Union[str, torch.device, None] = None) -> Dict[str, Optional[str]]:
+    """{backend name: None if usable on ``device`` (default: on a device of this machine),
+    else why not, per device type}."""
+    here = [torch.device(device).type] if device is not None else _machine_device_types()
+    shown = here if device is not None else ["cpu", "cuda"]
+    status = {}
+    for name in _REGISTRY:
+        usable = any(_check_cached(name, t) is None for t in here)
+        status[name] = None if usable else "; ".join(
+            f"{t}: {_check_cached(name, t)}" for t in shown if _check_cached(name, t))
+    return status
+
+
+def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:
+    """Names of the backends usable on ``device`` (default: on any device of this machine)."""
+    return [name for name, why in backend_status(device).items() if why is None]
+
+
+def resolve_backend(name: Optional[str], device: torch.device) -> Backend:
+    """The backend called ``name`` (or the preferred one for ``device`` when None).
+
+    Raises ValueError naming the backend and the reason when it cannot run on ``device``.
+    """
+    dtype_ = device.type
+    if name is None:
+        ranked = sorted((b.default_rank[dtype_], b.name) for b in _REGISTRY.values()
+                        if dtype_ in b.default_rank and _check_cached(b.name, dtype_) is None)
+        if not ranked:
+            raise ValueError(f"no PVM backend can run on device '{device}'")
+        return _REGISTRY[ranked[0][1]]
+    if name not in _REGISTRY:
+        raise ValueError(f"backend={name!r} is unknown; known backends: {sorted(_REGISTRY)}")
+    why = _check_cached(name, dtype_)
+    if why is not None:
+        raise ValueError(f"backend={name!r} cannot run on device '{device}': {why}")
+    return _REGISTRY[name]

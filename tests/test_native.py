@@ -1,0 +1,73 @@
+"""The compiled backends: build present, schemas shared with the Triton ops, selection."""
+import importlib.util
+import os
+import shutil
+
+import pytest
+import torch
+
+from pvm_kernels import FusedPVM, PVMConfig, pvm_retrieval
+from pvm_kernels.ops import native_backend, registration
+from pvm_kernels.ops.registry import resolve_backend
+
+
+def cuda_build_expected() -> bool:
+    """setup.py builds _C_cuda when torch has CUDA and nvcc is found (CUDA_HOME or default)."""
+    if os.environ.get("PVM_SKIP_CUDA") == "1" or not torch.version.cuda:
+        return False
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return os.path.exists(os.path.join(home, "bin", "nvcc")) or shutil.which("nvcc") is not None
+
+
+def test_cpu_extension_is_built_and_loaded():
+    assert native_backend.CPU_LOAD_ERROR is None, native_backend.CPU_LOAD_ERROR
+
+
+def test_cuda_extension_is_built_and_links():
+    """Loading the library resolves every symbol: a link break fails here, GPU or not."""
+    if not cuda_build_expected():
+        pytest.skip("no CUDA toolchain here, so no CUDA extension is expected")
+    assert importlib.util.find_spec("pvm_kernels._C_cuda") is not None, "CUDA extension not built"
+    assert native_backend.CUDA_LOAD_ERROR is None, native_backend.CUDA_LOAD_ERROR
+
+
+@pytest.mark.parametrize("op", sorted(registration.SCHEMAS))
+def test_native_schema_matches_the_shared_schema(op):
+    """csrc/ops.cpp must declare exactly the schemas the Python fakes and autograd assume."""
+    native = str(registration.get_op("native", op)._schema)
+    triton = str(registration.get_op("triton", op)._schema)
+    assert native.split("(", 1)[1] == triton.split("(", 1)[1]
+
+
+def test_cpu_is_the_default_on_cpu():
+    assert resolve_backend(None, torch.device("cpu")).name == "cpu"
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="backend='cuda' cannot run on device 'cpu'"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+def test_native_ops_reject_float64_with_a_clear_error():
+    q = torch.randn(1, 2, 2, 16, dtype=torch.float64)
+    k = torch.randn(1, 3, 1, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend 'cpu' supports float16, bfloat16, float32"):
+        pvm_retrieval(q, k, k, backend="cpu")
+
+
+def test_native_op_checks_arguments_itself():
+    """Direct op calls (bypassing the Python checks) still get a clear error, not a crash."""
+    q = torch.randn(1, 2, 4, 16)
+    k = torch.randn(1, 3, 3, 16)
+    with pytest.raises(RuntimeError, match="q heads must be a multiple of k heads"):
+        registration.get_op("native", "retrieval_fwd")(q, k, k, None, None, 0.25)
+
+
+def test_block_runs_on_the_default_cpu_backend():
+    block = FusedPVM(PVMConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=16, intermediate_size=128, pvm_hidden_size=64))
+    h, visual = torch.randn(2, 3, 64), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        block.gate_alpha.fill_(1.0)
+    torch.testing.assert_close(block(h, visual), block(h, visual, backend="reference"),
+                               rtol=1e-5, atol=1e-6)
