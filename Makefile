@@ -31,15 +31,17 @@ bench: install
 	  --benchmark-json=bench/results/$$($(PYTHON) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')").json
 
 # The same sources built standalone against libtorch (C++ developers), in build/cmake.
+# tests/test_cmake_build.py runs it into a temporary folder.
 # The CUDA root is passed explicitly (an `nvcc` wrapper on PATH misleads FindCUDA), and
 # libnvrtc is taken from torch's pip CUDA wheels when the toolkit has none.
 NVRTC := $(firstword $(wildcard $(CUDA_HOME)/lib64/libnvrtc.so) $(shell $(PYTHON) -c "import glob, os, torch; print(' '.join(glob.glob(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', '*', 'lib', 'libnvrtc.so*'))))" 2>/dev/null))
+CMAKE_BUILD_DIR ?= build/cmake
 cmake-build:
-	cmake -S . -B build/cmake -G Ninja \
+	cmake -S . -B $(CMAKE_BUILD_DIR) -G Ninja \
 	  -DCMAKE_PREFIX_PATH=$$($(PYTHON) -c "import torch; print(torch.utils.cmake_prefix_path)") \
 	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc) \
 	  $(if $(NVRTC),-DCUDA_nvrtc_LIBRARY=$(NVRTC))
-	cmake --build build/cmake
+	cmake --build $(CMAKE_BUILD_DIR)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks pvm_kernels/*.so
