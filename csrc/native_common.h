@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <tuple>
 
 #include "pvm_params.h"
 
@@ -139,6 +140,122 @@ inline void check_merge_args(const Tensor& e, const Tensor& gate,
 inline Tensor as_rows(const Tensor& t) {
   Tensor r = t.reshape({-1, t.size(-1)});
   return r.stride(-1) == 1 ? r : r.contiguous();
+}
+
+// ---- op bodies shared by the CPU and CUDA implementations --------------------------------
+// Each checks, allocates the outputs, fills the parameter block and calls `launch(params)`,
+// the device-specific part (a CPU dtype dispatch or a checked CUDA launch).
+
+template <typename Launch>
+std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const c10::optional<Tensor>& key_mask,
+                                            const c10::optional<Tensor>& kv_len, double scale,
+                                            Launch&& launch) {
+  check_retrieval_args(q, k, v, key_mask, kv_len);
+  Tensor out = new_output(q.sizes(), q.options());
+  Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  RetrievalParams p = retrieval_params(q, k, v, key_mask, kv_len, scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  copy_strides(out, p.o_stride);
+  launch(p);
+  return {out, lse};
+}
+
+template <typename Launch>
+std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const c10::optional<Tensor>& key_mask, const c10::optional<Tensor>& kv_len,
+    double scale, Launch&& launch) {
+  check_retrieval_args(q, k, v, key_mask, kv_len);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out/out must match q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse must be contiguous float32");
+  Tensor dq = new_output(q.sizes(), q.options());
+  Tensor dk = new_output(k.sizes(), k.options());
+  Tensor dv = new_output(v.sizes(), v.options());
+  if (q.numel() == 0) {  // no query: no gradient reaches the keys
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const Tensor delta = softmax_bwd_delta(grad_out, out);
+  RetrievalParams p = retrieval_params(q, k, v, key_mask, kv_len, scale);
+  p.grad_out = grad_out.data_ptr();
+  copy_strides(grad_out, p.o_stride);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  copy_strides(dq, p.dq_stride);
+  copy_strides(dk, p.dkv_stride);
+  launch(p);
+  return {dq, dk, dv};
+}
+
+inline MergeParams merge_params(const Tensor& e2, const Tensor& gate_f, const Tensor* keep_c,
+                                const Tensor* ffn2, double eps) {
+  MergeParams p;
+  p.e = e2.data_ptr();
+  p.e_row = e2.stride(0);
+  p.N = e2.size(0);
+  p.D = e2.size(1);
+  p.gate = gate_f.data_ptr<float>();
+  p.keep = keep_c ? keep_c->data_ptr<bool>() : nullptr;
+  if (ffn2) {
+    p.ffn = ffn2->data_ptr();
+    p.ffn_row = ffn2->stride(0);
+  }
+  p.eps = static_cast<float>(eps);
+  return p;
+}
+
+template <typename Launch>
+std::tuple<Tensor, Tensor> merge_fwd_op(const Tensor& expanded, const Tensor& gate,
+                                        const c10::optional<Tensor>& keep,
+                                        const c10::optional<Tensor>& ffn_output, double eps,
+                                        Launch&& launch) {
+  check_merge_args(expanded, gate, keep, ffn_output);
+  const Tensor e2 = as_rows(expanded);
+  const Tensor gate_f = gate.to(at::kFloat).contiguous();
+  Tensor keep_c, ffn2;
+  if (keep.has_value()) keep_c = keep->contiguous();
+  if (ffn_output.has_value()) ffn2 = as_rows(*ffn_output);
+  Tensor out = new_output(expanded.sizes(), expanded.options());
+  Tensor rstd = new_output({e2.size(0)}, expanded.options().dtype(at::kFloat));
+  MergeParams p = merge_params(e2, gate_f, keep.has_value() ? &keep_c : nullptr,
+                               ffn_output.has_value() ? &ffn2 : nullptr, eps);
+  p.out = out.data_ptr();
+  p.out_row = e2.size(1);
+  p.rstd = rstd.data_ptr<float>();
+  launch(p);
+  return {out, rstd};
+}
+
+template <typename Launch>
+std::tuple<Tensor, Tensor> merge_bwd_op(const Tensor& grad_out, const Tensor& expanded,
+                                        const Tensor& gate, const c10::optional<Tensor>& keep,
+                                        const Tensor& rstd, Launch&& launch) {
+  check_merge_args(expanded, gate, keep, c10::nullopt);
+  TORCH_CHECK(grad_out.sizes() == expanded.sizes(), "grad_out must match expanded");
+  const Tensor e2 = as_rows(expanded), g2 = as_rows(grad_out);
+  const Tensor gate_f = gate.to(at::kFloat).contiguous();
+  const Tensor rstd_c = rstd.to(at::kFloat).contiguous();
+  Tensor keep_c;
+  if (keep.has_value()) keep_c = keep->contiguous();
+  Tensor de = new_output(expanded.sizes(), expanded.options());
+  Tensor dgate_row = new_output({e2.size(0)}, expanded.options().dtype(at::kFloat));
+  MergeParams p = merge_params(e2, gate_f, keep.has_value() ? &keep_c : nullptr, nullptr, 0.0);
+  p.grad = g2.data_ptr();
+  p.grad_row = g2.stride(0);
+  p.rstd = rstd_c.data_ptr<float>();
+  p.de = de.data_ptr();
+  p.de_row = e2.size(1);
+  p.dgate_row = dgate_row.data_ptr<float>();
+  launch(p);
+  // per-row partials summed here: deterministic, and no atomics on one scalar
+  return {de, dgate_row.sum().reshape(gate.sizes()).to(gate.scalar_type())};
 }
 
 }  // namespace pvm

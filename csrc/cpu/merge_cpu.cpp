@@ -67,62 +67,20 @@ void merge_bwd_cpu_impl(const MergeParams& p) {
   });
 }
 
-MergeParams merge_params(const Tensor& e2, const Tensor& gate_f, const c10::optional<Tensor>& keep,
-                         const Tensor* ffn2, double eps) {
-  MergeParams p;
-  p.e = e2.data_ptr();
-  p.e_row = e2.stride(0);
-  p.N = e2.size(0);
-  p.D = e2.size(1);
-  p.gate = gate_f.data_ptr<float>();
-  p.keep = keep.has_value() ? keep->data_ptr<bool>() : nullptr;
-  if (ffn2) {
-    p.ffn = ffn2->data_ptr();
-    p.ffn_row = ffn2->stride(0);
-  }
-  p.eps = static_cast<float>(eps);
-  return p;
-}
-
 std::tuple<Tensor, Tensor> merge_fwd_cpu(const Tensor& expanded, const Tensor& gate,
                                          const c10::optional<Tensor>& keep,
                                          const c10::optional<Tensor>& ffn_output, double eps) {
-  check_merge_args(expanded, gate, keep, ffn_output);
-  const Tensor e2 = as_rows(expanded);
-  const Tensor gate_f = gate.to(at::kFloat).contiguous();
-  const c10::optional<Tensor> keep_c = keep.has_value() ? c10::optional<Tensor>(keep->contiguous()) : c10::nullopt;
-  Tensor ffn2;
-  if (ffn_output.has_value()) ffn2 = as_rows(*ffn_output);
-  Tensor out = new_output(expanded.sizes(), expanded.options());
-  Tensor rstd = new_output({e2.size(0)}, expanded.options().dtype(at::kFloat));
-  MergeParams p = merge_params(e2, gate_f, keep_c, ffn_output.has_value() ? &ffn2 : nullptr, eps);
-  p.out = out.data_ptr();
-  p.out_row = e2.size(1);
-  p.rstd = rstd.data_ptr<float>();
-  dispatch_float_types(expanded, [&](auto tag) { merge_fwd_cpu_impl<decltype(tag)>(p); });
-  return {out, rstd};
+  return merge_fwd_op(expanded, gate, keep, ffn_output, eps, [&](const MergeParams& p) {
+    dispatch_float_types(expanded, [&](auto tag) { merge_fwd_cpu_impl<decltype(tag)>(p); });
+  });
 }
 
 std::tuple<Tensor, Tensor> merge_bwd_cpu(const Tensor& grad_out, const Tensor& expanded,
                                          const Tensor& gate, const c10::optional<Tensor>& keep,
                                          const Tensor& rstd) {
-  check_merge_args(expanded, gate, keep, c10::nullopt);
-  TORCH_CHECK(grad_out.sizes() == expanded.sizes(), "grad_out must match expanded");
-  const Tensor e2 = as_rows(expanded), g2 = as_rows(grad_out);
-  const Tensor gate_f = gate.to(at::kFloat).contiguous();
-  const c10::optional<Tensor> keep_c = keep.has_value() ? c10::optional<Tensor>(keep->contiguous()) : c10::nullopt;
-  const Tensor rstd_c = rstd.to(at::kFloat).contiguous();
-  Tensor de = new_output(expanded.sizes(), expanded.options());
-  Tensor dgate_row = new_output({e2.size(0)}, expanded.options().dtype(at::kFloat));
-  MergeParams p = merge_params(e2, gate_f, keep_c, nullptr, 0.0);
-  p.grad = g2.data_ptr();
-  p.grad_row = g2.stride(0);
-  p.rstd = rstd_c.data_ptr<float>();
-  p.de = de.data_ptr();
-  p.de_row = e2.size(1);
-  p.dgate_row = dgate_row.data_ptr<float>();
-  dispatch_float_types(expanded, [&](auto tag) { merge_bwd_cpu_impl<decltype(tag)>(p); });
-  return {de, dgate_row.sum().reshape(gate.sizes()).to(gate.scalar_type())};
+  return merge_bwd_op(grad_out, expanded, gate, keep, rstd, [&](const MergeParams& p) {
+    dispatch_float_types(expanded, [&](auto tag) { merge_bwd_cpu_impl<decltype(tag)>(p); });
+  });
 }
 
 }  // namespace

@@ -94,8 +94,13 @@ void load_keys(const scalar_t* src, const int64_t* s, const Layout& L, int64_t b
   }
 }
 
-void key_validity(const Layout& L, int64_t b, int64_t n0, int64_t nk, bool* valid) {
+// Validity, keys and values of the key block n0..n0+nk of (b, kvh), staged as float.
+template <typename scalar_t>
+void stage_key_block(const RetrievalParams& p, const Layout& L, int64_t b, int64_t kvh,
+                     int64_t n0, int64_t nk, bool* valid, float* kb, float* vb) {
   for (int64_t j = 0; j < nk; ++j) valid[j] = L.valid(b, n0 + j);
+  load_keys(static_cast<const scalar_t*>(p.k), p.k_stride, L, b, kvh, n0, nk, valid, kb);
+  load_keys(static_cast<const scalar_t*>(p.v), p.v_stride, L, b, kvh, n0, nk, valid, vb);
 }
 
 template <typename scalar_t>
@@ -103,8 +108,6 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
   const Layout L(p);
   const int64_t hd = p.hd, row_blocks = (L.rows + kRows - 1) / kRows;
   const auto* q = static_cast<const scalar_t*>(p.q);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
   at::parallel_for(0, p.B * p.Hkv * row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qb(kRows * hd), acc(kRows * hd), kb(kKeys * hd), vb(kKeys * hd);
@@ -120,9 +123,7 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
       const int64_t n_end = L.n_end(b);
       for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
         const int64_t nk = std::min(kKeys, n_end - n0);
-        key_validity(L, b, n0, nk, valid);
-        load_keys(k, p.k_stride, L, b, kvh, n0, nk, valid, kb.data());
-        load_keys(v, p.v_stride, L, b, kvh, n0, nk, valid, vb.data());
+        stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, kb.data(), vb.data());
         std::fill(sc.begin(), sc.end(), 0.f);
         block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), kKeys, nr, hd, nk);
         for (int64_t i = 0; i < nr; ++i) {
@@ -156,10 +157,16 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
   });
 }
 
-// Probabilities P and dS = P * (dP - delta) of a row block against a staged key block:
-// sc = q kT (scores), dp = do vT, both [nr][kKeys], overwritten with P and dS.
-void softmax_grad_terms(const Layout& L, int64_t b, int64_t kvh, int64_t r0, int64_t nr,
-                        int64_t nk, const bool* valid, float scale, float* sc, float* dp) {
+// P and dS = P * (dP - delta) of staged rows (q, do: [nr][hd]) against staged keys
+// (k, v: [nk][hd]), written to sc and dp ([nr][kKeys]).
+void probs_and_dscores(const Layout& L, int64_t b, int64_t kvh, int64_t r0, int64_t nr,
+                       int64_t nk, const bool* valid, float scale, const float* qb,
+                       const float* dob, const float* kb, const float* vb, float* sc, float* dp) {
+  const int64_t hd = L.p.hd;
+  std::fill(sc, sc + kRows * kKeys, 0.f);
+  std::fill(dp, dp + kRows * kKeys, 0.f);
+  block_gemm(Form::NT, qb, hd, kb, hd, sc, kKeys, nr, hd, nk);
+  block_gemm(Form::NT, dob, hd, vb, hd, dp, kKeys, nr, hd, nk);
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t st = L.stat(b, kvh, r0 + i);
     const float lse = L.p.lse[st], delta = L.p.delta[st];
@@ -178,8 +185,6 @@ void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
   const int64_t key_blocks = (p.Nv + kKeys - 1) / kKeys;
   const float scale = p.scale;
   const auto* q = static_cast<const scalar_t*>(p.q);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
   const auto* go = static_cast<const scalar_t*>(p.grad_out);
 
   // dQ: one task per (sample, KV head, row block); loops over the valid keys.
@@ -197,14 +202,9 @@ void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
       const int64_t n_end = L.n_end(b);
       for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
         const int64_t nk = std::min(kKeys, n_end - n0);
-        key_validity(L, b, n0, nk, valid);
-        load_keys(k, p.k_stride, L, b, kvh, n0, nk, valid, kb.data());
-        load_keys(v, p.v_stride, L, b, kvh, n0, nk, valid, vb.data());
-        std::fill(sc.begin(), sc.end(), 0.f);
-        std::fill(dp.begin(), dp.end(), 0.f);
-        block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), kKeys, nr, hd, nk);
-        block_gemm(Form::NT, dob.data(), hd, vb.data(), hd, dp.data(), kKeys, nr, hd, nk);
-        softmax_grad_terms(L, b, kvh, r0, nr, nk, valid, scale, sc.data(), dp.data());
+        stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, kb.data(), vb.data());
+        probs_and_dscores(L, b, kvh, r0, nr, nk, valid, scale, qb.data(), dob.data(), kb.data(),
+                          vb.data(), sc.data(), dp.data());
         block_gemm(Form::NN, dp.data(), kKeys, kb.data(), hd, dqb.data(), hd, nr, nk, hd);
       }
       for (int64_t i = 0; i < nr; ++i) {
@@ -227,18 +227,13 @@ void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
       std::fill(dkb.begin(), dkb.end(), 0.f);
       std::fill(dvb.begin(), dvb.end(), 0.f);
       if (n0 < L.n_end(b)) {  // a block wholly past the last valid key has zero gradient
-        key_validity(L, b, n0, nk, valid);
-        load_keys(k, p.k_stride, L, b, kvh, n0, nk, valid, kb.data());
-        load_keys(v, p.v_stride, L, b, kvh, n0, nk, valid, vb.data());
+        stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, kb.data(), vb.data());
         for (int64_t r0 = 0; r0 < L.rows; r0 += kRows) {
           const int64_t nr = std::min(kRows, L.rows - r0);
           load_rows(q, p.q_stride, L, b, kvh, r0, nr, 1.f, qb.data());
           load_rows(go, p.o_stride, L, b, kvh, r0, nr, 1.f, dob.data());
-          std::fill(sc.begin(), sc.end(), 0.f);
-          std::fill(dp.begin(), dp.end(), 0.f);
-          block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), kKeys, nr, hd, nk);
-          block_gemm(Form::NT, dob.data(), hd, vb.data(), hd, dp.data(), kKeys, nr, hd, nk);
-          softmax_grad_terms(L, b, kvh, r0, nr, nk, valid, scale, sc.data(), dp.data());
+          probs_and_dscores(L, b, kvh, r0, nr, nk, valid, scale, qb.data(), dob.data(), kb.data(),
+                            vb.data(), sc.data(), dp.data());
           block_gemm(Form::TN, sc.data(), kKeys, dob.data(), hd, dvb.data(), hd, nk, nr, hd);
           block_gemm(Form::TN, dp.data(), kKeys, qb.data(), hd, dkb.data(), hd, nk, nr, hd);
         }
@@ -257,40 +252,19 @@ void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
 std::tuple<Tensor, Tensor> retrieval_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const c10::optional<Tensor>& key_mask,
                                              const c10::optional<Tensor>& kv_len, double scale) {
-  check_retrieval_args(q, k, v, key_mask, kv_len);
-  Tensor out = new_output(q.sizes(), q.options());
-  Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  RetrievalParams p = retrieval_params(q, k, v, key_mask, kv_len, scale);
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  copy_strides(out, p.o_stride);
-  dispatch_float_types(q, [&](auto tag) { retrieval_fwd_cpu_impl<decltype(tag)>(p); });
-  return {out, lse};
+  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, [&](const RetrievalParams& p) {
+    dispatch_float_types(q, [&](auto tag) { retrieval_fwd_cpu_impl<decltype(tag)>(p); });
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, const c10::optional<Tensor>& key_mask, const c10::optional<Tensor>& kv_len,
     double scale) {
-  check_retrieval_args(q, k, v, key_mask, kv_len);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out/out must match q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse must be contiguous float32");
-  Tensor dq = new_output(q.sizes(), q.options());
-  Tensor dk = new_output(k.sizes(), k.options());
-  Tensor dv = new_output(v.sizes(), v.options());
-  Tensor delta = softmax_bwd_delta(grad_out, out);
-  RetrievalParams p = retrieval_params(q, k, v, key_mask, kv_len, scale);
-  p.grad_out = grad_out.data_ptr();
-  copy_strides(grad_out, p.o_stride);
-  p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  copy_strides(dq, p.dq_stride);
-  copy_strides(dk, p.dkv_stride);
-  dispatch_float_types(q, [&](auto tag) { retrieval_bwd_cpu_impl<decltype(tag)>(p); });
-  return {dq, dk, dv};
+  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale,
+                          [&](const RetrievalParams& p) {
+    dispatch_float_types(q, [&](auto tag) { retrieval_bwd_cpu_impl<decltype(tag)>(p); });
+  });
 }
 
 }  // namespace

@@ -48,6 +48,18 @@ __device__ __forceinline__ bool key_valid(const RetrievalParams& p, int64_t b, i
   return n < n_end && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);
 }
 
+// Which (sample, KV head) this block serves, and where the calling thread sits.
+struct BlockCoords {
+  int64_t G, rows, b;
+  int kvh, warp, lane;
+};
+
+__device__ __forceinline__ BlockCoords block_coords(const RetrievalParams& p) {
+  const int64_t G = p.H / p.Hkv;
+  return {G, p.T * G, static_cast<int64_t>(blockIdx.y / p.Hkv), static_cast<int>(blockIdx.y % p.Hkv),
+          static_cast<int>(threadIdx.x >> 5), static_cast<int>(threadIdx.x & 31)};
+}
+
 __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
   float s = 0.f;
   for (int d = 0; d < n; ++d) s = fmaf(a[d], b[d], s);
@@ -98,10 +110,9 @@ __global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const Retrieval
   float* k_s = smem;
   float* v_s = k_s + kKeys * ld;
   float* q_s = v_s + kKeys * ld;
-  const int64_t G = p.H / p.Hkv, rows = p.T * G;
-  const int64_t b = blockIdx.y / p.Hkv;
-  const int kvh = static_cast<int>(blockIdx.y % p.Hkv);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const BlockCoords c = block_coords(p);
+  const int64_t G = c.G, rows = c.rows, b = c.b;
+  const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
 
   stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, row0, kRowsPerBlock,
@@ -170,10 +181,9 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const Retrie
   float* v_s = k_s + kKeys * ld;
   float* q_s = v_s + kKeys * ld;
   float* do_s = q_s + kRowsPerBlock * hd;
-  const int64_t G = p.H / p.Hkv, rows = p.T * G;
-  const int64_t b = blockIdx.y / p.Hkv;
-  const int kvh = static_cast<int>(blockIdx.y % p.Hkv);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const BlockCoords c = block_coords(p);
+  const int64_t G = c.G, rows = c.rows, b = c.b;
+  const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const float scale_log2 = p.scale * kLog2e;
 
@@ -245,10 +255,9 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
   float* do_s = q_s + kRowsPerIter * hd;
   float* p_s = do_s + kRowsPerIter * hd;
   float* ds_s = p_s + kRowsPerIter * kKeys;
-  const int64_t G = p.H / p.Hkv, rows = p.T * G;
-  const int64_t b = blockIdx.y / p.Hkv;
-  const int kvh = static_cast<int>(blockIdx.y % p.Hkv);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const BlockCoords c = block_coords(p);
+  const int64_t G = c.G, rows = c.rows, b = c.b;
+  const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kKeys;
   const int64_t n_end = key_end(p, b);
   const float scale_log2 = p.scale * kLog2e;
