@@ -81,6 +81,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "safetensors",
+                 "transformers>=4.57,<6"],
     },
 )

@@ -8,7 +8,14 @@ from .memory import VisualMemory
 from .modules import FusedPVM
 from .ops import available_backends, backend_status, pvm_merge, pvm_retrieval
 
+
+def apply_pvm_to_qwen3_vl(model, layers=None, pvm_hidden_size=None, backend=None):
+    """Add PVM to a transformers Qwen3-VL model in place (see integrations.qwen3_vl)."""
+    from .integrations.qwen3_vl import apply_pvm_to_qwen3_vl as apply
+    return apply(model, layers=layers, pvm_hidden_size=pvm_hidden_size, backend=backend)
+
+
 __version__ = "0.1.0"
 
 __all__ = ["FusedPVM", "PVMConfig", "PVMDims", "VisualMemory", "available_backends",
-           "backend_status", "pvm_retrieval", "pvm_merge", "__version__"]
+           "backend_status", "pvm_retrieval", "pvm_merge", "apply_pvm_to_qwen3_vl", "__version__"]

@@ -1,0 +1,230 @@
+"""PVM in a stock transformers Qwen3-VL, patching only the model instance it is given.
+
+- Each chosen decoder layer gets a ``pvm_block`` (FusedPVM) and its instance's class is
+  swapped for a subclass whose forward computes
+  ``out = h + merge(FFN(post_attention_layernorm(h)), PVM(h, V))``. A subclass rather
+  than an instance ``forward`` so transformers' gradient checkpointing (which wraps the
+  class's forward) still applies. Other instances and module globals are untouched.
+- The text model's forward is wrapped on the instance: at prefill it gathers the visual
+  embeddings scattered into ``inputs_embeds`` (``visual_pos_masks``), encodes one
+  VisualMemory per PVM layer, attaches that state to the call's cache object and passes it
+  down as the ``pvm_state`` keyword, which the text model forwards to its layers. Decode
+  steps read the state back from the cache: nothing visual is projected again, and two
+  generate() calls never share state because they never share a cache.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..memory import VisualMemory
+from ..modules import FusedPVM
+
+#: The paper's PVM layers by (num_hidden_layers, hidden_size).
+PAPER_LAYERS = {(36, 4096): [8, 16, 24], (36, 2560): [5, 11, 17]}
+DEFAULT_PVM_HIDDEN_SIZE = 512
+_STATE_ATTR = "_pvm_state"
+
+
+@dataclass
+class PVMState:
+    """The per-request visual memories of every PVM layer (one VisualMemory each)."""
+
+    memories: Dict[int, VisualMemory]
+
+    def index_select(self, rows: torch.Tensor) -> "PVMState":
+        return PVMState({i: m.index_select(rows.to(m.key.device)) for i, m in self.memories.items()})
+
+
+@dataclass
+class PVMCall:
+    """What one forward call hands to the PVM layers: the state, and at prefill which
+    query positions are visual tokens (their update is silenced)."""
+
+    state: PVMState
+    query_is_visual: Optional[torch.Tensor]
+
+
+def default_pvm_layers(num_layers: int, hidden_size: int) -> List[int]:
+    """The paper's layers for Qwen3-VL-8B/4B; otherwise the same relative depths (8, 16 and
+    24 of 36)."""
+    if (num_layers, hidden_size) in PAPER_LAYERS:
+        return list(PAPER_LAYERS[(num_layers, hidden_size)])
+    return sorted({min(num_layers - 1, max(0, round(num_layers * f / 36))) for f in (8, 16, 24)})
+
+
+def language_model_of(model):
+    """The Qwen3VLTextModel inside a Qwen3VLForConditionalGeneration or Qwen3VLModel."""
+    for path in (("model", "language_model"), ("language_model",)):
+        obj = model
+        for part in path:
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "layers"):
+            return obj
+    raise TypeError(f"expected a transformers Qwen3-VL model (Qwen3VLForConditionalGeneration "
+                    f"or Qwen3VLModel), got {type(model).__name__}")
+
+
+def gather_visual(inputs_embeds: torch.Tensor, visual_pos_masks: torch.Tensor):
+    """Row b's visual embeddings inputs_embeds[b][mask[b]], left-aligned and padded:
+    returns V [B, Nv, D] and its validity mask [B, Nv] (Nv = the largest count)."""
+    counts = visual_pos_masks.sum(dim=1)
+    nv = int(counts.max())  # one host sync per prefill, never per decode step
+    B, _, D = inputs_embeds.shape
+    visual = inputs_embeds.new_zeros(B, nv, D)
+    rows, cols = visual_pos_masks.nonzero(as_tuple=True)
+    slot = torch.cumsum(visual_pos_masks.long(), dim=1)[rows, cols] - 1
+    visual = visual.index_put((rows, slot), inputs_embeds[rows, cols])
+    mask = torch.arange(nv, device=counts.device)[None, :] < counts[:, None]
+    return visual, mask
+
+
+# ---- the cache carries the state ------------------------------------------------------------
+
+def _attach_state(cache, state: PVMState) -> None:
+    """Store the state on this cache instance and keep it aligned with the cache's rows when
+    generate() reorders (beam search), repeats or selects them."""
+    setattr(cache, _STATE_ATTR, state)
+    if getattr(cache, "_pvm_wrapped", False):
+        return
+    cache._pvm_wrapped = True
+
+    def follow(name, rows_of):
+        original = getattr(cache, name, None)
+        if original is None:
+            return
+
+        def wrapped(*args, **kwargs):
+            result = original(*args, **kwargs)
+            current = getattr(cache, _STATE_ATTR, None)
+            if current is not None:
+                setattr(cache, _STATE_ATTR, current.index_select(rows_of(current, *args, **kwargs)))
+            return result
+        setattr(cache, name, wrapped)
+
+    def batch_of(state):
+        return next(iter(state.memories.values())).batch_size
+
+    follow("reorder_cache", lambda s, beam_idx, *a, **k: beam_idx)
+    follow("batch_select_indices", lambda s, indices, *a, **k: indices)
+    follow("batch_repeat_interleave",
+           lambda s, repeats, *a, **k: torch.arange(batch_of(s)).repeat_interleave(repeats))
+
+
+def _text_forward(self, *args, **kwargs):
+    """Wrapper of the text model's forward (bound to the instance by apply_pvm_to_qwen3_vl)."""
+    original = self._pvm_original_forward
+    if args:  # bind positionals to names once so the inputs below can be found
+        kwargs.update(zip(self._pvm_param_names, args))
+        args = ()
+    cache_key = self._pvm_cache_key
+    cache = kwargs.get(cache_key)
+    inputs_embeds = kwargs.get("inputs_embeds")
+    visual_pos_masks = kwargs.get("visual_pos_masks")
+    call = None
+    if visual_pos_masks is not None and inputs_embeds is not None and bool(visual_pos_masks.any()):
+        if cache is None and kwargs.get("use_cache", self.config.use_cache) \
+                and not torch.is_grad_enabled():
+            from transformers import DynamicCache
+            cache = kwargs[cache_key] = DynamicCache(config=self.config)
+        visual, mask = gather_visual(inputs_embeds, visual_pos_masks)
+        state = PVMState({i: layer.pvm_block.encode_visual(visual, mask)
+                          for i, layer in self._pvm_layers.items()})
+        if cache is not None:
+            _attach_state(cache, state)
+        call = PVMCall(state, visual_pos_masks)
+    elif cache is not None and getattr(cache, _STATE_ATTR, None) is not None:
+        if cache.get_seq_length() == 0:  # a fresh request on a reused cache: no image
+            setattr(cache, _STATE_ATTR, None)
+        else:
+            call = PVMCall(getattr(cache, _STATE_ATTR), None)
+    if call is not None:
+        kwargs["pvm_state"] = call
+    return original(**kwargs)
+
+
+# ---- the decoder layer ----------------------------------------------------------------------
+
+def _pvm_layer_forward(self, hidden_states, *args, pvm_state: Optional[PVMCall] = None, **kwargs):
+    """The stock layer's computation, with the PVM update merged into the FFN output."""
+    if args:
+        kwargs.update(zip(self._pvm_param_names, args))
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    attn = self.self_attn(hidden_states=hidden_states, **kwargs)
+    hidden_states = residual + (attn[0] if isinstance(attn, tuple) else attn)
+    residual = hidden_states
+    ffn = self.mlp(self.post_attention_layernorm(hidden_states))
+    if pvm_state is None:  # text only: exactly the stock layer, no PVM work at all
+        return residual + ffn
+    memory = pvm_state.state.memories[self._pvm_index]
+    merged = self.pvm_block(residual, memory, query_is_visual=pvm_state.query_is_visual,
+                            ffn_output=ffn, backend=self._pvm_backend)
+    return residual + merged
+
+
+_PVM_LAYER_CLASSES: Dict[type, type] = {}
+
+
+def _pvm_layer_class(cls: type) -> type:
+    if cls not in _PVM_LAYER_CLASSES:
+        _PVM_LAYER_CLASSES[cls] = type(f"PVM{cls.__name__}", (cls,), {"forward": _pvm_layer_forward})
+    return _PVM_LAYER_CLASSES[cls]
+
+
+def _param_names(fn, skip: int) -> List[str]:
+    return [p.name for p in list(inspect.signature(fn).parameters.values())[skip:]
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def apply_pvm_to_qwen3_vl(model, layers: Optional[Sequence[int]] = None,
+                          pvm_hidden_size: Optional[int] = None, backend: Optional[str] = None):
+    """Add PVM blocks to a stock transformers Qwen3-VL model, in place; returns the model.
+
+    layers / pvm_hidden_size default to ``config.text_config.pvm_layers`` /
+    ``pvm_hidden_size`` (a published PVM checkpoint's config has them), else to the paper's
+    layers for the model's depth and P = 512. New blocks start inert (gate 0) on the
+    decoder's device and dtype; ``model.config.text_config`` records both fields, so
+    ``state_dict()`` keys are ``model.language_model.layers.N.pvm_block.*``.
+    backend: the FusedPVM backend for every call (None: fastest for the device).
+    """
+    text_model = language_model_of(model)
+    text_config = model.config.text_config if hasattr(model.config, "text_config") else model.config
+    n_layers = len(text_model.layers)
+    if getattr(text_model, "_pvm_layers", None):
+        raise ValueError("PVM is already applied to this model")
+    if layers is None:
+        layers = getattr(text_config, "pvm_layers", None) or \
+            default_pvm_layers(n_layers, text_config.hidden_size)
+    layers = sorted({int(i) for i in layers})
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model with {n_layers} decoder layers")
+    if pvm_hidden_size is None:
+        pvm_hidden_size = getattr(text_config, "pvm_hidden_size", None) or DEFAULT_PVM_HIDDEN_SIZE
+    text_config.pvm_layers = layers
+    text_config.pvm_hidden_size = int(pvm_hidden_size)
+
+    text_model._pvm_layers = {}
+    for i in layers:
+        layer = text_model.layers[i]
+        ref = layer.post_attention_layernorm.weight
+        block = FusedPVM(text_config).to(device=ref.device, dtype=ref.dtype)
+        layer._pvm_param_names = _param_names(type(layer).forward, 2)
+        layer.pvm_block = block
+        layer._pvm_index = i
+        layer._pvm_backend = backend
+        layer.__class__ = _pvm_layer_class(type(layer))
+        text_model._pvm_layers[i] = layer
+
+    original = text_model.forward
+    names = _param_names(original, 0)
+    text_model._pvm_original_forward = original
+    text_model._pvm_param_names = names
+    text_model._pvm_cache_key = "cache" if "cache" in names else "past_key_values"
+    text_model.forward = types.MethodType(_text_forward, text_model)
+    return model

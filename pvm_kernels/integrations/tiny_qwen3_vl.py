@@ -1,0 +1,89 @@
+"""A tiny random Qwen3-VL built from transformers itself, and synthetic images for it.
+
+Used by the tests, the demo and the CLI: no weights are downloaded. Dimensions follow the
+configuration checked in QWEN3VL_NOTES.md (text hidden 64, 4 layers, 4 heads, 2 KV heads,
+head_dim 16; vision depth 2, patch 8, spatial merge 2, temporal patch 2).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
+PATCH, MERGE, TEMPORAL = 8, 2, 2
+
+
+def tiny_qwen3_vl_config(**text_overrides):
+    """Qwen3VLConfig of the tiny model (text fields overridable, e.g. num_hidden_layers)."""
+    from transformers import Qwen3VLConfig
+
+    text = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=192, vocab_size=512, max_position_embeddings=1024,
+                rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                              "mrope_interleaved": True},
+                rms_norm_eps=1e-6, tie_word_embeddings=False)
+    text.update(text_overrides)
+    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                  patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
+                  in_channels=3, deepstack_visual_indexes=[0, 1], num_position_embeddings=64)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                         video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                         vision_end_token_id=VISION_END)
+
+
+def tiny_qwen3_vl(seed: int = 0, dtype: torch.dtype = torch.float32, **text_overrides):
+    """Qwen3VLForConditionalGeneration with random weights (eval mode)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(tiny_qwen3_vl_config(**text_overrides))
+    return model.to(dtype).eval()
+
+
+def synthetic_image_patches(grid_hw: Tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Patch rows of a smooth synthetic image for a (1, h, w) grid: [h * w, 3 * 2 * 8 * 8]."""
+    h, w = grid_hw
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(-1, 1, h * PATCH)[:, None]
+    xs = torch.linspace(-1, 1, w * PATCH)[None, :]
+    phase = torch.rand(3, generator=g) * 6.28
+    image = torch.stack([torch.sin(3 * xs + 2 * ys + p) for p in phase])  # [3, H, W]
+    # Patch rows in the processor's order: (patch row, patch col) then (C, T, ph, pw).
+    patches = image.reshape(3, h, PATCH, w, PATCH).permute(1, 3, 0, 2, 4)  # h, w, C, ph, pw
+    patches = patches[:, :, :, None].expand(h, w, 3, TEMPORAL, PATCH, PATCH)
+    return patches.reshape(h * w, 3 * TEMPORAL * PATCH * PATCH).contiguous()
+
+
+def tiny_batch(image_grids: Sequence[Optional[Tuple[int, int]]], text_len: int = 6,
+               seed: int = 0) -> dict:
+    """Model inputs for a batch: row i has an image of grid image_grids[i] (None: text only).
+
+    Rows are left-padded to one length (pad id 0, attention_mask 0), as for generation.
+    Returns input_ids, attention_mask, mm_token_type_ids and, when any row has an image,
+    pixel_values and image_grid_thw.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows: List[List[int]] = []
+    pixels, grids = [], []
+    for i, grid in enumerate(image_grids):
+        text = torch.randint(1, 400, (text_len,), generator=g).tolist()
+        if grid is None:
+            rows.append(text)
+            continue
+        n_tokens = grid[0] * grid[1] // (MERGE * MERGE)
+        rows.append(text[:2] + [VISION_START] + [IMAGE_TOKEN] * n_tokens + [VISION_END] + text[2:])
+        pixels.append(synthetic_image_patches(grid, seed + i))
+        grids.append([1, grid[0], grid[1]])
+    length = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, length - len(r):] = torch.tensor(r)
+        attention_mask[i, length - len(r):] = 1
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask,
+                 mm_token_type_ids=(input_ids == IMAGE_TOKEN).long())
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.tensor(grids)
+    return batch
