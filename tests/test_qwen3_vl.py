@@ -18,7 +18,8 @@ def base():
     return tiny_qwen3_vl(seed=0)
 
 
-def pvm_model(base, backend="reference", gate=1.0):
+def pvm_model(base, backend="reference", gate=1.0, seed=0):
+    torch.manual_seed(seed)  # the same PVM weights every call, so models can be compared
     model = apply_pvm_to_qwen3_vl(copy.deepcopy(base), pvm_hidden_size=32, backend=backend)
     with torch.no_grad():
         for i in model.config.text_config.pvm_layers:
@@ -149,17 +150,13 @@ def test_save_and_reload_into_a_stock_model(base, tmp_path):
     assert torch.equal(logits(reloaded.eval(), batch), logits(model, batch))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, issue 4 open: under model.gradient_checkpointing_"
-                   "enable() the first PVM layer's output differs from the plain forward (0.0076 "
-                   "max), though the same layer called alone with and without checkpointing "
-                   "matches exactly; the model-level cause is not found yet")
 def test_training_with_gradient_checkpointing_matches_plain(base):
     batch = tiny_batch(GRIDS)
     grads = []
     for checkpointing in (False, True):
         model = pvm_model(base, gate=0.5).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         out = model(**batch, use_cache=False)
         out.logits.float().pow(2).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()
