@@ -174,3 +174,49 @@ def test_rejects_bad_layers_and_double_application(base):
         apply_pvm_to_qwen3_vl(model)
     with pytest.raises(TypeError, match="expected a transformers Qwen3-VL model"):
         apply_pvm_to_qwen3_vl(torch.nn.Linear(2, 2))
+
+
+def test_load_published_checkpoint_and_key_errors(base, tmp_path):
+    from pvm_kernels.integrations import load_pvm_qwen3_vl, load_pvm_weights, save_pvm_weights
+    batch = tiny_batch(GRIDS)
+    model = pvm_model(base, gate=0.7)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = load_pvm_qwen3_vl(str(tmp_path / "ckpt")).eval()
+    set_backend(loaded, "reference")
+    assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+    save_pvm_weights(model, str(tmp_path / "pvm.safetensors"))
+    other = pvm_model(base, gate=0.0, seed=1)
+    load_pvm_weights(other, str(tmp_path / "pvm.safetensors"))
+    assert torch.equal(logits(other, batch), logits(model, batch))
+
+    fewer = apply_pvm_to_qwen3_vl(copy.deepcopy(base), layers=[1, 2], pvm_hidden_size=32)
+    with pytest.raises(ValueError, match=r"unexpected \['model.language_model.layers.3.pvm_block"):
+        load_pvm_weights(fewer, str(tmp_path / "pvm.safetensors"))
+    with pytest.raises(ValueError, match="is not a PVM checkpoint"):
+        base.save_pretrained(tmp_path / "stock")
+        load_pvm_qwen3_vl(str(tmp_path / "stock"))
+
+
+def test_sft_steps_train_only_pvm_and_lower_the_loss(base):
+    """The paper's SFT stage on a toy task: fit the logits of image rows to fixed targets."""
+    from pvm_kernels.integrations import freeze_all_but_pvm, pvm_parameters
+    batch = tiny_batch(GRIDS)
+    model = pvm_model(base, gate=0.0).train()
+    n_trainable = freeze_all_but_pvm(model)
+    assert n_trainable == sum(p.numel() for p in pvm_parameters(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    target = torch.randint(0, 512, (3, batch["input_ids"].shape[1]))
+    losses = []
+    for _ in range(6):
+        out = model(**batch, use_cache=False)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), target.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == (".pvm_block." in n), n  # the gate leaves 0, so every PVM weight moves

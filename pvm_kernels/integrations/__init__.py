@@ -1,4 +1,7 @@
-"""Model integrations: PVM inside stock transformers models."""
+"""Model integrations: PVM inside stock transformers models, and training helpers."""
 from .qwen3_vl import apply_pvm_to_qwen3_vl, default_pvm_layers
+from .training import (freeze_all_but_pvm, load_pvm_qwen3_vl, load_pvm_weights, pvm_parameters,
+                       pvm_state_dict, save_pvm_weights)
 
-__all__ = ["apply_pvm_to_qwen3_vl", "default_pvm_layers"]
+__all__ = ["apply_pvm_to_qwen3_vl", "default_pvm_layers", "load_pvm_qwen3_vl", "pvm_parameters",
+           "pvm_state_dict", "freeze_all_but_pvm", "save_pvm_weights", "load_pvm_weights"]
