@@ -97,9 +97,11 @@ def test_cache_state_follows_row_reordering(base):
     from pvm_kernels.integrations.qwen3_vl import _STATE_ATTR
     model = pvm_model(base)
     batch = tiny_batch(GRIDS)
+    import inspect
     cache = DynamicCache(config=model.config.text_config)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        model(**batch, cache=cache, use_cache=True)
+        model(**batch, **{key: cache}, use_cache=True)
     state = getattr(cache, _STATE_ATTR)
     before = {i: m.key.clone() for i, m in state.memories.items()}
     order = torch.tensor([2, 0, 1])
@@ -119,6 +121,10 @@ def test_beam_search_agrees_across_backends(base):
 
 
 def test_concurrent_generates_do_not_share_images(base):
+    import transformers
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("stock Qwen3-VL in transformers 4.x keeps rope_deltas on the model "
+                    "instance: concurrent generate() disagrees even without PVM")
     model = pvm_model(base)
     jobs = [tiny_batch([(4, 4)], seed=1), tiny_batch([(8, 4)], seed=2)]
     alone = [model.generate(**b, max_new_tokens=6, do_sample=False) for b in jobs]

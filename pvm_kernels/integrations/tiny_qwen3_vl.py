@@ -55,13 +55,20 @@ def synthetic_image_patches(grid_hw: Tuple[int, int], seed: int = 0) -> torch.Te
     return patches.reshape(h * w, 3 * TEMPORAL * PATCH * PATCH).contiguous()
 
 
+def _takes_mm_token_type_ids() -> bool:
+    import inspect
+
+    from transformers import Qwen3VLForConditionalGeneration
+    return "mm_token_type_ids" in inspect.signature(Qwen3VLForConditionalGeneration.forward).parameters
+
+
 def tiny_batch(image_grids: Sequence[Optional[Tuple[int, int]]], text_len: int = 6,
                seed: int = 0) -> dict:
     """Model inputs for a batch: row i has an image of grid image_grids[i] (None: text only).
 
     Rows are left-padded to one length (pad id 0, attention_mask 0), as for generation.
-    Returns input_ids, attention_mask, mm_token_type_ids and, when any row has an image,
-    pixel_values and image_grid_thw.
+    Returns input_ids, attention_mask, mm_token_type_ids (where the installed transformers
+    takes it) and, when any row has an image, pixel_values and image_grid_thw.
     """
     g = torch.Generator().manual_seed(seed)
     rows: List[List[int]] = []
@@ -81,8 +88,9 @@ def tiny_batch(image_grids: Sequence[Optional[Tuple[int, int]]], text_len: int =
     for i, r in enumerate(rows):
         input_ids[i, length - len(r):] = torch.tensor(r)
         attention_mask[i, length - len(r):] = 1
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask,
-                 mm_token_type_ids=(input_ids == IMAGE_TOKEN).long())
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if _takes_mm_token_type_ids():  # transformers 5.24 requires it, 4.57 rejects it
+        batch["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).long()
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
         batch["image_grid_thw"] = torch.tensor(grids)
