@@ -1,7 +1,8 @@
 """pvm-kernels: fused kernels and modules for Persistent Visual Memory (arXiv 2605.00814).
 
-Public API: ``FusedPVM``, ``PVMConfig``, ``VisualMemory``, ``available_backends`` and the
-functional ops ``pvm_retrieval`` / ``pvm_merge``.
+Public API: ``FusedPVM``, ``PVMConfig``, ``VisualMemory``, ``available_backends``, the
+functional ops ``pvm_retrieval`` / ``pvm_merge``, and the Qwen3-VL integration
+``apply_pvm_to_qwen3_vl`` / ``load_pvm_qwen3_vl`` (transformers imported only when called).
 """
 from .config import PVMConfig, PVMDims
 from .memory import VisualMemory
@@ -15,7 +16,14 @@ def apply_pvm_to_qwen3_vl(model, layers=None, pvm_hidden_size=None, backend=None
     return apply(model, layers=layers, pvm_hidden_size=pvm_hidden_size, backend=backend)
 
 
+def load_pvm_qwen3_vl(path, **from_pretrained_kwargs):
+    """Load a published PVM checkpoint into a stock Qwen3-VL (see integrations.training)."""
+    from .integrations.training import load_pvm_qwen3_vl as load
+    return load(path, **from_pretrained_kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = ["FusedPVM", "PVMConfig", "PVMDims", "VisualMemory", "available_backends",
-           "backend_status", "pvm_retrieval", "pvm_merge", "apply_pvm_to_qwen3_vl", "__version__"]
+           "backend_status", "pvm_retrieval", "pvm_merge", "apply_pvm_to_qwen3_vl", "load_pvm_qwen3_vl",
+           "__version__"]

@@ -226,3 +226,18 @@ def test_sft_steps_train_only_pvm_and_lower_the_loss(base):
     for n, p in model.named_parameters():
         changed = not torch.equal(p.detach(), before[n])
         assert changed == (".pvm_block." in n), n  # the gate leaves 0, so every PVM weight moves
+
+
+def test_text_only_generation_does_no_pvm_work(base):
+    """No image in the request: no visual encoding, no PVM call, the stock model's tokens."""
+    batch = tiny_batch([None, None])
+    model = pvm_model(base)
+    calls = []
+    for i in model.config.text_config.pvm_layers:
+        model.model.language_model.layers[i].pvm_block.register_forward_pre_hook(
+            lambda mod, args: calls.append(1))
+        model.model.language_model.layers[i].pvm_block.vision_reducer.register_forward_pre_hook(
+            lambda mod, args: calls.append(1))
+    got = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert calls == []
+    assert torch.equal(got, base.generate(**batch, max_new_tokens=5, do_sample=False))
