@@ -6,6 +6,7 @@ Run: ``pytest bench/ --benchmark-only`` (``--benchmark-json=FILE`` to keep raw t
 import pytest
 import torch
 
+from pvm_kernels.testing import saved_tensor_bytes
 from conftest import BACKENDS, BATCH, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, TOKENS, VISUAL, sync
 
 
@@ -14,19 +15,6 @@ def inputs(T, Nv, requires_grad=False, batch=BATCH):
     h = torch.randn(batch, T, D, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
     visual = torch.randn(batch, Nv, D, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
     return h, visual
-
-
-def saved_activation_bytes(fn):
-    """Bytes autograd keeps for backward (device-independent activation memory)."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def record(benchmark, backend, T, Nv, B=BATCH, **extra):
@@ -60,7 +48,7 @@ def test_forward_backward(benchmark, block, backend, T, Nv):
         block(h, visual, backend=backend).backward(grad)
         sync()
 
-    extra = dict(saved_activation_bytes=saved_activation_bytes(
+    extra = dict(saved_activation_bytes=saved_tensor_bytes(
         lambda: block(h, visual, backend=backend)))
     if DEVICE.type == "cuda":
         run()

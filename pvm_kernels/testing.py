@@ -5,13 +5,14 @@ tolerances are stated in) and builders of random PVM inputs.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
 from ._alloc import poisoned_outputs
 
-__all__ = ["poisoned_outputs", "max_rel_err", "TOLERANCE", "random_mask", "double_params"]
+__all__ = ["poisoned_outputs", "max_rel_err", "TOLERANCE", "random_mask", "double_params",
+           "saved_tensor_bytes"]
 
 #: max_rel_err allowed per compute dtype against a float64 reference.
 TOLERANCE: Dict[torch.dtype, float] = {
@@ -55,3 +56,17 @@ def double_params(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """The module's state as float64 leaf tensors requiring grad (for reference gradients)."""
     return {k: v.detach().double().clone().requires_grad_(v.is_floating_point())
             for k, v in module.state_dict().items()}
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while ``fn()`` runs: the
+    activation memory of a forward, measured the same way on any device."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

@@ -7,23 +7,16 @@ import torch
 
 from conftest import backend_device_params
 from pvm_kernels import FusedPVM, PVMConfig
+from pvm_kernels.testing import saved_tensor_bytes
 
 
 def saved_bytes(backend, device, T, Nv):
     cfg = PVMConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                     intermediate_size=128, pvm_hidden_size=64)
     block = FusedPVM(cfg).to(device)
-    seen = {}
-
-    def pack(t):
-        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
     h = torch.randn(1, T, 64, device=device, requires_grad=True)
     visual = torch.randn(1, Nv, 64, device=device, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(h, visual, backend=backend)
-    return sum(seen.values())
+    return saved_tensor_bytes(lambda: block(h, visual, backend=backend))
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

@@ -1,6 +1,7 @@
 """FusedPVM: the PVM block as an nn.Module with the published parameter names."""
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from ..config import PVMDims
 from ..memory import VisualMemory
-from ..ops import pvm_merge, pvm_retrieval, resolve_backend
+from ..ops import check_backend_dtype, resolve_backend
 from ..reference import rms_norm
 
 
@@ -168,7 +169,10 @@ class FusedPVM(nn.Module):
                              f"{ffn_output.dtype}")
         if visual is None or (isinstance(visual, torch.Tensor) and visual.shape[1] == 0):
             return torch.zeros_like(hidden_states) if ffn_output is None else ffn_output
+        # Resolved and dtype-checked once here; the ops below are then called directly,
+        # so a decode step does not re-resolve and re-validate per op.
         impl = resolve_backend(backend, hidden_states.device)
+        check_backend_dtype(impl, hidden_states.dtype)
 
         if isinstance(visual, VisualMemory):
             if visual_mask is not None:
@@ -182,6 +186,9 @@ class FusedPVM(nn.Module):
             memory = self.encode_visual(visual, visual_mask)
         if memory.batch_size != B:
             raise ValueError(f"visual has batch size {memory.batch_size}, hidden_states {B}")
+        if memory.key.dtype != hidden_states.dtype or memory.key.device != hidden_states.device:
+            raise TypeError(f"VisualMemory is {memory.key.dtype} on {memory.key.device}, "
+                            f"hidden_states {hidden_states.dtype} on {hidden_states.device}")
         if memory.key.shape[2:] != (d.num_kv_heads, d.head_dim):
             raise ValueError(f"VisualMemory heads {tuple(memory.key.shape[2:])} do not match "
                              f"this block's (Hkv, hd) = {(d.num_kv_heads, d.head_dim)}")
@@ -198,9 +205,9 @@ class FusedPVM(nn.Module):
         attn = self.cross_attn
         x = self.input_norm(self.text_reducer(hidden_states))
         q = attn.q_norm(attn.q_proj(x).view(B, T, d.num_heads, d.head_dim))
-        a = pvm_retrieval(q, memory.key, memory.value, memory.key_mask, memory.kv_len,
-                          backend=impl.name)
+        a = impl.retrieval(q, memory.key, memory.value, memory.key_mask, memory.kv_len,
+                           1.0 / math.sqrt(d.head_dim))
         m = attn.o_proj(a.reshape(B, T, d.num_heads * d.head_dim))
         m = m + self.mlp(self.post_attn_norm(m))
         expanded = self.output_expander(m)
-        return pvm_merge(expanded, self.gate_alpha, keep, ffn_output, d.eps, backend=impl.name)
+        return impl.merge(expanded, self.gate_alpha, keep, ffn_output, d.eps)

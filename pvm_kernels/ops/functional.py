@@ -31,7 +31,8 @@ def _check_like(name: str, t: Optional[torch.Tensor], shape, device, dtype=None)
         raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
-def _check_dtype(impl: Backend, dtype: torch.dtype) -> None:
+def check_backend_dtype(impl: Backend, dtype: torch.dtype) -> None:
+    """TypeError unless ``impl`` runs ``dtype``."""
     if dtype not in impl.dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
         raise TypeError(f"backend {impl.name!r} supports {names}; got {dtype} "
@@ -61,7 +62,7 @@ def pvm_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_like("kv_len", kv_len, (B,), q.device, torch.int32)
     scale = 1.0 / math.sqrt(hd) if scale is None else float(scale)
     impl = resolve_backend(backend, q.device)
-    _check_dtype(impl, q.dtype)
+    check_backend_dtype(impl, q.dtype)
     return impl.retrieval(q, k, v, key_mask, kv_len, scale)
 
 
@@ -81,5 +82,5 @@ def pvm_merge(expanded: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.T
     _check_like("keep", keep, expanded.shape[:-1], expanded.device, torch.bool)
     _check_like("ffn_output", ffn_output, expanded.shape, expanded.device, expanded.dtype)
     impl = resolve_backend(backend, expanded.device)
-    _check_dtype(impl, expanded.dtype)
+    check_backend_dtype(impl, expanded.dtype)
     return impl.merge(expanded, gate, keep, ffn_output, float(eps))
