@@ -12,18 +12,22 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export CUDA_HOME MAX_JOBS TORCH_CUDA_ARCH_LIST
 export PVM_STRICT_BUILD ?= 1
 
-.PHONY: install test demo bench cmake-build clean
+.PHONY: install test demo analyze bench cmake-build clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	@command -v ninja >/dev/null || $(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || true
-	$(PIP) install --no-build-isolation -e ".[test]"
+	$(PIP) install --no-build-isolation -e ".[test,cli]"
 
 test: install
 	$(PYTHON) -m pytest tests -q
 
 demo: install
-	$(PYTHON) -m pvm_kernels.demo
+	$(PYTHON) -m pvm_kernels demo
+
+# The dilution plot of the README: pvm-results/analyze.{json,png}.
+analyze: install
+	$(PYTHON) -m pvm_kernels analyze
 
 # Raw times land in bench/results/<device>.json (device name from torch).
 bench: install

@@ -81,7 +81,10 @@ setup(
         "numpy",
     ],
     extras_require={
+        # The CLI's model commands (demo, analyze) and its plots; bench and info need none.
+        "cli": ["transformers>=4.57,<6", "safetensors", "pillow>=10", "matplotlib>=3.7"],
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "safetensors",
-                 "transformers>=4.57,<6"],
+                 "transformers>=4.57,<6", "pillow>=10", "matplotlib>=3.7"],
     },
+    entry_points={"console_scripts": ["pvm-kernels = pvm_kernels.cli:main_exit"]},
 )

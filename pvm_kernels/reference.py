@@ -36,6 +36,29 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tor
     return y if weight is None else weight * y
 
 
+def retrieval_probabilities(q: torch.Tensor, k: torch.Tensor,
+                            key_mask: Optional[torch.Tensor] = None,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    """Attention weights of the retrieval: softmax(q k^T * scale) over valid keys, with GQA.
+
+    q [B, T, H, hd], k [B, Nv, Hkv, hd], key_mask [B, Nv] bool or None. Returns
+    [B, H, T, Nv] in float32 (or float64 for a float64 q); masked keys get weight 0 and a
+    sample with no valid key gets an all-zero row. Query head i reads KV head i // (H // Hkv).
+    """
+    H, hd = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    acc = stat_dtype(q.dtype)
+    kx = k.to(acc).repeat_interleave(H // k.shape[2], dim=2)
+    s = torch.einsum("bthd,bnhd->bhtn", q.to(acc), kx) * scale
+    if key_mask is None:
+        return torch.softmax(s, dim=-1)
+    valid = key_mask[:, None, None, :]
+    # A finite fill keeps the softmax of an all-masked row finite (uniform), and its
+    # backward NaN-free; multiplying by the mask afterwards makes that row exactly 0.
+    s = s.masked_fill(~valid, torch.finfo(acc).min)
+    return torch.softmax(s, dim=-1) * valid
+
+
 def retrieval_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         key_mask: Optional[torch.Tensor] = None,
                         scale: Optional[float] = None) -> torch.Tensor:
@@ -44,23 +67,10 @@ def retrieval_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q [B, T, H, hd], k/v [B, Nv, Hkv, hd], key_mask [B, Nv] bool or None.
     Returns [B, T, H, hd] in q.dtype. Query head i reads KV head i // (H // Hkv).
     """
-    B, T, H, hd = q.shape
-    Hkv = k.shape[2]
-    scale = 1.0 / math.sqrt(hd) if scale is None else scale
-    acc = stat_dtype(q.dtype)
-    group = H // Hkv
-    kx = k.to(acc).repeat_interleave(group, dim=2)
-    vx = v.to(acc).repeat_interleave(group, dim=2)
-    s = torch.einsum("bthd,bnhd->bhtn", q.to(acc), kx) * scale
+    p = retrieval_probabilities(q, k, key_mask, scale)
+    vx = v.to(p.dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     if key_mask is not None:
-        valid = key_mask[:, None, None, :]
-        # A finite fill keeps the softmax of an all-masked row finite (uniform), and its
-        # backward NaN-free; multiplying by the mask afterwards makes that row exactly 0.
-        s = s.masked_fill(~valid, torch.finfo(acc).min)
-        p = torch.softmax(s, dim=-1) * valid
         vx = vx.masked_fill(~key_mask[:, :, None, None], 0.0)
-    else:
-        p = torch.softmax(s, dim=-1)
     return torch.einsum("bhtn,bnhd->bthd", p, vx).to(q.dtype)
 
 

@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from pvm_kernels.integrations import apply_pvm_to_qwen3_vl, default_pvm_layers  # noqa: E402
+from pvm_kernels.integrations import (apply_pvm_to_qwen3_vl, default_pvm_layers,  # noqa: E402
+                                      set_pvm_backend, set_pvm_gate)
 from pvm_kernels.integrations.tiny_qwen3_vl import tiny_batch, tiny_qwen3_vl  # noqa: E402
 
 GRIDS = [(4, 4), None, (8, 4)]  # 4 visual tokens, a text-only row, 8 visual tokens
@@ -21,15 +22,8 @@ def base():
 def pvm_model(base, backend="reference", gate=1.0, seed=0):
     torch.manual_seed(seed)  # the same PVM weights every call, so models can be compared
     model = apply_pvm_to_qwen3_vl(copy.deepcopy(base), pvm_hidden_size=32, backend=backend)
-    with torch.no_grad():
-        for i in model.config.text_config.pvm_layers:
-            model.model.language_model.layers[i].pvm_block.gate_alpha.fill_(gate)
+    set_pvm_gate(model, gate)
     return model
-
-
-def set_backend(model, backend):
-    for i in model.config.text_config.pvm_layers:
-        model.model.language_model.layers[i]._pvm_backend = backend
 
 
 def logits(model, batch):
@@ -71,7 +65,7 @@ def test_backends_agree_with_the_reference(base, backend):
     model = pvm_model(base)
     ref_logits = logits(model, batch)
     ref_tokens = model.generate(**batch, max_new_tokens=6, do_sample=False)
-    set_backend(model, backend)
+    set_pvm_backend(model, backend)
     got = logits(model, batch)
     assert ((got - ref_logits).abs().max() / ref_logits.abs().max()) < 1e-4
     assert torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=False), ref_tokens)
@@ -116,7 +110,7 @@ def test_beam_search_agrees_across_backends(base):
     batch = tiny_batch(GRIDS)
     model = pvm_model(base)
     ref = model.generate(**batch, max_new_tokens=5, num_beams=3, do_sample=False)
-    set_backend(model, "cpu")
+    set_pvm_backend(model, "cpu")
     assert torch.equal(model.generate(**batch, max_new_tokens=5, num_beams=3, do_sample=False), ref)
 
 
@@ -188,7 +182,7 @@ def test_load_published_checkpoint_and_key_errors(base, tmp_path):
     model = pvm_model(base, gate=0.7)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = load_pvm_qwen3_vl(str(tmp_path / "ckpt")).eval()
-    set_backend(loaded, "reference")
+    set_pvm_backend(loaded, "reference")
     assert torch.equal(logits(loaded, batch), logits(model, batch))
 
     save_pvm_weights(model, str(tmp_path / "pvm.safetensors"))

@@ -228,3 +228,29 @@ def apply_pvm_to_qwen3_vl(model, layers: Optional[Sequence[int]] = None,
     text_model._pvm_cache_key = "cache" if "cache" in names else "past_key_values"
     text_model.forward = types.MethodType(_text_forward, text_model)
     return model
+
+
+def pvm_blocks(model) -> Dict[int, FusedPVM]:
+    """{decoder layer index: FusedPVM} of a model that apply_pvm_to_qwen3_vl patched."""
+    layers = getattr(language_model_of(model), "_pvm_layers", None)
+    if not layers:
+        raise ValueError("the model has no PVM block; call apply_pvm_to_qwen3_vl first")
+    return {i: layer.pvm_block for i, layer in layers.items()}
+
+
+def set_pvm_backend(model, backend: Optional[str]) -> None:
+    """Run every PVM block of the model on ``backend`` from the next call on (None: the
+    fastest for the device). The name is checked now, against the model's device."""
+    from ..ops import resolve_backend
+
+    blocks = pvm_blocks(model)
+    resolve_backend(backend, next(iter(blocks.values())).gate_alpha.device)
+    for layer in language_model_of(model)._pvm_layers.values():
+        layer._pvm_backend = backend
+
+
+def set_pvm_gate(model, value: float) -> None:
+    """Set gate_alpha of every PVM block (0: the block is exactly inert)."""
+    with torch.no_grad():
+        for block in pvm_blocks(model).values():
+            block.gate_alpha.fill_(value)

@@ -11,7 +11,7 @@ from torch import nn
 from ..config import PVMDims
 from ..memory import VisualMemory
 from ..ops import check_backend_dtype, resolve_backend
-from ..reference import rms_norm
+from ..reference import retrieval_probabilities, rms_norm
 
 
 class PVMRMSNorm(nn.Module):
@@ -136,6 +136,24 @@ class FusedPVM(nn.Module):
         value = attn.v_proj(y).view(B, Nv, d.num_kv_heads, d.head_dim)
         return VisualMemory.from_kv(key, value, visual_mask)
 
+    def _queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, hd]: text_reducer, input_norm, q_proj and the per-head q-norm."""
+        d, attn = self.dims, self.cross_attn
+        B, T, _ = hidden_states.shape
+        x = self.input_norm(self.text_reducer(hidden_states))
+        return attn.q_norm(attn.q_proj(x).view(B, T, d.num_heads, d.head_dim))
+
+    @torch.no_grad()
+    def visual_attention(self, hidden_states: torch.Tensor, memory: VisualMemory) -> torch.Tensor:
+        """The retrieval's attention weights, for analysis: [B, H, T, Nv] float32.
+
+        hidden_states [B, T, D]; memory from ``encode_visual``. Each row sums to 1 over the
+        sample's valid visual tokens (0 for a sample without any): PVM's softmax is normalised
+        over the image alone, whatever the text length. Plain PyTorch, not a kernel.
+        """
+        return retrieval_probabilities(self._queries(hidden_states), memory.key, memory.key_mask,
+                                       1.0 / math.sqrt(self.dims.head_dim))
+
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor,
@@ -203,8 +221,7 @@ class FusedPVM(nn.Module):
             keep = ~query_is_visual if keep is None else keep & ~query_is_visual
 
         attn = self.cross_attn
-        x = self.input_norm(self.text_reducer(hidden_states))
-        q = attn.q_norm(attn.q_proj(x).view(B, T, d.num_heads, d.head_dim))
+        q = self._queries(hidden_states)
         a = impl.retrieval(q, memory.key, memory.value, memory.key_mask, memory.kv_len,
                            1.0 / math.sqrt(d.head_dim))
         m = attn.o_proj(a.reshape(B, T, d.num_heads * d.head_dim))

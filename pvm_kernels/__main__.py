@@ -1,0 +1,6 @@
+"""``python -m pvm_kernels``: the pvm-kernels command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
