@@ -6,9 +6,10 @@
   than an instance ``forward`` so transformers' gradient checkpointing (which wraps the
   class's forward) still applies. Other instances and module globals are untouched.
 - The text model's forward is wrapped on the instance: at prefill it gathers the visual
-  embeddings scattered into ``inputs_embeds`` (``visual_pos_masks``), encodes one
-  VisualMemory per PVM layer, attaches that state to the call's cache object and passes it
-  down as the ``pvm_state`` keyword, which the text model forwards to its layers. Decode
+  embeddings scattered into ``inputs_embeds`` (``visual_pos_masks``), attaches a PVMState
+  to the call's cache object and passes it down as the ``pvm_state`` keyword, which the
+  text model forwards to its layers. Each PVM layer encodes its VisualMemory inside its
+  own forward (so sharded parameters are gathered there) and keeps it in the state. Decode
   steps read the state back from the cache: nothing visual is projected again, and two
   generate() calls never share state because they never share a cache.
 """
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import inspect
 import types
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,12 +33,42 @@ _STATE_ATTR = "_pvm_state"
 
 @dataclass
 class PVMState:
-    """The per-request visual memories of every PVM layer (one VisualMemory each)."""
+    """The visual side of one request for every PVM layer.
 
-    memories: Dict[int, VisualMemory]
+    At prefill it holds the gathered visual embeddings; each PVM layer encodes its own
+    VisualMemory inside its own forward (where FSDP2 / ZeRO-3 have gathered the layer's
+    parameters) and, when the state lives on a generation cache (``keep_memories``),
+    stores it for the decode steps; the embeddings are dropped once every layer has its
+    memory. Training calls (no cache) re-encode in each forward, which keeps activation
+    checkpointing's recomputation exact.
+    """
+
+    layers: Tuple[int, ...]
+    visual: Optional[torch.Tensor]
+    visual_mask: Optional[torch.Tensor]
+    keep_memories: bool
+    memories: Dict[int, VisualMemory] = field(default_factory=dict)
+
+    def memory_for(self, index: int, block: FusedPVM) -> VisualMemory:
+        memory = self.memories.get(index)
+        if memory is None:
+            memory = block.encode_visual(self.visual, self.visual_mask)
+            if self.keep_memories:
+                self.memories[index] = memory
+                if len(self.memories) == len(self.layers):
+                    self.visual = self.visual_mask = None
+        return memory
+
+    @property
+    def batch_size(self) -> int:
+        if self.visual is not None:
+            return self.visual.shape[0]
+        return next(iter(self.memories.values())).batch_size
 
     def index_select(self, rows: torch.Tensor) -> "PVMState":
-        return PVMState({i: m.index_select(rows.to(m.key.device)) for i, m in self.memories.items()})
+        pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
+        return PVMState(self.layers, pick(self.visual), pick(self.visual_mask), self.keep_memories,
+                        {i: m.index_select(rows.to(m.key.device)) for i, m in self.memories.items()})
 
 
 @dataclass
@@ -106,13 +137,10 @@ def _attach_state(cache, state: PVMState) -> None:
             return result
         setattr(cache, name, wrapped)
 
-    def batch_of(state):
-        return next(iter(state.memories.values())).batch_size
-
     follow("reorder_cache", lambda s, beam_idx, *a, **k: beam_idx)
     follow("batch_select_indices", lambda s, indices, *a, **k: indices)
     follow("batch_repeat_interleave",
-           lambda s, repeats, *a, **k: torch.arange(batch_of(s)).repeat_interleave(repeats))
+           lambda s, repeats, *a, **k: torch.arange(s.batch_size).repeat_interleave(repeats))
 
 
 def _text_forward(self, *args, **kwargs):
@@ -132,8 +160,7 @@ def _text_forward(self, *args, **kwargs):
             from transformers import DynamicCache
             cache = kwargs[cache_key] = DynamicCache(config=self.config)
         visual, mask = gather_visual(inputs_embeds, visual_pos_masks)
-        state = PVMState({i: layer.pvm_block.encode_visual(visual, mask)
-                          for i, layer in self._pvm_layers.items()})
+        state = PVMState(tuple(self._pvm_layers), visual, mask, keep_memories=cache is not None)
         if cache is not None:
             _attach_state(cache, state)
         call = PVMCall(state, visual_pos_masks)
@@ -161,7 +188,7 @@ def _pvm_layer_forward(self, hidden_states, *args, pvm_state: Optional[PVMCall] 
     ffn = self.mlp(self.post_attention_layernorm(hidden_states))
     if pvm_state is None:  # text only: exactly the stock layer, no PVM work at all
         return residual + ffn
-    memory = pvm_state.state.memories[self._pvm_index]
+    memory = pvm_state.state.memory_for(self._pvm_index, self.pvm_block)
     merged = self.pvm_block(residual, memory, query_is_visual=pvm_state.query_is_visual,
                             ffn_output=ffn, backend=self._pvm_backend)
     return residual + merged
