@@ -218,29 +218,6 @@ def test_config_from_any_object_and_derived_dims():
         FusedPVM(NoPVM())
 
 
-def test_forward_rejects_bad_arguments():
-    block = FusedPVM(tiny_config())
-    h, visual = torch.randn(2, 3, 64), torch.randn(2, 5, 64)
-    with pytest.raises(ValueError, match=r"hidden_states must be \[B, T, 64\]"):
-        block(torch.randn(2, 3, 32), visual)
-    with pytest.raises(ValueError, match=r"visual must be \[B, Nv, 64\]"):
-        block(h, torch.randn(2, 5, 32))
-    with pytest.raises(ValueError, match="visual has batch size 1"):
-        block(h, visual[:1])
-    with pytest.raises(TypeError, match="visual_mask must be torch.bool"):
-        block(h, visual, torch.ones(2, 5))
-    with pytest.raises(ValueError, match=r"visual_mask must have shape \(2, 5\)"):
-        block(h, visual, torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="query_is_visual must be a bool tensor"):
-        block(h, visual, query_is_visual=torch.zeros(2, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="visual dtype"):
-        block(h, visual.double())
-    with pytest.raises(ValueError, match="backend='nope' is unknown"):
-        block(h, visual, backend="nope")
-    with pytest.raises(ValueError, match="visual_mask must be None"):
-        block(h, block.encode_visual(visual), torch.ones(2, 5, dtype=torch.bool))
-
-
 def test_unusable_backend_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     backends._CHECKS.clear()

@@ -11,6 +11,7 @@ from torch import nn
 from ..config import PVMDims
 from ..memory import VisualMemory
 from ..ops import check_backend_dtype, resolve_backend
+from ..ops.checks import check_device, check_float, check_like
 from ..reference import retrieval_probabilities, rms_norm
 
 
@@ -115,20 +116,13 @@ class FusedPVM(nn.Module):
         ``visual`` to later calls (every decode step), which then only do the query side.
         """
         d = self.dims
-        if not isinstance(visual, torch.Tensor) or visual.dim() != 3 \
-                or visual.shape[-1] != d.hidden_size:
-            shape = tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual)
-            raise ValueError(f"visual must be [B, Nv, {d.hidden_size}], got {shape}")
+        check_float("visual", visual, 3, f"[B, Nv, {d.hidden_size}]")
+        if visual.shape[-1] != d.hidden_size:
+            raise ValueError(f"visual must be [B, Nv, {d.hidden_size}], got shape "
+                             f"{tuple(visual.shape)}")
         B, Nv, _ = visual.shape
         if visual_mask is not None:
-            if visual_mask.dtype != torch.bool:
-                raise TypeError(f"visual_mask must be torch.bool, got {visual_mask.dtype}")
-            if tuple(visual_mask.shape) != (B, Nv):
-                raise ValueError(f"visual_mask must have shape {(B, Nv)}, got "
-                                 f"{tuple(visual_mask.shape)}")
-            if visual_mask.device != visual.device:
-                raise ValueError(f"visual_mask is on {visual_mask.device}, visual on "
-                                 f"{visual.device}")
+            check_like("visual_mask", visual_mask, (B, Nv), visual.device, torch.bool, "visual")
             visual = visual.masked_fill(~visual_mask[..., None], 0.0)
         attn = self.cross_attn
         y = self.vision_reducer(visual)
@@ -174,22 +168,22 @@ class FusedPVM(nn.Module):
         Samples with no valid visual token get an update of exactly 0.
         """
         d = self.dims
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 \
-                or hidden_states.shape[-1] != d.hidden_size:
-            shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) \
-                else type(hidden_states)
-            raise ValueError(f"hidden_states must be [B, T, {d.hidden_size}], got {shape}")
+        check_float("hidden_states", hidden_states, 3, f"[B, T, {d.hidden_size}]")
+        if hidden_states.shape[-1] != d.hidden_size:
+            raise ValueError(f"hidden_states must be [B, T, {d.hidden_size}], got shape "
+                             f"{tuple(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
-        if ffn_output is not None and (ffn_output.shape != hidden_states.shape
-                                       or ffn_output.dtype != hidden_states.dtype):
-            raise ValueError(f"ffn_output must match hidden_states {tuple(hidden_states.shape)}"
-                             f" {hidden_states.dtype}, got {tuple(ffn_output.shape)} "
-                             f"{ffn_output.dtype}")
-        if visual is None or (isinstance(visual, torch.Tensor) and visual.shape[1] == 0):
+        device = hidden_states.device
+        check_like("ffn_output", ffn_output, hidden_states.shape, device, hidden_states.dtype,
+                   "hidden_states")
+        check_like("query_is_visual", query_is_visual, (B, T), device, torch.bool,
+                   "hidden_states")
+        if visual is None or (isinstance(visual, torch.Tensor) and visual.dim() == 3
+                              and visual.shape[1] == 0):
             return torch.zeros_like(hidden_states) if ffn_output is None else ffn_output
         # Resolved and dtype-checked once here; the ops below are then called directly,
         # so a decode step does not re-resolve and re-validate per op.
-        impl = resolve_backend(backend, hidden_states.device)
+        impl = resolve_backend(backend, device)
         check_backend_dtype(impl, hidden_states.dtype)
 
         if isinstance(visual, VisualMemory):
@@ -197,16 +191,19 @@ class FusedPVM(nn.Module):
                 raise ValueError("visual_mask must be None when visual is a VisualMemory "
                                  "(the memory carries its own mask)")
             memory = visual
+            check_device("visual", memory.key, device, "hidden_states")
+            if memory.key.dtype != hidden_states.dtype:
+                raise TypeError(f"visual (a VisualMemory) is {memory.key.dtype}, hidden_states "
+                                f"{hidden_states.dtype}: encode the memory in the same dtype")
         else:
-            if isinstance(visual, torch.Tensor) and visual.dtype != hidden_states.dtype:
+            check_float("visual", visual, 3, f"[B, Nv, {d.hidden_size}]")
+            check_device("visual", visual, device, "hidden_states")
+            if visual.dtype != hidden_states.dtype:
                 raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "
                                 f"dtype {hidden_states.dtype}")
             memory = self.encode_visual(visual, visual_mask)
         if memory.batch_size != B:
             raise ValueError(f"visual has batch size {memory.batch_size}, hidden_states {B}")
-        if memory.key.dtype != hidden_states.dtype or memory.key.device != hidden_states.device:
-            raise TypeError(f"VisualMemory is {memory.key.dtype} on {memory.key.device}, "
-                            f"hidden_states {hidden_states.dtype} on {hidden_states.device}")
         if memory.key.shape[2:] != (d.num_kv_heads, d.head_dim):
             raise ValueError(f"VisualMemory heads {tuple(memory.key.shape[2:])} do not match "
                              f"this block's (Hkv, hd) = {(d.num_kv_heads, d.head_dim)}")
@@ -215,9 +212,6 @@ class FusedPVM(nn.Module):
         if memory.key_mask is not None:
             keep = memory.has_visual[:, None].expand(B, T)
         if query_is_visual is not None:
-            if query_is_visual.dtype != torch.bool or tuple(query_is_visual.shape) != (B, T):
-                raise ValueError(f"query_is_visual must be a bool tensor of shape {(B, T)}, "
-                                 f"got {query_is_visual.dtype} {tuple(query_is_visual.shape)}")
             keep = ~query_is_visual if keep is None else keep & ~query_is_visual
 
         attn = self.cross_attn

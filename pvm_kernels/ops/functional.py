@@ -6,30 +6,8 @@ from typing import Optional
 
 import torch
 
+from .checks import check_float, check_like, check_tensor
 from .registry import Backend, resolve_backend
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_float(name: str, t: torch.Tensor, dims: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-
-
-def _check_like(name: str, t: Optional[torch.Tensor], shape, device, dtype=None) -> None:
-    if t is None:
-        return
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-
 
 def check_backend_dtype(impl: Backend, dtype: torch.dtype) -> None:
     """TypeError unless ``impl`` runs ``dtype``."""
@@ -50,16 +28,16 @@ def pvm_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     are invalid) or None; scale defaults to 1/sqrt(hd). Returns [B, T, H, hd] in q.dtype.
     Differentiable in q, k, v.
     """
-    _check_float("q", q, 4)
-    _check_float("k", k, 4)
+    check_float("q", q, 4, "[B, T, H, hd]")
+    check_float("k", k, 4, "[B, Nv, Hkv, hd]")
     B, T, H, hd = q.shape
     Nv, Hkv = k.shape[1], k.shape[2]
-    _check_like("k", k, (B, Nv, Hkv, hd), q.device, q.dtype)
-    _check_like("v", v, (B, Nv, Hkv, hd), q.device, q.dtype)
+    check_like("k", k, (B, Nv, Hkv, hd), q.device, q.dtype, "q")
+    check_like("v", v, (B, Nv, Hkv, hd), q.device, q.dtype, "q")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"q heads H={H} must be a multiple of k heads Hkv={Hkv}")
-    _check_like("key_mask", key_mask, (B, Nv), q.device, torch.bool)
-    _check_like("kv_len", kv_len, (B,), q.device, torch.int32)
+    check_like("key_mask", key_mask, (B, Nv), q.device, torch.bool, "q")
+    check_like("kv_len", kv_len, (B,), q.device, torch.int32, "q")
     scale = 1.0 / math.sqrt(hd) if scale is None else float(scale)
     impl = resolve_backend(backend, q.device)
     check_backend_dtype(impl, q.dtype)
@@ -75,12 +53,15 @@ def pvm_merge(expanded: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.T
     give exactly 0); ffn_output like expanded or None. rms is affine-free with float32
     statistics. Returns expanded's shape and dtype. Differentiable in expanded, gate, ffn.
     """
-    if not isinstance(expanded, torch.Tensor) or expanded.dim() < 1:
-        raise ValueError("expanded must be a tensor of shape [..., D]")
-    _check_float("expanded", expanded, expanded.dim())
-    _check_like("gate", gate, (1,), expanded.device)
-    _check_like("keep", keep, expanded.shape[:-1], expanded.device, torch.bool)
-    _check_like("ffn_output", ffn_output, expanded.shape, expanded.device, expanded.dtype)
+    check_tensor("expanded", expanded)
+    if expanded.dim() < 1:
+        raise ValueError("expanded must be [..., D], got a 0-dim tensor")
+    check_float("expanded", expanded, expanded.dim())
+    check_tensor("gate", gate)
+    check_like("gate", gate, (1,), expanded.device, other="expanded")
+    check_like("keep", keep, expanded.shape[:-1], expanded.device, torch.bool, "expanded")
+    check_like("ffn_output", ffn_output, expanded.shape, expanded.device, expanded.dtype,
+               "expanded")
     impl = resolve_backend(backend, expanded.device)
     check_backend_dtype(impl, expanded.dtype)
     return impl.merge(expanded, gate, keep, ffn_output, float(eps))

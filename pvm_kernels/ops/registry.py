@@ -38,6 +38,14 @@ def register_backend(backend: Backend) -> None:
     _CHECKS.clear()
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with register_backend (KeyError naming it if unknown)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"no backend named {name!r}")
+    del _REGISTRY[name]
+    _CHECKS.clear()
+
+
 # A plain dict, not functools.lru_cache: torch.compile reads it as a constant instead of
 # tracing through the cache wrapper.
 _CHECKS: Dict[tuple, Optional[str]] = {}
