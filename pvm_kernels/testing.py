@@ -12,7 +12,7 @@ import torch
 from ._alloc import poisoned_outputs
 
 __all__ = ["poisoned_outputs", "max_rel_err", "TOLERANCE", "random_mask", "double_params",
-           "saved_tensor_bytes"]
+           "saved_tensor_bytes", "live_block"]
 
 #: max_rel_err allowed per compute dtype against a float64 reference.
 TOLERANCE: Dict[torch.dtype, float] = {
@@ -70,3 +70,19 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
+
+
+def live_block(config, dtype: torch.dtype = torch.float32, device="cpu", gate: float = 0.8,
+               weight_std: float = 0.2):
+    """A FusedPVM with a non-zero gate, norm gains in [0.5, 1.5] and weights ~ N(0,
+    weight_std) (default larger than init so activations are O(1)): every path matters."""
+    from .modules import FusedPVM
+    block = FusedPVM(config)
+    with torch.no_grad():
+        block.gate_alpha.fill_(gate)
+        for name, p in block.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif p.dim() == 2:
+                p.normal_(0, weight_std)
+    return block.to(device=device, dtype=dtype)

@@ -8,7 +8,8 @@ from conftest import backend_device_params
 from pvm_kernels import FusedPVM, PVMConfig, VisualMemory
 from pvm_kernels.ops import backends
 from pvm_kernels.reference import pvm_block_reference
-from pvm_kernels.testing import TOLERANCE, double_params, max_rel_err, poisoned_outputs, random_mask
+from pvm_kernels.testing import (TOLERANCE, double_params, live_block, max_rel_err, poisoned_outputs,
+                                 random_mask)
 
 SPEC_SHAPES_8B = {
     "text_reducer.weight": (512, 4096), "vision_reducer.weight": (512, 4096),
@@ -27,19 +28,6 @@ def tiny_config(**kw):
                 intermediate_size=192, pvm_hidden_size=64, rms_norm_eps=1e-6)
     base.update(kw)
     return PVMConfig(**base)
-
-
-def live_block(config, dtype=torch.float32, device="cpu"):
-    """A block with a non-zero gate and non-trivial norm gains, so every path matters."""
-    block = FusedPVM(config)
-    with torch.no_grad():
-        block.gate_alpha.fill_(0.8)
-        for name, p in block.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif p.dim() == 2:
-                p.normal_(0, 0.2)  # larger than init so activations are O(1)
-    return block.to(device=device, dtype=dtype)
 
 
 def check_block(backend, device, dtype, config, B, T, Nv, mask, query_is_visual=None,

@@ -60,7 +60,6 @@ def test_merge_gate_zero_is_exactly_inert(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_merge_non_contiguous(backend, device):
-    e = torch.randn(6, 4, 40, device=device, dtype=torch.float64).transpose(0, 1).float()
     e = torch.randn(4, 6, 40, device=device).transpose(0, 1)
     ffn = torch.randn(40, 6, 4, device=device).permute(1, 2, 0)
     assert not e.is_contiguous() and not ffn.is_contiguous()
@@ -69,11 +68,19 @@ def test_merge_non_contiguous(backend, device):
     assert max_rel_err(got, merge_reference(e.double(), gate.double(), None, ffn.double())) < 1e-5
 
 
-def test_merge_rejects_bad_arguments():
-    e = torch.randn(2, 3, 8)
-    with pytest.raises(ValueError, match="gate must have shape"):
-        pvm_merge(e, torch.ones(2))
-    with pytest.raises(ValueError, match=r"keep must have shape \(2, 3\)"):
-        pvm_merge(e, torch.ones(1), torch.ones(3, 2, dtype=torch.bool))
-    with pytest.raises(TypeError, match="ffn_output must have dtype"):
-        pvm_merge(e, torch.ones(1), None, e.double())
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_merge_keep_broadcast_from_one_flag_per_sample(backend, device):
+    """FusedPVM passes keep = has_visual[:, None].expand(B, T): at B 1 that flattens to a
+    stride-0 view, which a kernel must not read at unit stride."""
+    for keep_one in (True, False):
+        e = torch.randn(1, 9, 40, device=device, requires_grad=True)
+        keep = torch.tensor([[keep_one]], device=device).expand(1, 9)
+        gate = torch.tensor([0.7], device=device, requires_grad=True)
+        got = pvm_merge(e, gate, keep, backend=backend)
+        e64, g64 = e.detach().double().requires_grad_(), gate.detach().double().requires_grad_()
+        want = merge_reference(e64, g64, keep.contiguous())
+        assert max_rel_err(got, want) < 1e-5
+        grad = torch.randn_like(want)
+        got.backward(grad.float())
+        want.backward(grad)
+        assert max_rel_err(e.grad, e64.grad) < 1e-5 and max_rel_err(gate.grad, g64.grad) < 1e-5

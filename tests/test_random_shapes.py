@@ -78,3 +78,67 @@ def test_merge_random(backend, device, rows, D, seed, dtype, gate, with_ffn):
     out = pvm_merge(e.to(device), gate_t.to(device), keep.to(device),
                     None if ffn is None else ffn.to(device), backend=backend)
     assert max_rel_err(out, expected) < TOLERANCE[dtype]
+
+
+@st.composite
+def block_problem(draw):
+    hd = draw(st.sampled_from([8, 16]))
+    n_kv = draw(st.sampled_from([1, 2, 4]))
+    n_heads = n_kv * draw(st.sampled_from([1, 2, 4]))
+    H = draw(st.integers(1, 4))
+    B, T, Nv = draw(st.integers(1, 3)), draw(st.integers(1, 20)), draw(st.integers(1, 40))
+    D = draw(st.sampled_from([24, 40, 64]))
+    empty = draw(st.lists(st.integers(0, B - 1), max_size=B, unique=True))
+    return dict(hd=hd, n_kv=n_kv, n_heads=n_heads, P=H * hd, B=B, T=T, Nv=Nv, D=D,
+                empty=empty, holes=draw(st.sampled_from([0.0, 0.3])),
+                silence=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+                seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+# The whole block is ~5x the work of an op (and the Triton interpreter is slow): a fifth
+# of the budget.
+BLOCK_SETTINGS = settings(SETTINGS, max_examples=max(5, EXAMPLES // 5))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@BLOCK_SETTINGS
+@given(problem=block_problem())
+def test_block_random(backend, device, problem):
+    """The whole FusedPVM: random head layouts, widths, masks (empty samples, holes),
+    silenced visual queries, dtypes; output and input gradients vs float64.
+
+    In bf16 the block's torch linears round as often as the kernels do, so a backend may
+    err up to twice the plain PyTorch path in the same dtype, or the dtype's tolerance."""
+    from pvm_kernels import PVMConfig
+    from pvm_kernels.reference import pvm_block_reference
+    from pvm_kernels.testing import double_params, live_block, random_mask
+    p = problem
+    cfg = PVMConfig(hidden_size=p["D"], num_attention_heads=p["n_heads"],
+                    num_key_value_heads=p["n_kv"], head_dim=p["hd"], intermediate_size=2 * p["D"],
+                    pvm_hidden_size=p["P"])
+    g = torch.Generator().manual_seed(p["seed"])
+    torch.manual_seed(p["seed"])
+    block = live_block(cfg, p["dtype"], device)
+    B, T, Nv, D = p["B"], p["T"], p["Nv"], p["D"]
+    h = torch.randn(B, T, D, generator=g, dtype=torch.float64).to(p["dtype"])
+    visual = torch.randn(B, Nv, D, generator=g, dtype=torch.float64).to(p["dtype"])
+    mask = random_mask(B, Nv, empty_rows=p["empty"], holes=p["holes"], generator=g)
+    qiv = (torch.rand(B, T, generator=g) < 0.3) if p["silence"] else None
+    h64, v64 = h.double().requires_grad_(), visual.double().requires_grad_()
+    expected = pvm_block_reference(double_params(block), block.dims, h64, v64, mask, qiv)
+    grad = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    expected.backward(grad)
+    def run(name):
+        hh, vv = h.to(device).requires_grad_(), visual.to(device).requires_grad_()
+        out = block(hh, vv, mask.to(device), None if qiv is None else qiv.to(device), backend=name)
+        out.backward(grad.to(p["dtype"]).to(device))
+        return out, [max_rel_err(out, expected), max_rel_err(hh.grad, h64.grad),
+                     max_rel_err(vv.grad, v64.grad)]
+
+    out, errs = run(backend)
+    _, plain = run("reference")
+    for err, base in zip(errs, plain):
+        assert err < max(TOLERANCE[p["dtype"]], 2 * base), (errs, plain)
+    for b in p["empty"]:
+        assert torch.equal(out[b], torch.zeros_like(out[b]))

@@ -129,7 +129,9 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
         for (int64_t i = 0; i < nr; ++i) {
           float* s = &sc[i * kKeys];
           float bmax = kNegInf;
-          for (int64_t j = 0; j < nk; ++j) bmax = valid[j] ? std::max(bmax, s[j]) : bmax;
+          // std::max drops NaN; keep it, so a NaN score poisons its row as in the reference.
+          for (int64_t j = 0; j < nk; ++j)
+            if (valid[j]) bmax = (std::isnan(s[j]) || std::isnan(bmax)) ? s[j] + bmax : std::max(bmax, s[j]);
           if (bmax == kNegInf) {  // no valid key in this block: nothing to add
             std::fill(s, s + nk, 0.f);
             continue;
@@ -147,7 +149,7 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
         block_gemm(Form::NN, sc.data(), kKeys, vb.data(), hd, acc.data(), hd, nr, nk, hd);
       }
       for (int64_t i = 0; i < nr; ++i) {
-        const bool has = l[i] > 0.f;
+        const bool has = l[i] != 0.f;  // NaN (bad inputs) propagates like the reference
         const float inv = has ? 1.f / l[i] : 0.f;
         scalar_t* o = out + L.row(p.o_stride, b, kvh, r0 + i);
         for (int64_t d = 0; d < hd; ++d) o[d * p.o_stride[3]] = static_cast<scalar_t>(acc[i * hd + d] * inv);

@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const Retrieval
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = row0 + warp * kRowsPerWarp + rr;
     if (r >= rows) continue;
-    const bool has = l[rr] > 0.f;
+    const bool has = l[rr] != 0.f;  // NaN (bad inputs) propagates like the reference
     const float inv = has ? 1.f / l[rr] : 0.f;
     const int64_t off = row_offset(p.o_stride, b, G, kvh, r);
 #pragma unroll

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 import triton
@@ -34,10 +35,18 @@ def dot_flags(dtype: torch.dtype) -> dict:
     return dict(UPCAST=INTERPRET and dtype != torch.float32, IEEE=dtype == torch.float32)
 
 
-def device_guard(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
+# Triton's CPU interpreter keeps the launch grid in process-global state, so two threads
+# launching at once corrupt each other's grids; compiled GPU launches are thread-safe.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch_guard(t: torch.Tensor):
+    """Context for one kernel launch: the tensor's GPU as current device (Triton launches
+    on the current device), or, in the CPU interpreter, one launch at a time."""
     if t.is_cuda:
         return torch.cuda.device(t.device)
+    if INTERPRET:
+        return _INTERPRETER_LOCK
     return contextlib.nullcontext()
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .common import device_guard, pow2_at_least
+from .common import launch_guard, pow2_at_least
 
 
 @triton.jit
@@ -77,14 +77,16 @@ def merge_fwd(expanded: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.T
     e2 = _rows(expanded)
     N = e2.shape[0]
     f2 = _rows(ffn_output) if ffn_output is not None else e2
-    k1 = keep.reshape(-1) if keep is not None else e2
+    # contiguous(): an expanded keep (stride 0, e.g. one flag per sample) flattens to a
+    # stride-0 view, but the kernel reads keep[row] at unit stride.
+    k1 = keep.reshape(-1).contiguous() if keep is not None else e2
     out = new_output(expanded.shape, expanded.dtype, expanded.device)
     rstd = new_output((N,), torch.float32, expanded.device)
     if N == 0:
         return out, rstd
     o2 = out.view(N, D)
     block_d = pow2_at_least(D)
-    with device_guard(expanded):
+    with launch_guard(expanded):
         merge_fwd_kernel[(N,)](e2, f2, o2, gate, k1, rstd, D, e2.stride(0), f2.stride(0),
                                o2.stride(0), eps, HAS_FFN=ffn_output is not None,
                                HAS_KEEP=keep is not None, BLOCK_D=block_d,
@@ -100,14 +102,16 @@ def merge_bwd(grad_out: torch.Tensor, expanded: torch.Tensor, gate: torch.Tensor
     e2 = _rows(expanded)
     g2 = _rows(grad_out)
     N = e2.shape[0]
-    k1 = keep.reshape(-1) if keep is not None else e2
+    # contiguous(): an expanded keep (stride 0, e.g. one flag per sample) flattens to a
+    # stride-0 view, but the kernel reads keep[row] at unit stride.
+    k1 = keep.reshape(-1).contiguous() if keep is not None else e2
     de = new_output(expanded.shape, expanded.dtype, expanded.device)
     dgate_row = new_output((N,), torch.float32, expanded.device)
     if N == 0:
         return de, torch.zeros_like(gate)
     de2 = de.view(N, D)
     block_d = pow2_at_least(D)
-    with device_guard(expanded):
+    with launch_guard(expanded):
         merge_bwd_kernel[(N,)](g2, e2, gate, k1, rstd, de2, dgate_row, D, g2.stride(0),
                                e2.stride(0), de2.stride(0), HAS_KEEP=keep is not None,
                                BLOCK_D=block_d, num_warps=_num_warps(block_d))

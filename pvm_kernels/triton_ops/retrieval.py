@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .common import device_guard, dot_flags, mma, pow2_at_least
+from .common import launch_guard, dot_flags, mma, pow2_at_least
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -126,7 +126,9 @@ def retrieval_fwd_kernel(
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
 
-    has = l_i > 0.0
+    # Empty only when nothing was summed (l == 0, no valid key); a NaN l (NaN or Inf in
+    # this sample's keys/values) must come out as NaN like the reference, never as 0.
+    has = l_i != 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
     o_ptrs, o_mask = _row_tile(O, b, rows, row_ok, kvh, d, d_ok, G, sob, sot, soh, sod)
@@ -272,7 +274,7 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out.zero_(), lse.fill_(float("-inf"))
     block_m, block_n, block_d = _blocks(T * G, hd)
     grid = (triton.cdiv(T * G, block_m), B * Hkv)
-    with device_guard(q):
+    with launch_guard(q):
         retrieval_fwd_kernel[grid](
             q, k, v, out, lse, mask_t, len_t,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_t.stride(),
@@ -303,7 +305,7 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   num_warps=4)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_t.stride())
     sizes = (T, Nv, hd, Hkv, scale * LOG2E, scale)
-    with device_guard(q):
+    with launch_guard(q):
         retrieval_bwd_dkdv_kernel[(triton.cdiv(Nv, block_n), B * Hkv)](
             q, k, v, grad_out, lse, delta, dk, dv, mask_t, len_t, *strides, *dk.stride(),
             *sizes, **common)
