@@ -11,7 +11,7 @@ from torch import nn
 from ..config import PVMDims
 from ..memory import VisualMemory
 from ..ops import check_backend_dtype, resolve_backend
-from ..ops.checks import check_device, check_float, check_like
+from ..ops.checks import check_device, check_embeddings, check_like
 from ..reference import retrieval_probabilities, rms_norm
 
 
@@ -116,10 +116,7 @@ class FusedPVM(nn.Module):
         ``visual`` to later calls (every decode step), which then only do the query side.
         """
         d = self.dims
-        check_float("visual", visual, 3, f"[B, Nv, {d.hidden_size}]")
-        if visual.shape[-1] != d.hidden_size:
-            raise ValueError(f"visual must be [B, Nv, {d.hidden_size}], got shape "
-                             f"{tuple(visual.shape)}")
+        check_embeddings("visual", visual, d.hidden_size, "Nv")
         B, Nv, _ = visual.shape
         if visual_mask is not None:
             check_like("visual_mask", visual_mask, (B, Nv), visual.device, torch.bool, "visual")
@@ -168,10 +165,7 @@ class FusedPVM(nn.Module):
         Samples with no valid visual token get an update of exactly 0.
         """
         d = self.dims
-        check_float("hidden_states", hidden_states, 3, f"[B, T, {d.hidden_size}]")
-        if hidden_states.shape[-1] != d.hidden_size:
-            raise ValueError(f"hidden_states must be [B, T, {d.hidden_size}], got shape "
-                             f"{tuple(hidden_states.shape)}")
+        check_embeddings("hidden_states", hidden_states, d.hidden_size, "T")
         B, T, _ = hidden_states.shape
         device = hidden_states.device
         check_like("ffn_output", ffn_output, hidden_states.shape, device, hidden_states.dtype,
@@ -196,7 +190,7 @@ class FusedPVM(nn.Module):
                 raise TypeError(f"visual (a VisualMemory) is {memory.key.dtype}, hidden_states "
                                 f"{hidden_states.dtype}: encode the memory in the same dtype")
         else:
-            check_float("visual", visual, 3, f"[B, Nv, {d.hidden_size}]")
+            check_embeddings("visual", visual, d.hidden_size, "Nv")
             check_device("visual", visual, device, "hidden_states")
             if visual.dtype != hidden_states.dtype:
                 raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "

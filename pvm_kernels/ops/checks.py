@@ -52,3 +52,11 @@ def check_like(name: str, t, shape: Sequence[int], device: torch.device,
     check_device(name, t, device, other)
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {_dtype(t.dtype)}")
+
+
+def check_embeddings(name: str, t, width: int, length: str) -> None:
+    """A floating [B, <length>, width] tensor (e.g. hidden_states [B, T, D])."""
+    layout = f"[B, {length}, {width}]"
+    check_float(name, t, 3, layout)
+    if t.shape[-1] != width:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")

@@ -77,6 +77,18 @@ def _key_valid(KEY_MASK, b, n, n_end, smb, smn, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _row_program(T, HD, HKV, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (sample, KV head) from grid axis 1 and its block of packed query rows
+    (t * G + head in group) from axis 0, with the head-dim lanes and their masks."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    kvh = pid_bh % HKV
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    return b, kvh, rows, rows < T * G, d, d < HD
+
+
+@triton.jit
 def retrieval_fwd_kernel(
     Q, K, V, O, LSE, KEY_MASK, KV_LEN,
     sqb, sqt, sqh, sqd,
@@ -89,15 +101,7 @@ def retrieval_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    kvh = pid_bh % HKV
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T * G
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HD
+    b, kvh, rows, row_ok, d, d_ok = _row_program(T, HD, HKV, G, BLOCK_M, BLOCK_D)
     q_ptrs, q_mask = _row_tile(Q, b, rows, row_ok, kvh, d, d_ok, G, sqb, sqt, sqh, sqd)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     n_end = _kv_end(KV_LEN, b, NV, HAS_LEN)
@@ -214,14 +218,7 @@ def retrieval_bwd_dq_kernel(
 
     Split from dK/dV so that neither needs atomics: results are deterministic.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    kvh = pid_bh % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T * G
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HD
+    b, kvh, rows, row_ok, d, d_ok = _row_program(T, HD, HKV, G, BLOCK_M, BLOCK_D)
     q_ptrs, r_mask = _row_tile(Q, b, rows, row_ok, kvh, d, d_ok, G, sqb, sqt, sqh, sqd)
     q = tl.load(q_ptrs, mask=r_mask, other=0.0)
     do_ptrs, _ = _row_tile(DO, b, rows, row_ok, kvh, d, d_ok, G, sdob, sdot, sdoh, sdod)
