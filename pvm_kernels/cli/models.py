@@ -50,11 +50,20 @@ def _tokenizer(path: str):
 
 
 def _image_processor(path: str, config):
+    """The checkpoint's image processor settings (else ones built for its config), through
+    the PIL implementation when torchvision is missing: transformers 5.17's
+    AutoImageProcessor insists on the torchvision one."""
+    import importlib.util
+
+    import transformers
+
     from ..integrations.qwen3_vl_inputs import image_processor_for
-    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        from transformers import AutoImageProcessor
-        return AutoImageProcessor.from_pretrained(path)
-    return image_processor_for(config)
+    if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        return image_processor_for(config)
+    pil = getattr(transformers, "Qwen2VLImageProcessorPil", None)
+    if pil is not None and importlib.util.find_spec("torchvision") is None:
+        return pil.from_pretrained(path)
+    return transformers.AutoImageProcessor.from_pretrained(path)
 
 
 def _prompt_ids(tokenizer, config):
