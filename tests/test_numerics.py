@@ -21,14 +21,18 @@ def run_block(block, h, visual, mask, backend, grad=None):
     return out.detach(), h.grad, visual.grad
 
 
+def fp32_problem(device, B, T, Nv, **mask_kw):
+    """A live fp32 block and random hidden states, visual tokens, mask and output grad."""
+    D = CFG.hidden_size
+    return (live_block(CFG, torch.float32, device), torch.randn(B, T, D, device=device),
+            torch.randn(B, Nv, D, device=device), random_mask(B, Nv, **mask_kw).to(device),
+            torch.randn(B, T, D, device=device))
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_nan_and_inf_stay_inside_their_sample(backend, device):
-    B, T, Nv, D = 3, 7, 11, CFG.hidden_size
-    block = live_block(CFG, torch.float32, device)
-    h = torch.randn(B, T, D, device=device)
-    visual = torch.randn(B, Nv, D, device=device)
-    mask = random_mask(B, Nv, pad_from={2: 6}).to(device)
-    grad = torch.randn(B, T, D, device=device)
+    T = 7
+    block, h, visual, mask, grad = fp32_problem(device, 3, T, 11, pad_from={2: 6})
     clean = run_block(block, h, visual, mask, backend, grad)
     bad_h, bad_v = h.clone(), visual.clone()
     bad_h[0, 3, 5] = float("nan")       # one query token of sample 0
@@ -66,12 +70,7 @@ def test_inputs_at_1e4_scale_do_not_overflow_in_half_precision(backend, device, 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_forward_and_backward_are_deterministic(backend, device):
-    B, T, Nv, D = 2, 33, 70, CFG.hidden_size
-    block = live_block(CFG, torch.float32, device)
-    h = torch.randn(B, T, D, device=device)
-    visual = torch.randn(B, Nv, D, device=device)
-    mask = random_mask(B, Nv, pad_from={1: 40}, holes=0.2).to(device)
-    grad = torch.randn(B, T, D, device=device)
+    block, h, visual, mask, grad = fp32_problem(device, 2, 33, 70, pad_from={1: 40}, holes=0.2)
     runs = []
     for _ in range(3):
         block.zero_grad(set_to_none=True)
