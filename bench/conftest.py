@@ -44,20 +44,8 @@ def block():
     return block_8b()
 
 
-def device_name() -> str:
-    if DEVICE.type == "cuda":
-        return torch.cuda.get_device_name(DEVICE)
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
-    import importlib.metadata as md
-    versions = {}
-    for pkg in ("torch", "triton", "transformers"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    machine_info.update(device=device_name(), dtype=str(DTYPE), versions=versions,
-                        cuda=torch.version.cuda)
+    # The same device line and versions as `pvm-kernels bench` / `info` report.
+    from pvm_kernels.cli.common import device_description, versions
+    machine_info.update(device=device_description(DEVICE), dtype=str(DTYPE),
+                        versions=versions(), cuda=torch.version.cuda)
