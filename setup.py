@@ -70,7 +70,11 @@ setup(
     description="Fused Triton, CUDA and CPU kernels for Persistent Visual Memory (PVM)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["pvm_kernels", "pvm_kernels.*"]),
+    # The Triton kernels sit at the top of the repository beside csrc/ (both kernel trees
+    # side by side) and install as pvm_kernels.triton_ops: no generic top-level name in
+    # site-packages.
+    packages=find_packages(include=["pvm_kernels", "pvm_kernels.*"]) + ["pvm_kernels.triton_ops"],
+    package_dir={"pvm_kernels.triton_ops": "triton_ops"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
