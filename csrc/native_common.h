@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <c10/util/Optional.h>
+#include <c10/util/accumulate.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -54,33 +55,60 @@ inline void dispatch_float_types(const Tensor& t, F&& f) {
   }
 }
 
+// ---- argument checks ------------------------------------------------------------------------
+// Every tensor an op receives is checked before anything is launched: device, dtype and
+// shape, each message naming the argument, what was expected and what it got. A direct op
+// call with, e.g., lse on another device must fail here, not hand a kernel a foreign pointer.
+
+inline void check_float_dtype(const Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
+              ": pvm_kernels native ops support float32, float16 and bfloat16; got ", st);
+}
+
+// `t` (argument `name`) must be defined, on `ref`'s device, of `dtype` and of `shape`.
+inline void check_tensor(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name,
+                         at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got an undefined one");
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ", ref.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// The CUDA kernels keep hd / 32 accumulators per lane: head_dim <= max_head_dim.
+inline void check_head_dim(const Tensor& q, int64_t max_head_dim, const char* backend) {
+  TORCH_CHECK(q.dim() == 4, "q must be 4-D [B, T, H, hd], got shape ", q.sizes());
+  TORCH_CHECK(q.size(3) <= max_head_dim, "the ", backend, " backend supports head_dim <= ", max_head_dim,
+              ", got ", q.size(3));
+}
+
 inline void check_retrieval_args(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const c10::optional<Tensor>& key_mask,
                                  const c10::optional<Tensor>& kv_len) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "q, k, v must be 4-D ([B, T, H, hd] and [B, Nv, Hkv, hd])");
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3),
-              "q ", q.sizes(), " and k ", k.sizes(), " disagree on B or hd");
-  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0,
-              "q heads must be a multiple of k heads: ", q.size(2), " vs ", k.size(2));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "q, k, v must share a dtype");
-  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
-              "q, k, v must be on one device");
-  dtype_code(q);
-  if (key_mask.has_value()) {
-    TORCH_CHECK(key_mask->scalar_type() == at::kBool, "key_mask must be bool");
-    TORCH_CHECK(key_mask->dim() == 2 && key_mask->size(0) == k.size(0) &&
-                key_mask->size(1) == k.size(1), "key_mask must be [B, Nv]");
-    TORCH_CHECK(key_mask->device() == q.device(), "key_mask must be on q's device");
-  }
+  TORCH_CHECK(q.defined() && q.dim() == 4, "q must be 4-D [B, T, H, hd], got shape ",
+              q.defined() ? q.sizes() : at::IntArrayRef{});
+  check_float_dtype(q, "q");
+  TORCH_CHECK(k.defined() && k.dim() == 4, "k must be 4-D [B, Nv, Hkv, hd], got shape ",
+              k.defined() ? k.sizes() : at::IntArrayRef{});
+  const int64_t B = q.size(0), H = q.size(2), hd = q.size(3), Nv = k.size(1), Hkv = k.size(2);
+  check_tensor(k, "k", q, "q", q.scalar_type(), {B, Nv, Hkv, hd});
+  check_tensor(v, "v", q, "q", q.scalar_type(), {B, Nv, Hkv, hd});
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "q heads must be a multiple of k heads: ", H, " vs ", Hkv);
+  if (key_mask.has_value()) check_tensor(*key_mask, "key_mask", q, "q", at::kBool, {B, Nv});
   if (kv_len.has_value()) {
-    TORCH_CHECK(kv_len->scalar_type() == at::kInt && kv_len->dim() == 1 &&
-                kv_len->size(0) == k.size(0), "kv_len must be int32 [B]");
-    TORCH_CHECK(kv_len->is_contiguous() && kv_len->device() == q.device(),
-                "kv_len must be contiguous and on q's device");
+    check_tensor(*kv_len, "kv_len", q, "q", at::kInt, {B});
+    TORCH_CHECK(kv_len->is_contiguous(), "kv_len must be contiguous, got strides ", kv_len->strides());
   }
+}
+
+// The backward's extra inputs: grad_out and out like q, lse float32 [B, H, T] contiguous.
+inline void check_retrieval_bwd_args(const Tensor& grad_out, const Tensor& q, const Tensor& out,
+                                     const Tensor& lse) {
+  check_tensor(grad_out, "grad_out", q, "q", q.scalar_type(), q.sizes());
+  check_tensor(out, "out", q, "q", q.scalar_type(), q.sizes());
+  check_tensor(lse, "lse", q, "q", at::kFloat, {q.size(0), q.size(2), q.size(1)});
+  TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous, got strides ", lse.strides());
 }
 
 inline void copy_strides(const Tensor& t, int64_t* dst) {
@@ -121,19 +149,25 @@ inline Tensor softmax_bwd_delta(const Tensor& grad_out, const Tensor& out) {
 inline void check_merge_args(const Tensor& e, const Tensor& gate,
                              const c10::optional<Tensor>& keep,
                              const c10::optional<Tensor>& ffn) {
-  TORCH_CHECK(e.dim() >= 1, "expanded must be [..., D]");
-  dtype_code(e);
-  TORCH_CHECK(gate.numel() == 1 && gate.device() == e.device(),
-              "gate must be a one-element tensor on expanded's device");
-  if (keep.has_value()) {
-    TORCH_CHECK(keep->scalar_type() == at::kBool && keep->numel() * e.size(-1) == e.numel(),
-                "keep must be bool with expanded's leading shape");
-    TORCH_CHECK(keep->device() == e.device(), "keep must be on expanded's device");
-  }
-  if (ffn.has_value()) {
-    TORCH_CHECK(ffn->sizes() == e.sizes() && ffn->scalar_type() == e.scalar_type() &&
-                ffn->device() == e.device(), "ffn_output must match expanded");
-  }
+  TORCH_CHECK(e.defined() && e.dim() >= 1, "expanded must be [..., D], got shape ",
+              e.defined() ? e.sizes() : at::IntArrayRef{});
+  check_float_dtype(e, "expanded");
+  TORCH_CHECK(gate.defined(), "gate must be a tensor, got an undefined one");
+  TORCH_CHECK(gate.device() == e.device(), "gate must be on expanded's device ", e.device(), ", got ",
+              gate.device());
+  TORCH_CHECK(at::isFloatingType(gate.scalar_type()), "gate must have a floating dtype, got ",
+              gate.scalar_type());
+  TORCH_CHECK(gate.numel() == 1, "gate must hold one element, got shape ", gate.sizes());
+  const at::IntArrayRef lead = e.sizes().slice(0, e.dim() - 1);
+  if (keep.has_value()) check_tensor(*keep, "keep", e, "expanded", at::kBool, lead);
+  if (ffn.has_value()) check_tensor(*ffn, "ffn_output", e, "expanded", e.scalar_type(), e.sizes());
+}
+
+// The backward's extra inputs: grad_out like expanded, rstd float32 [N] (N rows).
+inline void check_merge_bwd_args(const Tensor& grad_out, const Tensor& e, const Tensor& rstd) {
+  check_tensor(grad_out, "grad_out", e, "expanded", e.scalar_type(), e.sizes());
+  const int64_t n = c10::multiply_integers(e.sizes().slice(0, e.dim() - 1));
+  check_tensor(rstd, "rstd", e, "expanded", at::kFloat, {n});
 }
 
 // [..., D] -> [N, D] with unit last stride (a view when the layout allows).
@@ -169,8 +203,7 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
     const Tensor& lse, const c10::optional<Tensor>& key_mask, const c10::optional<Tensor>& kv_len,
     double scale, Launch&& launch) {
   check_retrieval_args(q, k, v, key_mask, kv_len);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out/out must match q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse must be contiguous float32");
+  check_retrieval_bwd_args(grad_out, q, out, lse);
   Tensor dq = new_output(q.sizes(), q.options());
   Tensor dk = new_output(k.sizes(), k.options());
   Tensor dv = new_output(v.sizes(), v.options());
@@ -238,10 +271,10 @@ std::tuple<Tensor, Tensor> merge_bwd_op(const Tensor& grad_out, const Tensor& ex
                                         const Tensor& gate, const c10::optional<Tensor>& keep,
                                         const Tensor& rstd, Launch&& launch) {
   check_merge_args(expanded, gate, keep, c10::nullopt);
-  TORCH_CHECK(grad_out.sizes() == expanded.sizes(), "grad_out must match expanded");
+  check_merge_bwd_args(grad_out, expanded, rstd);
   const Tensor e2 = as_rows(expanded), g2 = as_rows(grad_out);
   const Tensor gate_f = gate.to(at::kFloat).contiguous();
-  const Tensor rstd_c = rstd.to(at::kFloat).contiguous();
+  const Tensor rstd_c = rstd.contiguous();
   Tensor keep_c;
   if (keep.has_value()) keep_c = keep->contiguous();
   Tensor de = new_output(expanded.sizes(), expanded.options());

@@ -65,7 +65,11 @@ struct Layout {
   int64_t stat(int64_t b, int64_t kvh, int64_t r) const {  // [B, H, T] contiguous
     return (b * p.H + kvh * G + r % G) * p.T + r / G;
   }
-  int64_t n_end(int64_t b) const { return p.kv_len ? p.kv_len[b] : p.Nv; }
+  // One past the last key of sample b: kv_len[b] clamped to [0, Nv] (above Nv means every
+  // key, 0 or below none), so no kv_len can make a block read past the keys.
+  int64_t n_end(int64_t b) const {
+    return p.kv_len ? std::clamp<int64_t>(p.kv_len[b], 0, p.Nv) : p.Nv;
+  }
   bool valid(int64_t b, int64_t n) const {
     return n < n_end(b) && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);
   }

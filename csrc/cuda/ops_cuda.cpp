@@ -34,10 +34,8 @@ namespace {
   } while (0)
 
 void check_cuda_retrieval(const Tensor& q) {
-  TORCH_CHECK(q.dim() == 4, "q must be [B, T, H, hd]");
-  TORCH_CHECK(q.is_cuda(), "the cuda backend needs CUDA tensors");
-  TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, "the cuda backend supports head_dim <= ",
-              cuda::kMaxHeadDim, ", got ", q.size(3));
+  TORCH_CHECK(q.is_cuda(), "the cuda backend needs CUDA tensors, got q on ", q.device());
+  check_head_dim(q, cuda::kMaxHeadDim, "cuda");
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
@@ -67,7 +65,8 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_cuda(
 std::tuple<Tensor, Tensor> merge_fwd_cuda(const Tensor& expanded, const Tensor& gate,
                                           const c10::optional<Tensor>& keep,
                                           const c10::optional<Tensor>& ffn_output, double eps) {
-  TORCH_CHECK(expanded.is_cuda(), "the cuda backend needs CUDA tensors");
+  TORCH_CHECK(expanded.is_cuda(), "the cuda backend needs CUDA tensors, got expanded on ",
+              expanded.device());
   const c10::cuda::CUDAGuard guard(expanded.device());
   return merge_fwd_op(expanded, gate, keep, ffn_output, eps, [&](const MergeParams& p) {
     PVM_CUDA_CHECK(cuda::merge_fwd(p, dtype_code(expanded), stream()));
@@ -77,7 +76,8 @@ std::tuple<Tensor, Tensor> merge_fwd_cuda(const Tensor& expanded, const Tensor& 
 std::tuple<Tensor, Tensor> merge_bwd_cuda(const Tensor& grad_out, const Tensor& expanded,
                                           const Tensor& gate, const c10::optional<Tensor>& keep,
                                           const Tensor& rstd) {
-  TORCH_CHECK(expanded.is_cuda(), "the cuda backend needs CUDA tensors");
+  TORCH_CHECK(expanded.is_cuda(), "the cuda backend needs CUDA tensors, got expanded on ",
+              expanded.device());
   const c10::cuda::CUDAGuard guard(expanded.device());
   return merge_bwd_op(grad_out, expanded, gate, keep, rstd, [&](const MergeParams& p) {
     PVM_CUDA_CHECK(cuda::merge_bwd(p, dtype_code(expanded), stream()));

@@ -39,8 +39,12 @@ __device__ __forceinline__ int64_t stat_index(const RetrievalParams& p, int64_t 
   return (b * p.H + kvh * G + r % G) * p.T + r / G;
 }
 
+// One past the last key of sample b: kv_len[b] clamped to [0, Nv] (above Nv means every
+// key, 0 or below none), so no kv_len can make a kernel read past the keys.
 __device__ __forceinline__ int64_t key_end(const RetrievalParams& p, int64_t b) {
-  return p.kv_len ? static_cast<int64_t>(p.kv_len[b]) : p.Nv;
+  if (!p.kv_len) return p.Nv;
+  const int64_t n = p.kv_len[b];
+  return n < 0 ? 0 : (n > p.Nv ? p.Nv : n);
 }
 
 __device__ __forceinline__ bool key_valid(const RetrievalParams& p, int64_t b, int64_t n,
