@@ -2,6 +2,7 @@
 // A row (D = 4096 at 8B) is 16 elements per thread; the second pass re-reads it from L1/L2.
 #include <cstdint>
 
+#include "cuda/compat.cuh"
 #include "cuda/dtype.cuh"
 #include "cuda/launch.h"
 
@@ -13,11 +14,11 @@ constexpr int kThreads = 256;
 
 // Sum over the block; every thread gets the result.
 __device__ float block_sum(float v) {
-  __shared__ float partial[kThreads / 32];
+  PVM_SHARED(float, partial, [kThreads / 32]);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   v = warp_sum(v);
   if (lane == 0) partial[warp] = v;
-  __syncthreads();
+  __syncthreads();  // every warp's partial is written before any warp reads them
   v = lane < kThreads / 32 ? partial[lane] : 0.f;
   v = warp_sum(v);
   __syncthreads();  // partial may be reused by a later call
@@ -26,7 +27,8 @@ __device__ float block_sum(float v) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_fwd_kernel(const MergeParams p) {
-  const int64_t row = blockIdx.x;
+  const int64_t row = flat_block_index();
+  if (row >= p.N) return;  // the unused tail of a folded grid
   const T* e = static_cast<const T*>(p.e) + row * p.e_row;
   float ss = 0.f;
   for (int64_t d = threadIdx.x; d < p.D; d += kThreads) {
@@ -48,7 +50,8 @@ __global__ void __launch_bounds__(kThreads) merge_fwd_kernel(const MergeParams p
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_bwd_kernel(const MergeParams p) {
-  const int64_t row = blockIdx.x;
+  const int64_t row = flat_block_index();
+  if (row >= p.N) return;
   T* de = static_cast<T*>(p.de) + row * p.de_row;
   if (p.keep != nullptr && !p.keep[row]) {  // uniform over the block: no sync is skipped
     for (int64_t d = threadIdx.x; d < p.D; d += kThreads) de[d] = from_float<T>(0.f);
@@ -70,21 +73,15 @@ __global__ void __launch_bounds__(kThreads) merge_bwd_kernel(const MergeParams p
 }  // namespace
 
 cudaError_t merge_fwd(const MergeParams& p, DType dtype, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
-  dispatch_dtype(dtype, [&](auto tag) {
-    merge_fwd_kernel<decltype(tag)><<<static_cast<unsigned>(p.N), kThreads, 0, stream>>>(p);
-    return 0;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return launch_kernel(merge_fwd_kernel<decltype(tag)>, flat_grid(p.N), kThreads, 0, stream, p);
   });
-  return cudaGetLastError();
 }
 
 cudaError_t merge_bwd(const MergeParams& p, DType dtype, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
-  dispatch_dtype(dtype, [&](auto tag) {
-    merge_bwd_kernel<decltype(tag)><<<static_cast<unsigned>(p.N), kThreads, 0, stream>>>(p);
-    return 0;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return launch_kernel(merge_bwd_kernel<decltype(tag)>, flat_grid(p.N), kThreads, 0, stream, p);
   });
-  return cudaGetLastError();
 }
 
 }  // namespace cuda

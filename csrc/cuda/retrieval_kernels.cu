@@ -2,7 +2,10 @@
 //
 // Work split, as in the Triton kernels: a block owns one (sample, KV head) and either a
 // block of packed query rows r = t * G + g (forward, dQ) or a tile of keys (dK/dV), so a
-// KV head's keys are read once for all G query heads sharing it.
+// KV head's keys are read once for all G query heads sharing it. The grid is 1-D over
+// (b * Hkv + kvh) * tiles + tile, tiles fastest: the blocks that read one KV head's keys
+// run side by side and find them in L2 (flash-attention's order), and B * Hkv may exceed
+// the 65,535 that gridDim.y would allow.
 // Inside a block, keys are staged in shared memory 32 at a time, one per lane: lane j
 // computes the score of key j, the warp reduces max/sum with shuffles, and each lane then
 // accumulates output dims lane + 32 i. K and V rows are padded to hd + 1 floats so the 32
@@ -11,6 +14,7 @@
 // natural log, -inf for a row with no valid key, whose output is exactly 0.
 #include <cstdint>
 
+#include "cuda/compat.cuh"
 #include "cuda/dtype.cuh"
 #include "cuda/launch.h"
 
@@ -52,16 +56,23 @@ __device__ __forceinline__ bool key_valid(const RetrievalParams& p, int64_t b, i
   return n < n_end && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);
 }
 
-// Which (sample, KV head) this block serves, and where the calling thread sits.
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Which (sample, KV head, tile) this block serves, and where the calling thread sits.
+// `tiles` is the number of row (or key) tiles per (sample, KV head). The launch keeps the
+// grid within gridDim.x (< 2^31), so the decomposition runs in 32-bit arithmetic: with
+// 64-bit divisions here the forward kernel needed 25 more registers and dQ spilled more.
 struct BlockCoords {
-  int64_t G, rows, b;
+  int64_t G, rows, b, tile;
   int kvh, warp, lane;
 };
 
-__device__ __forceinline__ BlockCoords block_coords(const RetrievalParams& p) {
+__device__ __forceinline__ BlockCoords block_coords(const RetrievalParams& p, int64_t tiles) {
   const int64_t G = p.H / p.Hkv;
-  return {G, p.T * G, static_cast<int64_t>(blockIdx.y / p.Hkv), static_cast<int>(blockIdx.y % p.Hkv),
-          static_cast<int>(threadIdx.x >> 5), static_cast<int>(threadIdx.x & 31)};
+  const unsigned n_tiles = static_cast<unsigned>(tiles), hkv = static_cast<unsigned>(p.Hkv);
+  const unsigned bh = blockIdx.x / n_tiles;
+  return {G, p.T * G, static_cast<int64_t>(bh / hkv), static_cast<int64_t>(blockIdx.x - bh * n_tiles),
+          static_cast<int>(bh % hkv), static_cast<int>(threadIdx.x >> 5), static_cast<int>(threadIdx.x & 31)};
 }
 
 __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
@@ -92,7 +103,7 @@ __device__ void stage_keys(const RetrievalParams& p, int64_t b, int kvh, int64_t
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   if (threadIdx.x < kKeys) valid_s[threadIdx.x] = key_valid(p, b, n0 + threadIdx.x, n_end);
-  __syncthreads();
+  __syncthreads();  // valid_s is complete before the threads staging K/V read it
   for (int i = threadIdx.x; i < kKeys * hd; i += blockDim.x) {
     const int j = i / hd, d = i - j * hd;
     const int64_t n = n0 + j;
@@ -108,16 +119,16 @@ __device__ void stage_keys(const RetrievalParams& p, int64_t b, int kvh, int64_t
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const RetrievalParams p) {
-  extern __shared__ float smem[];
-  __shared__ int valid_s[kKeys];
+  PVM_DYNAMIC_SHARED(float, smem);
+  PVM_SHARED(int, valid_s, [kKeys]);
   const int hd = static_cast<int>(p.hd), ld = hd + 1;
   float* k_s = smem;
   float* v_s = k_s + kKeys * ld;
   float* q_s = v_s + kKeys * ld;
-  const BlockCoords c = block_coords(p);
+  const BlockCoords c = block_coords(p, ceil_div(p.T * (p.H / p.Hkv), kRowsPerBlock));
   const int64_t G = c.G, rows = c.rows, b = c.b;
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t row0 = c.tile * kRowsPerBlock;
 
   stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, row0, kRowsPerBlock,
              p.scale * kLog2e, q_s);
@@ -132,9 +143,9 @@ __global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const Retrieval
 
   const int64_t n_end = key_end(p, b);
   for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
-    __syncthreads();  // the previous tile is consumed (and q_s is staged, first time round)
+    __syncthreads();  // every warp has read the previous tile (valid_s too) before it is restaged
     stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
-    __syncthreads();
+    __syncthreads();  // the tile (K, V) is staged before any warp reads it
     const bool key_ok = valid_s[lane];
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
@@ -178,17 +189,17 @@ __global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const Retrieval
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const RetrievalParams p) {
-  extern __shared__ float smem[];
-  __shared__ int valid_s[kKeys];
+  PVM_DYNAMIC_SHARED(float, smem);
+  PVM_SHARED(int, valid_s, [kKeys]);
   const int hd = static_cast<int>(p.hd), ld = hd + 1;
   float* k_s = smem;
   float* v_s = k_s + kKeys * ld;
   float* q_s = v_s + kKeys * ld;
   float* do_s = q_s + kRowsPerBlock * hd;
-  const BlockCoords c = block_coords(p);
+  const BlockCoords c = block_coords(p, ceil_div(p.T * (p.H / p.Hkv), kRowsPerBlock));
   const int64_t G = c.G, rows = c.rows, b = c.b;
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t row0 = c.tile * kRowsPerBlock;
   const float scale_log2 = p.scale * kLog2e;
 
   stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, row0, kRowsPerBlock,
@@ -208,9 +219,9 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const Retrie
 
   const int64_t n_end = key_end(p, b);
   for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
-    __syncthreads();
+    __syncthreads();  // every warp has read the previous tile (valid_s too) before it is restaged
     stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
-    __syncthreads();
+    __syncthreads();  // the tile (K, V) is staged before any warp reads it
     const bool key_ok = valid_s[lane];
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
@@ -248,8 +259,8 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const Retrie
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const RetrievalParams p) {
-  extern __shared__ float smem[];
-  __shared__ int valid_s[kKeys];
+  PVM_DYNAMIC_SHARED(float, smem);
+  PVM_SHARED(int, valid_s, [kKeys]);
   const int hd = static_cast<int>(p.hd), ld = hd + 1;
   float* k_s = smem;
   float* v_s = k_s + kKeys * ld;
@@ -259,23 +270,23 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
   float* do_s = q_s + kRowsPerIter * hd;
   float* p_s = do_s + kRowsPerIter * hd;
   float* ds_s = p_s + kRowsPerIter * kKeys;
-  const BlockCoords c = block_coords(p);
+  const BlockCoords c = block_coords(p, ceil_div(p.Nv, kKeys));
   const int64_t G = c.G, rows = c.rows, b = c.b;
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kKeys;
+  const int64_t n0 = c.tile * kKeys;
   const int64_t n_end = key_end(p, b);
   const float scale_log2 = p.scale * kLog2e;
 
   stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
   for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) dk_s[e] = dv_s[e] = 0.f;
-  __syncthreads();
+  __syncthreads();  // the staged keys and the zeroed dK/dV are visible to every thread
 
   // A tile wholly past this sample's last valid key has zero gradient: skip the rows.
   const int64_t rows_end = n0 < n_end ? rows : 0;
   for (int64_t r0 = 0; r0 < rows_end; r0 += kRowsPerIter) {
     stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, q_s);
     stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, do_s);
-    __syncthreads();
+    __syncthreads();  // the rows (q, dO) are staged before any warp reads them
     for (int rr = warp; rr < kRowsPerIter; rr += kWarps) {
       const int64_t r = r0 + rr;
       const bool row_ok = r < rows;
@@ -291,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
       p_s[rr * kKeys + lane] = pj;
       ds_s[rr * kKeys + lane] = pj * (dp - delta);
     }
-    __syncthreads();
+    __syncthreads();  // P and dS of every row are written before the dK/dV update reads them
     // Each thread owns fixed (key, dim) elements of dK/dV: no atomics, deterministic.
     for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
       const int j = e / hd, d = e - j * hd;
@@ -304,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
       dv_s[e] = a;
       dk_s[e] = c;
     }
-    __syncthreads();
+    __syncthreads();  // the update has read q_s, dO_s, P, dS before the next rows overwrite them
   }
 
   T* dk = static_cast<T*>(p.dk);
@@ -319,22 +330,16 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
   }
 }
 
-template <typename Kernel>
-cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const RetrievalParams& p) {
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  if (smem > 48 * 1024) {  // above the default limit shared memory must be opted into
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
+int64_t row_tiles(const RetrievalParams& p) { return ceil_div(p.T * (p.H / p.Hkv), kRowsPerBlock); }
 
-dim3 row_grid(const RetrievalParams& p) {
-  const int64_t rows = p.T * (p.H / p.Hkv);
-  return dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock),
-              static_cast<unsigned>(p.B * p.Hkv));
+// One launch of `kernel` over tiles * B * Hkv blocks on gridDim.x. More than 2^31 - 1
+// blocks would need more memory than any GPU has (>= 2^36 query rows); refused rather
+// than wrapped.
+cudaError_t launch_tiles(void (*kernel)(RetrievalParams), int64_t tiles, size_t smem, cudaStream_t stream,
+                         const RetrievalParams& p) {
+  const int64_t blocks = tiles * p.B * p.Hkv;
+  if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
+  return launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), kThreads, smem, stream, p);
 }
 
 }  // namespace
@@ -342,7 +347,7 @@ dim3 row_grid(const RetrievalParams& p) {
 cudaError_t retrieval_fwd(const RetrievalParams& p, DType dtype, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (2 * kKeys * (p.hd + 1) + kRowsPerBlock * p.hd);
   return dispatch_dtype(dtype, [&](auto tag) {
-    return launch(retrieval_fwd_kernel<decltype(tag)>, row_grid(p), smem, stream, p);
+    return launch_tiles(retrieval_fwd_kernel<decltype(tag)>, row_tiles(p), smem, stream, p);
   });
 }
 
@@ -350,12 +355,11 @@ cudaError_t retrieval_bwd(const RetrievalParams& p, DType dtype, cudaStream_t st
   const size_t smem_dq = sizeof(float) * (2 * kKeys * (p.hd + 1) + 2 * kRowsPerBlock * p.hd);
   const size_t smem_dkdv = sizeof(float) * (2 * kKeys * (p.hd + 1) + 2 * kKeys * p.hd +
                                             2 * kRowsPerIter * p.hd + 2 * kRowsPerIter * kKeys);
-  const dim3 key_grid(static_cast<unsigned>((p.Nv + kKeys - 1) / kKeys), static_cast<unsigned>(p.B * p.Hkv));
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    cudaError_t err = launch(retrieval_bwd_dq_kernel<T>, row_grid(p), smem_dq, stream, p);
+    cudaError_t err = launch_tiles(retrieval_bwd_dq_kernel<T>, row_tiles(p), smem_dq, stream, p);
     if (err != cudaSuccess) return err;
-    return launch(retrieval_bwd_dkdv_kernel<T>, key_grid, smem_dkdv, stream, p);
+    return launch_tiles(retrieval_bwd_dkdv_kernel<T>, ceil_div(p.Nv, kKeys), smem_dkdv, stream, p);
   });
 }
 
