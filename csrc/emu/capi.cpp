@@ -1,0 +1,160 @@
+// C API of the emulated CUDA kernel library (libpvm_cuda_emu.so): the real launchers of
+// csrc/cuda (pvm::cuda::retrieval_fwd, ...) run on buffers copied between guard pages,
+// plus configuration, statistics and the emulator's own self-test kernels. Used by the
+// torch harness (torch_ops.cpp) and from Python through ctypes (csrc/emu/emulator.py).
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda/launch.h"
+#include "cuemu.h"
+#include "cuemu_internal.h"
+#include "pvm_params.h"
+
+#define PVM_EMU_API extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+using pvm::MergeParams;
+using pvm::RetrievalParams;
+
+size_t elem_size(int dtype) { return dtype == static_cast<int>(pvm::DType::kFloat32) ? 4 : 2; }
+
+// Bytes spanned by a strided view: one past its farthest element (0 if empty).
+size_t extent(std::initializer_list<int64_t> sizes, const int64_t* strides, size_t elem) {
+  int64_t last = 0, i = 0;
+  for (const int64_t n : sizes) {
+    if (n == 0) return 0;
+    last += (n - 1) * strides[i++];
+  }
+  return static_cast<size_t>(last + 1) * elem;
+}
+
+// The guarded copies of one launch's buffers; outputs are copied back when it ends.
+class Buffers {
+ public:
+  template <typename P>
+  void add(const char* name, P*& ptr, size_t bytes, bool output) {
+    if (ptr == nullptr) return;
+    bufs_.push_back(std::make_unique<cuemu::GuardedBuffer>(
+        name, const_cast<void*>(static_cast<const void*>(ptr)), bytes, output));
+    ptr = static_cast<P*>(bufs_.back()->data());
+  }
+
+ private:
+  std::vector<std::unique_ptr<cuemu::GuardedBuffer>> bufs_;
+};
+
+// Bytes spanned by n rows of d contiguous elements, `row` elements apart.
+size_t rows_extent(int64_t n, int64_t d, int64_t row, size_t elem) {
+  return n == 0 || d == 0 ? 0 : static_cast<size_t>((n - 1) * row + d) * elem;
+}
+
+int finish(cudaError_t err) { return static_cast<int>(err); }
+
+}  // namespace
+
+// ---- the project's kernels ----------------------------------------------------------------
+PVM_EMU_API int pvm_emu_retrieval_fwd(const RetrievalParams* in, int dtype) {
+  cuemu::clear_last_message();
+  RetrievalParams p = *in;
+  const size_t es = elem_size(dtype);
+  Buffers b;
+  b.add("q", p.q, extent({p.B, p.T, p.H, p.hd}, p.q_stride, es), false);
+  b.add("k", p.k, extent({p.B, p.Nv, p.Hkv, p.hd}, p.k_stride, es), false);
+  b.add("v", p.v, extent({p.B, p.Nv, p.Hkv, p.hd}, p.v_stride, es), false);
+  b.add("key_mask", p.key_mask, extent({p.B, p.Nv}, p.mask_stride, 1), false);
+  b.add("kv_len", p.kv_len, static_cast<size_t>(p.B) * 4, false);
+  b.add("out", p.out, extent({p.B, p.T, p.H, p.hd}, p.o_stride, es), true);
+  b.add("lse", p.lse, static_cast<size_t>(p.B * p.H * p.T) * 4, true);
+  return finish(pvm::cuda::retrieval_fwd(p, static_cast<pvm::DType>(dtype), nullptr));
+}
+
+PVM_EMU_API int pvm_emu_retrieval_bwd(const RetrievalParams* in, int dtype) {
+  cuemu::clear_last_message();
+  RetrievalParams p = *in;
+  const size_t es = elem_size(dtype);
+  Buffers b;
+  b.add("q", p.q, extent({p.B, p.T, p.H, p.hd}, p.q_stride, es), false);
+  b.add("k", p.k, extent({p.B, p.Nv, p.Hkv, p.hd}, p.k_stride, es), false);
+  b.add("v", p.v, extent({p.B, p.Nv, p.Hkv, p.hd}, p.v_stride, es), false);
+  b.add("key_mask", p.key_mask, extent({p.B, p.Nv}, p.mask_stride, 1), false);
+  b.add("kv_len", p.kv_len, static_cast<size_t>(p.B) * 4, false);
+  b.add("grad_out", p.grad_out, extent({p.B, p.T, p.H, p.hd}, p.o_stride, es), false);
+  b.add("lse", p.lse, static_cast<size_t>(p.B * p.H * p.T) * 4, false);
+  b.add("delta", p.delta, static_cast<size_t>(p.B * p.H * p.T) * 4, false);
+  b.add("dq", p.dq, extent({p.B, p.T, p.H, p.hd}, p.dq_stride, es), true);
+  b.add("dk", p.dk, extent({p.B, p.Nv, p.Hkv, p.hd}, p.dkv_stride, es), true);
+  b.add("dv", p.dv, extent({p.B, p.Nv, p.Hkv, p.hd}, p.dkv_stride, es), true);
+  return finish(pvm::cuda::retrieval_bwd(p, static_cast<pvm::DType>(dtype), nullptr));
+}
+
+PVM_EMU_API int pvm_emu_merge_fwd(const MergeParams* in, int dtype) {
+  cuemu::clear_last_message();
+  MergeParams p = *in;
+  const size_t es = elem_size(dtype);
+  Buffers b;
+  b.add("expanded", p.e, rows_extent(p.N, p.D, p.e_row, es), false);
+  b.add("ffn_output", p.ffn, rows_extent(p.N, p.D, p.ffn_row, es), false);
+  b.add("keep", p.keep, static_cast<size_t>(p.N), false);
+  b.add("gate", p.gate, 4, false);
+  b.add("out", p.out, rows_extent(p.N, p.D, p.out_row, es), true);
+  b.add("rstd", p.rstd, static_cast<size_t>(p.N) * 4, true);
+  return finish(pvm::cuda::merge_fwd(p, static_cast<pvm::DType>(dtype), nullptr));
+}
+
+PVM_EMU_API int pvm_emu_merge_bwd(const MergeParams* in, int dtype) {
+  cuemu::clear_last_message();
+  MergeParams p = *in;
+  const size_t es = elem_size(dtype);
+  Buffers b;
+  b.add("expanded", p.e, rows_extent(p.N, p.D, p.e_row, es), false);
+  b.add("grad_out", p.grad, rows_extent(p.N, p.D, p.grad_row, es), false);
+  b.add("keep", p.keep, static_cast<size_t>(p.N), false);
+  b.add("gate", p.gate, 4, false);
+  b.add("rstd", p.rstd, static_cast<size_t>(p.N) * 4, false);
+  b.add("d_expanded", p.de, rows_extent(p.N, p.D, p.de_row, es), true);
+  b.add("dgate_row", p.dgate_row, static_cast<size_t>(p.N) * 4, true);
+  return finish(pvm::cuda::merge_bwd(p, static_cast<pvm::DType>(dtype), nullptr));
+}
+
+// The launch status of a retrieval forward over the given sizes, with no buffers: for the
+// grid-limit checks, which must refuse before any block runs.
+PVM_EMU_API int pvm_emu_retrieval_fwd_dry(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv,
+                                          int64_t hd) {
+  cuemu::clear_last_message();
+  RetrievalParams p;
+  p.B = B;
+  p.T = T;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.Nv = Nv;
+  p.hd = hd;
+  return finish(pvm::cuda::retrieval_fwd(p, pvm::DType::kFloat32, nullptr));
+}
+
+PVM_EMU_API int pvm_emu_max_head_dim() { return pvm::cuda::kMaxHeadDim; }
+
+// ---- configuration and reports ------------------------------------------------------------
+PVM_EMU_API void pvm_emu_configure(uint64_t seed, int64_t sample_blocks, int guard_mode) {
+  cuemu::Config c;
+  c.seed = seed;
+  c.sample_blocks = sample_blocks;
+  c.guard_mode = guard_mode;
+  cuemu::configure(c);
+}
+
+PVM_EMU_API const char* pvm_emu_error_string(int err) {
+  return cuemu::error_string(static_cast<cudaError_t>(err));
+}
+
+PVM_EMU_API const char* pvm_emu_last_message() { return cuemu::last_message().c_str(); }
+
+PVM_EMU_API void pvm_emu_stats(int64_t* launches, int64_t* blocks, int64_t* switches) {
+  const cuemu::Stats s = cuemu::stats();
+  *launches = s.launches;
+  *blocks = s.blocks;
+  *switches = s.context_switches;
+}
