@@ -12,7 +12,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Sum over the block; every thread gets the result.
+// Sum over the block; every thread gets the result. At most one call per block: a second
+// call would first need a barrier, or a warp running ahead would overwrite `partial`
+// before a slower one has read it (the kernels do nothing with shared memory after it).
 __device__ float block_sum(float v) {
   PVM_SHARED(float, partial, [kThreads / 32]);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -20,9 +22,7 @@ __device__ float block_sum(float v) {
   if (lane == 0) partial[warp] = v;
   __syncthreads();  // every warp's partial is written before any warp reads them
   v = lane < kThreads / 32 ? partial[lane] : 0.f;
-  v = warp_sum(v);
-  __syncthreads();  // partial may be reused by a later call
-  return v;
+  return warp_sum(v);
 }
 
 template <typename T>

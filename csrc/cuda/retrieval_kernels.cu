@@ -277,16 +277,17 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
   const int64_t n_end = key_end(p, b);
   const float scale_log2 = p.scale * kLog2e;
 
+  // dK/dV accumulate in shared memory; each thread zeroes, updates and finally writes the
+  // same elements e (one mapping throughout), so those need no barrier of their own.
   stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
   for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) dk_s[e] = dv_s[e] = 0.f;
-  __syncthreads();  // the staged keys and the zeroed dK/dV are visible to every thread
 
   // A tile wholly past this sample's last valid key has zero gradient: skip the rows.
   const int64_t rows_end = n0 < n_end ? rows : 0;
   for (int64_t r0 = 0; r0 < rows_end; r0 += kRowsPerIter) {
     stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, q_s);
     stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, do_s);
-    __syncthreads();  // the rows (q, dO) are staged before any warp reads them
+    __syncthreads();  // the rows (q, dO), and the first time the keys (K, V), are staged before use
     for (int rr = warp; rr < kRowsPerIter; rr += kWarps) {
       const int64_t r = r0 + rr;
       const bool row_ok = r < rows;
