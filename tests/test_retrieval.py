@@ -16,7 +16,13 @@ SHAPES = [
     (1, 1, 4, 1, 32, 130, None),        # decode step, Nv past two key blocks
     (2, 67, 2, 2, 16, 1, None),         # Nv = 1, T past one row block
     (2, 3, 3, 1, 24, 19, "holes"),      # hd not a power of two, holes in the mask
+    (2, 5, 4, 1, 128, 150, "pad"),      # the 8B layout: H 4, Hkv 1, hd 128
+    (1, 1, 4, 1, 128, 300, None),       # an 8B decode step
 ]
+
+# Head dims across every BLOCK_D bucket of the Triton kernels (16 .. 256), powers of two
+# and not, as flash-attention's tests sweep 32-256.
+HEAD_DIMS = [8, 24, 40, 64, 96, 128, 160, 256]
 
 
 def make_mask(kind, B, Nv):
@@ -70,6 +76,38 @@ def test_retrieval_matches_reference(backend, device, dtype, shape):
     run_case(backend, device, dtype, *dims, make_mask(kind, B, Nv), with_len=kind == "pad")
 
 
+def head_dim_refusal(backend, device, hd, dtype):
+    """Why ``backend`` refuses head dim ``hd`` in ``dtype`` (None if it takes it)."""
+    from pvm_kernels.ops import resolve_backend
+    return resolve_backend(backend, torch.device(device)).head_dim_check(hd, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hd", HEAD_DIMS)
+def test_retrieval_head_dims(backend, device, dtype, hd):
+    """Every head dim a backend takes matches the reference; one it refuses raises a
+    ValueError naming the limit before any launch (triton: 128 in float32)."""
+    mask = make_mask("mixed", 3, 37)[1:]
+    if head_dim_refusal(backend, device, hd, dtype) is not None:
+        with pytest.raises(ValueError, match=rf"backend '{backend}': head_dim must be .* got {hd}"):
+            run_case(backend, device, dtype, 2, 3, 4, 2, hd, 37, mask)
+        return
+    run_case(backend, device, dtype, 2, 3, 4, 2, hd, 37, mask)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("hd", [4, 12, 264, 512])
+def test_retrieval_rejects_unsupported_head_dims_before_launch(backend, device, hd):
+    q = torch.randn(1, 2, 2, hd, device=device)
+    k = torch.randn(1, 3, 1, hd, device=device)
+    if head_dim_refusal(backend, device, hd, torch.float32) is None:
+        pvm_retrieval(q, k, k, backend=backend)  # accepted: it runs
+        return
+    with pytest.raises(ValueError, match=rf"backend '{backend}': head_dim must be .* got {hd}"):
+        pvm_retrieval(q, k, k, backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_retrieval_non_contiguous_inputs(backend, device):
     # Transposed storage: q, k, v are views with permuted strides.
@@ -89,6 +127,38 @@ def test_retrieval_kv_len_bounds_keys(backend, device):
     expected = retrieval_reference(q, k[:, :4], v[:, :4])
     assert max_rel_err(got[0], expected[0]) < 1e-5
     assert (got[1] == 0).all()
+
+
+# kv_len outside [0, Nv]: above means every key, at or below 0 none. Clamped inside the
+# kernels: an unclamped 2^20 read past the keys (a crash on cpu, an illegal address on GPU).
+KV_LEN_EDGES = [5, 6, 9, 2**20, 2**31 - 1, 0, -1, -7, -2**31]
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
+def test_retrieval_kv_len_outside_range_is_clamped(backend, device, with_mask):
+    B, T, H, Hkv, hd, Nv = len(KV_LEN_EDGES), 2, 4, 2, 16, 5
+    q = torch.randn(B, T, H, hd, requires_grad=True)
+    k = torch.randn(B, Nv, Hkv, hd, requires_grad=True)
+    v = torch.randn(B, Nv, Hkv, hd, requires_grad=True)
+    mask = random_mask(B, Nv, holes=0.3) if with_mask else torch.ones(B, Nv, dtype=torch.bool)
+    kv_len = torch.tensor(KV_LEN_EDGES, dtype=torch.int32)
+    clamped = kv_len.clamp(0, Nv)
+    valid = mask & (torch.arange(Nv)[None, :] < clamped[:, None])
+    qr, kr, vr = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = retrieval_reference(qr, kr, vr, valid)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    qd, kd, vd = [t.detach().to(device).requires_grad_() for t in (q, k, v)]
+    with poisoned_outputs():
+        got = pvm_retrieval(qd, kd, vd, mask.to(device) if with_mask else None,
+                            kv_len.to(device), backend=backend)
+        got.backward(grad.float().to(device))
+    assert max_rel_err(got, expected) < 1e-4
+    for g, r in ((qd.grad, qr.grad), (kd.grad, kr.grad), (vd.grad, vr.grad)):
+        assert max_rel_err(g, r) < 1e-4
+    none = clamped == 0
+    assert (got.detach().cpu()[none] == 0).all() and (qd.grad.cpu()[none] == 0).all()
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
@@ -115,3 +185,37 @@ def test_retrieval_rejects_bad_arguments(backend, device):
     with pytest.raises(ValueError, match="multiple of k heads"):
         pvm_retrieval(q, torch.randn(1, 5, 3, 16, device=device),
                       torch.randn(1, 5, 3, 16, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_device_params()
+                                            if p.values[0] != "reference"])
+@pytest.mark.parametrize("bad", ["lse-shape", "lse-dtype", "grad-shape", "grad-dtype",
+                                 "out-shape", "kv_len-dtype", "mask-shape"])
+def test_backward_op_checks_every_tensor_before_launch(backend, device, bad):
+    """A direct call of a kernel backend's backward op (bypassing the Python checks) with a
+    wrong saved tensor fails with a message naming it, instead of reading out of bounds."""
+    from conftest import op_prefix
+    from pvm_kernels.ops.registration import get_op
+    q = torch.randn(2, 3, 4, 16, device=device)
+    k = torch.randn(2, 5, 2, 16, device=device)
+    out, lse = get_op(op_prefix(backend), "retrieval_fwd")(q, k, k, None, None, 0.25)
+    args = dict(grad_out=torch.randn_like(out), out=out, lse=lse, key_mask=None, kv_len=None)
+    name = bad.split("-")[0].replace("grad", "grad_out").replace("mask", "key_mask")
+    if bad == "lse-shape":
+        args["lse"] = lse[:, :, :2]
+    elif bad == "lse-dtype":
+        args["lse"] = lse.double()
+    elif bad == "grad-shape":
+        args["grad_out"] = args["grad_out"][:, :2]
+    elif bad == "grad-dtype":
+        args["grad_out"] = args["grad_out"].half()
+    elif bad == "out-shape":
+        args["out"] = out[:1]
+    elif bad == "kv_len-dtype":
+        args["kv_len"] = torch.full((2,), 5, dtype=torch.int64, device=device)
+    else:
+        args["key_mask"] = torch.ones(2, 4, dtype=torch.bool, device=device)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=name):
+        get_op(op_prefix(backend), "retrieval_bwd")(
+            args["grad_out"], q, k, k, args["out"], args["lse"], args["key_mask"],
+            args["kv_len"], 0.25)

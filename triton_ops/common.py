@@ -1,9 +1,10 @@
-"""Helpers shared by the Triton kernels."""
+"""Helpers shared by the Triton kernels and their launchers."""
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+from typing import Dict, Optional, Sequence
 
 import torch
 import triton
@@ -12,27 +13,50 @@ import triton.language as tl
 #: True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+#: The GPU grid's limits (x; y and z): the launchers use 1-D grids, checked against x.
+MAX_GRID_X = 2**31 - 1
+
 
 @triton.jit
-def mma(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def mma(a, b, UPCAST: tl.constexpr, FP32: tl.constexpr):
     """a @ b with fp32 accumulation.
 
-    IEEE: fp32 operands use true fp32 products (TF32 would cost ~1e-3 relative error, ten
-    times our fp32 tolerance). UPCAST: the CPU interpreter computes bf16/fp16 dots wrongly
-    (triton 3.8), so operands go through fp32 there; bf16 x bf16 products are exact in
-    fp32, so the result matches the GPU's MMA up to summation order.
+    FP32 (fp32 operands): "tf32x3", three TF32 tensor-core products per product (hi*hi +
+    hi*lo + lo*hi), ~1e-6 relative error where plain TF32 costs ~1e-3, ten times our fp32
+    tolerance. IEEE fp32 dots run on FMA units with operand layouts that spilled 0.6-11 KB
+    per thread at every tile tried (compile gate, sm_90); tf32x3 keeps tensor-core layouts.
+    UPCAST (the CPU interpreter, any dtype): operands go through fp32 with exact products;
+    the interpreter computes bf16/fp16 dots wrongly (triton 3.8), and bf16 x bf16 products
+    are exact in fp32, so the result matches the GPU's MMA up to summation order.
     """
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+    elif FP32:
+        return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b)
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
     """constexpr flags for ``mma`` given the operand dtype."""
-    return dict(UPCAST=INTERPRET and dtype != torch.float32, IEEE=dtype == torch.float32)
+    return dict(UPCAST=INTERPRET, FP32=dtype == torch.float32)
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """The configuration tables' dtype key: "fp32" or "16bit" (fp16 and bf16)."""
+    if dtype == torch.float32:
+        return "fp32"
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {dtype}")
+
+
+def head_dim_problem(hd: int, multiple: int, largest: int) -> Optional[str]:
+    """Why head dim ``hd`` is outside [multiple, largest] in steps of ``multiple``, or None."""
+    if hd % multiple or not multiple <= hd <= largest:
+        return (f"head_dim must be a multiple of {multiple} from {multiple} to {largest}, "
+                f"got {hd}")
+    return None
 
 
 # Triton's CPU interpreter keeps the launch grid in process-global state, so two threads
@@ -50,5 +74,77 @@ def launch_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def check_grid(grid: Sequence[int]) -> None:
+    """ValueError before a launch whose 1-D grid exceeds the GPU's limit on grid x."""
+    if grid[0] > MAX_GRID_X:
+        raise ValueError(f"problem too large for one launch: {grid[0]} programs, the GPU "
+                         f"allows {MAX_GRID_X}")
+
+
 def pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+#: The layout every kernel may assume of its [..., hd] tensors (see retrieval.py): unit
+#: stride along the last dim, other strides multiples of VECTOR elements, 16-byte aligned.
+VECTOR = 8
+
+
+def is_vector_layout(t: torch.Tensor) -> bool:
+    """Unit last stride, other strides multiples of 8 elements, 16-byte aligned data.
+    Strides of size-1 dims never move a pointer and are ignored."""
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return False
+    if any(s % VECTOR for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+        return False
+    return t.data_ptr() % 16 == 0
+
+
+def with_vector_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if the kernels can read it as is, else a contiguous copy (a rare layout costs
+    one copy; the kernels' vector-load hints stay true). Inner dims must be multiples of 8."""
+    return t if is_vector_layout(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+# Stand-ins for an absent key_mask / kv_len, one per device, so that no kernel variant
+# without them exists. Created outside CUDA-graph capture only: a tensor made during
+# capture holds its value only once the graph replays, so it is never cached.
+_STAND_INS: Dict[tuple, torch.Tensor] = {}
+
+
+def _stand_in(kind: str, device: torch.device, make) -> torch.Tensor:
+    key = (kind, device)
+    t = _STAND_INS.get(key)
+    if t is None:
+        t = make()
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _STAND_INS[key] = t
+    return t
+
+
+def always_true(device: torch.device) -> torch.Tensor:
+    """One True (bool [1]): read at stride 0 it keeps every row or key."""
+    return _stand_in("true", device, lambda: torch.ones((1,), dtype=torch.bool, device=device))
+
+
+def always_valid_keys(device: torch.device) -> torch.Tensor:
+    """A key_mask that is True everywhere: one element, read with strides (0, 0)."""
+    return always_true(device).as_strided((1, 1), (0, 0))
+
+
+def unlimited_kv_len(device: torch.device) -> torch.Tensor:
+    """A kv_len of 2^31 - 1 for every sample (clamped to Nv in the kernels), stride 0."""
+    return _stand_in("len", device, lambda: torch.full((1,), 2**31 - 1, dtype=torch.int32,
+                                                       device=device)).as_strided((1,), (0,))
+
+
+def expect(name: str, t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
+           device: torch.device) -> None:
+    """ValueError/TypeError naming ``name`` unless ``t`` has this shape, dtype and device:
+    a launcher's own check of what a direct op call hands it, before any launch."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")

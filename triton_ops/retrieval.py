@@ -10,101 +10,226 @@ served by one read of its keys and values. At the 8B shape (H 4, Hkv 1) this rea
 minimum of a tensor-core tile with 4 real rows instead of 1.
 
 Layouts: q/out [B, T, H, hd]; k/v [B, Nv, Hkv, hd]; lse [B, H, T] float32 (natural log,
--inf for a row with no valid key); key_mask [B, Nv] (nonzero = valid); kv_len [B] int32.
-Any strides are accepted; offsets are computed in int64.
+-inf for a row with no valid key); key_mask [B, Nv] (nonzero = valid); kv_len [B] int32,
+clamped to [0, Nv] in the kernels (above Nv: every key; 0 or below: none).
+
+Specialisation is closed: every runtime integer is passed unspecialised (sizes int32,
+strides int64), so the compiled variants are exactly the constexpr combinations of
+``CONFIGS`` x dtype, a finite set the ahead-of-time compile gate (tools/compile_gate.py)
+compiles in full for sm_80 and sm_90. What Triton would have learnt from specialising, the
+launcher guarantees instead and the kernels state as hints: unit stride along hd, every
+other stride and hd a multiple of 8 elements, 16-byte aligned pointers. That is what
+16-byte vector loads need (checked in the PTX: ld.global.v4 with the hints, 2-byte loads
+without).
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .common import launch_guard, dot_flags, mma, pow2_at_least
+from .common import (always_valid_keys, check_grid, dot_flags, dtype_class, expect,
+                     head_dim_problem, launch_guard, mma, unlimited_kv_len, with_vector_layout)
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
+#: Head dims the Triton retrieval kernels take: multiples of 8 from 8 up to 256 in bf16 and
+#: fp16, up to 128 in fp32 (fp32's dK/dV at hd 256 spilled at every tile tried, 16 x 16
+#: included: the compile gate's sweep). hd pads to BLOCK_D, the next power of two (at least
+#: 16: tl.dot's smallest K). Qwen3-VL's head dim is 128 at every size.
+HEAD_DIM_MULTIPLE = 8
+MAX_HEAD_DIM = {"16bit": 256, "fp32": 128}
+BLOCK_D_CHOICES = (16, 32, 64, 128, 256)
+
+#: Packed query rows (T * G) up to this use the "decode" tile (16 rows: the MMA minimum).
+DECODE_ROWS = 16
+
+# Runtime integers: never specialised (see the module docstring).
+_RUNTIME_INTS = ["sqb", "sqt", "sqh", "skb", "skn", "skh", "svb", "svn", "svh", "sob", "sot",
+                 "soh", "smb", "smn", "slb", "sgb", "sgn", "sgh", "sgt", "T", "G", "NV", "HD",
+                 "HKV"]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One compiled tile shape: BLOCK_M packed query rows x BLOCK_N keys per step."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+_T = TileConfig
+#: (kernel, dtype class, BLOCK_D, row class) -> TileConfig: the only source of launch shapes.
+#: Each entry is the largest tile (rows, then keys; fewer warps and more stages first) that
+#: compiled for both sm_80 and sm_90, with both triton 3.8 (CPU machines) and 3.6 (the GPU
+#: machines), with no register spill and within the A100's 166,912 B of shared memory per
+#: block, found by sweeping candidates through the compile gate's session
+#: (tools/compile_gate.py); the gate recompiles every entry in `make test` and the
+#: README's table lists their registers, shared memory and occupancy. Not yet timed on a
+#: GPU: these are the biggest safe tiles, not tuned ones.
+CONFIGS: Dict[Tuple[str, str, int, str], TileConfig] = {
+    # forward: accumulator [BLOCK_M, BLOCK_D] fp32 in registers. 4 warps at 64 x 64 x 128
+    # spilled on sm_80 (255 registers + 40-80 B); 8 warps hold it in 184.
+    ("fwd", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
+    ("fwd", "16bit", 32, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 32, "prefill"): _T(64, 64, 4, 2),
+    ("fwd", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 64, "prefill"): _T(64, 64, 4, 2),
+    ("fwd", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
+    ("fwd", "16bit", 256, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 256, "prefill"): _T(64, 64, 8, 1),
+    ("fwd", "fp32", 16, "decode"): _T(16, 64, 4, 1), ("fwd", "fp32", 16, "prefill"): _T(64, 64, 4, 1),
+    ("fwd", "fp32", 32, "decode"): _T(16, 64, 4, 2), ("fwd", "fp32", 32, "prefill"): _T(64, 32, 4, 2),
+    ("fwd", "fp32", 64, "decode"): _T(16, 64, 4, 2), ("fwd", "fp32", 64, "prefill"): _T(32, 32, 8, 2),
+    ("fwd", "fp32", 128, "decode"): _T(16, 64, 8, 2), ("fwd", "fp32", 128, "prefill"): _T(16, 32, 8, 2),
+    # dQ: q, dO and the dq accumulator per row block; fp32 streams q/dO in 32-dim chunks.
+    ("dq", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
+    ("dq", "16bit", 32, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 32, "prefill"): _T(64, 64, 4, 2),
+    ("dq", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 64, "prefill"): _T(64, 64, 4, 2),
+    ("dq", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
+    ("dq", "16bit", 256, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 256, "prefill"): _T(64, 32, 8, 2),
+    ("dq", "fp32", 16, "decode"): _T(16, 32, 4, 2), ("dq", "fp32", 16, "prefill"): _T(64, 32, 4, 2),
+    ("dq", "fp32", 32, "decode"): _T(16, 64, 4, 2), ("dq", "fp32", 32, "prefill"): _T(64, 32, 8, 1),
+    ("dq", "fp32", 64, "decode"): _T(16, 64, 4, 1), ("dq", "fp32", 64, "prefill"): _T(64, 16, 4, 2),
+    ("dq", "fp32", 128, "decode"): _T(16, 64, 8, 1), ("dq", "fp32", 128, "prefill"): _T(32, 32, 8, 1),
+    # dK/dV: one key block per program, two [BLOCK_N, BLOCK_D] fp32 accumulators resident
+    # (64 x 64 x 128 on 4 warps: 255 registers + 152-408 B spill; 8 warps: 182-250; at
+    # 64 x 64 x 64 on sm_80, 4 and 8 warps with 2 stages spill 8 B; 1 stage fits in 219).
+    ("dkdv", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("dkdv", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
+    ("dkdv", "16bit", 32, "decode"): _T(16, 64, 4, 1), ("dkdv", "16bit", 32, "prefill"): _T(64, 64, 4, 2),
+    ("dkdv", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("dkdv", "16bit", 64, "prefill"): _T(64, 64, 4, 1),
+    ("dkdv", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("dkdv", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
+    ("dkdv", "16bit", 256, "decode"): _T(16, 64, 8, 2), ("dkdv", "16bit", 256, "prefill"): _T(32, 64, 8, 1),
+    ("dkdv", "fp32", 16, "decode"): _T(16, 32, 4, 2), ("dkdv", "fp32", 16, "prefill"): _T(16, 32, 4, 2),
+    ("dkdv", "fp32", 32, "decode"): _T(16, 16, 4, 2), ("dkdv", "fp32", 32, "prefill"): _T(32, 16, 4, 2),
+    ("dkdv", "fp32", 64, "decode"): _T(16, 32, 4, 2), ("dkdv", "fp32", 64, "prefill"): _T(16, 32, 4, 2),
+    ("dkdv", "fp32", 128, "decode"): _T(16, 32, 8, 2), ("dkdv", "fp32", 128, "prefill"): _T(16, 32, 8, 2),
+}
+
+
+def block_d_for(hd: int) -> int:
+    return max(16, triton.next_power_of_2(hd))
+
+
+def row_class(rows: int) -> str:
+    return "decode" if rows <= DECODE_ROWS else "prefill"
+
+
+def config_key(kernel: str, dtype: torch.dtype, rows: int, hd: int) -> Tuple[str, str, int, str]:
+    """The CONFIGS key of a launch of ``kernel`` for T * G = ``rows`` and head dim ``hd``."""
+    return (kernel, dtype_class(dtype), block_d_for(hd), row_class(rows))
+
+
+def select_config(kernel: str, dtype: torch.dtype, rows: int, hd: int) -> TileConfig:
+    """The table entry a launch of ``kernel`` uses for T * G = ``rows`` and head dim ``hd``."""
+    return CONFIGS[config_key(kernel, dtype, rows, hd)]
+
+
+def head_dim_unsupported(hd: int, dtype: torch.dtype) -> Optional[str]:
+    """Why the Triton retrieval cannot take head dim ``hd`` in ``dtype`` (None if it can)."""
+    largest = MAX_HEAD_DIM[dtype_class(dtype)]
+    why = head_dim_problem(hd, HEAD_DIM_MULTIPLE, largest)
+    return None if why is None else f"{why} in {str(dtype).replace('torch.', '')}"
+
+
+# ---- kernels -----------------------------------------------------------------------------
 
 @triton.jit
-def _row_tile(PTR, b, rows, row_ok, kvh, d, d_ok, G: tl.constexpr, sb, st, sh, sd):
-    """Pointers and mask of a [BLOCK_M, BLOCK_D] tile of packed rows r = t * G + g
-    (query token t, head kvh * G + g) in a [B, T, H, hd] tensor."""
+def _row_offsets(b, rows, kvh, G, sb, st, sh):
+    """Element offsets of packed rows r = t * G + g (token t, head kvh * G + g) in a
+    [B, T, H, hd] tensor; multiples of 8 by the launcher's layout guarantee."""
     t = (rows // G).to(tl.int64)
     h = (kvh * G + rows % G).to(tl.int64)
-    ptrs = PTR + b * sb + (t * st + h * sh)[:, None] + d[None, :] * sd
-    return ptrs, row_ok[:, None] & d_ok[None, :]
+    return tl.multiple_of(b * sb + t * st + h * sh, 8)
 
 
 @triton.jit
-def _key_tile(PTR, b, kvh, n, n_in, d, d_ok, sb, sn, sh, sd, TRANSPOSED: tl.constexpr):
-    """Pointers and mask of a key-block tile of a [B, Nv, Hkv, hd] tensor:
-    [BLOCK_N, BLOCK_D], or [BLOCK_D, BLOCK_N] when TRANSPOSED (ready for q @ k^T)."""
-    base = PTR + b * sb + kvh * sh
-    n64 = n.to(tl.int64)
-    if TRANSPOSED:
-        return base + n64[None, :] * sn + d[:, None] * sd, n_in[None, :] & d_ok[:, None]
-    return base + n64[:, None] * sn + d[None, :] * sd, n_in[:, None] & d_ok[None, :]
+def _key_offsets(b, kvh, n, sb, sn, sh):
+    """Element offsets of keys n of KV head kvh in a [B, Nv, Hkv, hd] tensor (multiples of 8)."""
+    return tl.multiple_of(b * sb + kvh * sh + n.to(tl.int64) * sn, 8)
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G: tl.constexpr, HKV):
-    """log2-domain lse and delta of packed rows, both stored [B, H, T]."""
+def _dims(HD, BLOCK_D: tl.constexpr):
+    """Head-dim lanes and their mask. hd is a multiple of 8, so the mask is constant over
+    each run of 8 lanes, which keeps 16-byte vector loads (d < HD alone would not)."""
+    d = tl.arange(0, BLOCK_D)
+    return d, (d // 8) < (HD // 8)
+
+
+@triton.jit
+def _kv_end(KV_LEN, b, slb, NV):
+    """One past the last key to visit for sample b: kv_len clamped to [0, Nv]."""
+    return tl.minimum(tl.maximum(tl.load(KV_LEN + b * slb), 0), NV)
+
+
+@triton.jit
+def _key_valid(KEY_MASK, b, n, n_end, smb, smn):
+    ok = n < n_end
+    return ok & (tl.load(KEY_MASK + b * smb + n.to(tl.int64) * smn, mask=ok, other=0) != 0)
+
+
+@triton.jit
+def _program(T, G, HKV, n_items, BLOCK: tl.constexpr):
+    """Split the 1-D grid into (block of n_items, sample, KV head), blocks fastest, so the
+    programs sharing one KV head run side by side (L2 reuse of its K/V). A 1-D grid has no
+    65,535 limit on B x Hkv (grid y and z do)."""
+    n_blocks = tl.cdiv(n_items, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks
+    return pid % n_blocks, (bh // HKV).to(tl.int64), bh % HKV
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV):
+    """log2-domain lse and delta of packed rows, both stored [B, H, T] contiguous."""
     t = (rows // G).to(tl.int64)
     h = (kvh * G + rows % G).to(tl.int64)
-    stat = (b * (HKV * G) + h) * T + t
+    stat = (b * HKV * G + h) * T + t
     lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     return lse2, tl.load(DELTA + stat, mask=row_ok, other=0.0)
 
 
 @triton.jit
-def _kv_end(KV_LEN, b, NV, HAS_LEN: tl.constexpr):
-    """One past the last key to visit for sample b."""
-    if HAS_LEN:
-        return tl.load(KV_LEN + b)
-    return NV
+def _chunked_dot(A, a_off, a_ok, B, b_off, b_ok, HD, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                 FP32: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] = a @ b^T over the head dim, loaded and multiplied 32 dims at a
+    time (rows of a at offsets a_off, of b at b_off)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c in tl.static_range(0, BLOCK_D, 32):
+        dc = c + tl.arange(0, 32)
+        dc_ok = (dc // 8) < (HD // 8)
+        a = tl.load(A + a_off[:, None] + dc[None, :], mask=a_ok[:, None] & dc_ok[None, :],
+                    other=0.0)
+        b = tl.load(B + b_off[:, None] + dc[None, :], mask=b_ok[:, None] & dc_ok[None, :],
+                    other=0.0)
+        acc += mma(a, tl.trans(b), UPCAST, FP32)
+    return acc
 
 
-@triton.jit
-def _key_valid(KEY_MASK, b, n, n_end, smb, smn, HAS_MASK: tl.constexpr):
-    ok = n < n_end
-    if HAS_MASK:
-        ok = ok & (tl.load(KEY_MASK + b * smb + n.to(tl.int64) * smn, mask=ok, other=0) != 0)
-    return ok
-
-
-@triton.jit
-def _row_program(T, HD, HKV, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (sample, KV head) from grid axis 1 and its block of packed query rows
-    (t * G + head in group) from axis 0, with the head-dim lanes and their masks."""
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    kvh = pid_bh % HKV
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    return b, kvh, rows, rows < T * G, d, d < HD
-
-
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def retrieval_fwd_kernel(
     Q, K, V, O, LSE, KEY_MASK, KV_LEN,
-    sqb, sqt, sqh, sqd,
-    skb, skn, skh, skd,
-    svb, svn, svh, svd,
-    sob, sot, soh, sod,
-    smb, smn,
-    T, NV, HD, HKV, qk_scale_log2,
-    G: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr,
+    sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
+    skb: tl.int64, skn: tl.int64, skh: tl.int64,
+    svb: tl.int64, svn: tl.int64, svh: tl.int64,
+    sob: tl.int64, sot: tl.int64, soh: tl.int64,
+    smb: tl.int64, smn: tl.int64, slb: tl.int64,
+    T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr,
 ):
-    b, kvh, rows, row_ok, d, d_ok = _row_program(T, HD, HKV, G, BLOCK_M, BLOCK_D)
-    q_ptrs, q_mask = _row_tile(Q, b, rows, row_ok, kvh, d, d_ok, G, sqb, sqt, sqh, sqd)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    n_end = _kv_end(KV_LEN, b, NV, HAS_LEN)
+    rb, b, kvh = _program(T, G, HKV, T * G, BLOCK_M)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T * G
+    d, d_ok = _dims(HD, BLOCK_D)
+    rd_ok = row_ok[:, None] & d_ok[None, :]
+    q_off = _row_offsets(b, rows, kvh, G, sqb, sqt, sqh)
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
+    n_end = _kv_end(KV_LEN, b, slb, NV)
 
     # Finite start for the running max: an all-masked block then gives exp2(-inf) = 0
     # and a rescale factor of exactly 1 instead of NaN from (-inf) - (-inf).
@@ -113,21 +238,23 @@ def retrieval_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_in = n < n_end
-        n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn, HAS_MASK)
-        kt_ptrs, kt_mask = _key_tile(K, b, kvh, n, n_in, d, d_ok, skb, skn, skh, skd, True)
-        kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
-        s = mma(q, kt, UPCAST, IEEE) * qk_scale_log2
+        n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
+        # Invalid keys are never read: padding may hold anything, and 0 * NaN would leak
+        # into valid rows through the dot. A masked load (zero fill) instead of a
+        # tl.where on the tile also lets the compiler stream K and V straight to shared
+        # memory (cp.async): the where kept V in registers, 40-408 B of spill at 64x64x128.
+        nd_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + _key_offsets(b, kvh, n, skb, skn, skh)[:, None] + d[None, :],
+                    mask=nd_ok, other=0.0)
+        s = mma(q, tl.trans(k), UPCAST, FP32) * qk_scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs, v_mask = _key_tile(V, b, kvh, n, n_in, d, d_ok, svb, svn, svh, svd, False)
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        # Padding may hold anything; 0 * NaN would leak into valid rows through the dot.
-        v = tl.where(n_ok[:, None], v, 0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, IEEE)
+        v = tl.load(V + _key_offsets(b, kvh, n, svb, svn, svh)[:, None] + d[None, :],
+                    mask=nd_ok, other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, FP32)
         m_i = m_new
 
     # Empty only when nothing was summed (l == 0, no valid key); a NaN l (NaN or Inf in
@@ -135,150 +262,196 @@ def retrieval_fwd_kernel(
     has = l_i != 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
-    o_ptrs, o_mask = _row_tile(O, b, rows, row_ok, kvh, d, d_ok, G, sob, sot, soh, sod)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+    o_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
+    tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=rd_ok)
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     t = (rows // G).to(tl.int64)
     h = (kvh * G + rows % G).to(tl.int64)
-    tl.store(LSE + (b * (HKV * G) + h) * T + t, lse, mask=row_ok)
+    tl.store(LSE + (b * HKV * G + h) * T + t, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def retrieval_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KEY_MASK, KV_LEN,
-    sqb, sqt, sqh, sqd,
-    skb, skn, skh, skd,
-    svb, svn, svh, svd,
-    sdob, sdot, sdoh, sdod,
-    smb, smn,
-    sgb, sgn, sgh, sgd,
-    T, NV, HD, HKV, qk_scale_log2, scale,
-    G: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr,
+    sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
+    skb: tl.int64, skn: tl.int64, skh: tl.int64,
+    svb: tl.int64, svn: tl.int64, svh: tl.int64,
+    sob: tl.int64, sot: tl.int64, soh: tl.int64,
+    smb: tl.int64, smn: tl.int64, slb: tl.int64,
+    sgb: tl.int64, sgn: tl.int64, sgh: tl.int64,
+    T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr,
 ):
-    """One program per (key block, sample, KV head): loops over every packed query row."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    kvh = pid_bh % HKV
-    n_end = _kv_end(KV_LEN, b, NV, HAS_LEN)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """One program per (key block, sample, KV head): loops over every packed query row.
+    do's strides are the so*/sot/soh slots (grad_out plays out's role)."""
+    kb, b, kvh = _program(T, G, HKV, NV, BLOCK_N)
+    n_end = _kv_end(KV_LEN, b, slb, NV)
+    n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NV
-    n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn, HAS_MASK)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HD
-    k_ptrs, kv_mask = _key_tile(K, b, kvh, n, n_in, d, d_ok, skb, skn, skh, skd, False)
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v_ptrs, _ = _key_tile(V, b, kvh, n, n_in, d, d_ok, svb, svn, svh, svd, False)
-    v = tl.where(n_ok[:, None], tl.load(v_ptrs, mask=kv_mask, other=0.0), 0.0)
+    n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
+    d, d_ok = _dims(HD, BLOCK_D)
+    nd_ok = n_in[:, None] & d_ok[None, :]
+    valid_nd = n_ok[:, None] & d_ok[None, :]
+    k_off = _key_offsets(b, kvh, n, skb, skn, skh)
+    v_off = _key_offsets(b, kvh, n, svb, svn, svh)
+    if not FP32:
+        k = tl.load(K + k_off[:, None] + d[None, :], mask=valid_nd, other=0.0)
+        v = tl.load(V + v_off[:, None] + d[None, :], mask=valid_nd, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # A key block wholly past this sample's last valid key has zero gradient: skip the loop.
-    row_end = tl.where(pid_n * BLOCK_N < n_end, T * G, 0)
+    row_end = tl.where(kb * BLOCK_N < n_end, T * G, 0)
     for r0 in range(0, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < T * G
-        q_ptrs, r_mask = _row_tile(Q, b, rows, row_ok, kvh, d, d_ok, G, sqb, sqt, sqh, sqd)
-        q = tl.load(q_ptrs, mask=r_mask, other=0.0)
-        do_ptrs, _ = _row_tile(DO, b, rows, row_ok, kvh, d, d_ok, G, sdob, sdot, sdoh, sdod)
-        do = tl.load(do_ptrs, mask=r_mask, other=0.0)
+        rd_ok = row_ok[:, None] & d_ok[None, :]
+        q_off = _row_offsets(b, rows, kvh, G, sqb, sqt, sqh)
+        do_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
+        q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
+        do = tl.load(DO + do_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
         lse2, delta = _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV)
-        s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale_log2
+        if FP32:
+            # As in the dQ kernel: K and V re-read 32 dims at a time instead of held whole
+            # (with tf32x3 splits they spilled at hd 256 even on 16 x 16 tiles).
+            s = _chunked_dot(Q, q_off, row_ok, K, k_off, n_ok, HD, BLOCK_M, BLOCK_N, BLOCK_D,
+                             UPCAST, FP32)
+            dp = _chunked_dot(DO, do_off, row_ok, V, v_off, n_ok, HD, BLOCK_M, BLOCK_N,
+                              BLOCK_D, UPCAST, FP32)
+        else:
+            s = mma(q, tl.trans(k), UPCAST, FP32)
+            dp = mma(do, tl.trans(v), UPCAST, FP32)
+        s = s * qk_scale_log2
         p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dv += mma(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
-        dp = mma(do, tl.trans(v), UPCAST, IEEE)
+        dv += mma(tl.trans(p.to(do.dtype)), do, UPCAST, FP32)
         ds = p * (dp - delta[:, None])
-        dk += mma(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+        dk += mma(tl.trans(ds.to(q.dtype)), q, UPCAST, FP32)
 
     dk = dk * scale
     # dk and dv are allocated alike (contiguous), so they share the strides sg*.
-    dk_ptrs, _ = _key_tile(DK, b, kvh, n, n_in, d, d_ok, sgb, sgn, sgh, sgd, False)
-    dv_ptrs, _ = _key_tile(DV, b, kvh, n, n_in, d, d_ok, sgb, sgn, sgh, sgd, False)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    g_off = _key_offsets(b, kvh, n, sgb, sgn, sgh)[:, None] + d[None, :]
+    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def retrieval_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK, KV_LEN,
-    sqb, sqt, sqh, sqd,
-    skb, skn, skh, skd,
-    svb, svn, svh, svd,
-    sdob, sdot, sdoh, sdod,
-    smb, smn,
-    sgb, sgt, sgh, sgd,
-    T, NV, HD, HKV, qk_scale_log2, scale,
-    G: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr,
+    sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
+    skb: tl.int64, skn: tl.int64, skh: tl.int64,
+    svb: tl.int64, svn: tl.int64, svh: tl.int64,
+    sob: tl.int64, sot: tl.int64, soh: tl.int64,
+    smb: tl.int64, smn: tl.int64, slb: tl.int64,
+    sgb: tl.int64, sgt: tl.int64, sgh: tl.int64,
+    T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr,
 ):
     """One program per (row block, sample, KV head): loops over the valid keys.
 
     Split from dK/dV so that neither needs atomics: results are deterministic.
     """
-    b, kvh, rows, row_ok, d, d_ok = _row_program(T, HD, HKV, G, BLOCK_M, BLOCK_D)
-    q_ptrs, r_mask = _row_tile(Q, b, rows, row_ok, kvh, d, d_ok, G, sqb, sqt, sqh, sqd)
-    q = tl.load(q_ptrs, mask=r_mask, other=0.0)
-    do_ptrs, _ = _row_tile(DO, b, rows, row_ok, kvh, d, d_ok, G, sdob, sdot, sdoh, sdod)
-    do = tl.load(do_ptrs, mask=r_mask, other=0.0)
+    rb, b, kvh = _program(T, G, HKV, T * G, BLOCK_M)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T * G
+    d, d_ok = _dims(HD, BLOCK_D)
+    rd_ok = row_ok[:, None] & d_ok[None, :]
+    q_off = _row_offsets(b, rows, kvh, G, sqb, sqt, sqh)
+    do_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
+    if not FP32:
+        q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
+        do = tl.load(DO + do_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
     lse2, delta = _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV)
-    n_end = _kv_end(KV_LEN, b, NV, HAS_LEN)
+    n_end = _kv_end(KV_LEN, b, slb, NV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_in = n < n_end
-        n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn, HAS_MASK)
-        kt_ptrs, kt_mask = _key_tile(K, b, kvh, n, n_in, d, d_ok, skb, skn, skh, skd, True)
-        kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
-        vt_ptrs, _ = _key_tile(V, b, kvh, n, n_in, d, d_ok, svb, svn, svh, svd, True)
-        vt = tl.where(n_ok[None, :], tl.load(vt_ptrs, mask=kt_mask, other=0.0), 0.0)
-        s = mma(q, kt, UPCAST, IEEE) * qk_scale_log2
+        n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
+        nd_ok = n_ok[:, None] & d_ok[None, :]
+        k_off = _key_offsets(b, kvh, n, skb, skn, skh)
+        v_off = _key_offsets(b, kvh, n, svb, svn, svh)
+        k = tl.load(K + k_off[:, None] + d[None, :], mask=nd_ok, other=0.0)
+        if FP32:
+            # Every row of an MMA's A operand lives in every warp, and tf32x3 holds each
+            # fp32 operand twice (hi, lo): q and dO whole ([16, 128] at hd 128) took 255
+            # registers and spilled 16-72 B at every tile tried (compile gate). In chunks
+            # of 32 head dims, re-read from L1 each step, only dq stays live.
+            s = _chunked_dot(Q, q_off, row_ok, K, k_off, n_ok, HD, BLOCK_M, BLOCK_N, BLOCK_D,
+                             UPCAST, FP32)
+            dp = _chunked_dot(DO, do_off, row_ok, V, v_off, n_ok, HD, BLOCK_M, BLOCK_N,
+                              BLOCK_D, UPCAST, FP32)
+        else:
+            v = tl.load(V + v_off[:, None] + d[None, :], mask=nd_ok, other=0.0)
+            s = mma(q, tl.trans(k), UPCAST, FP32)
+            dp = mma(do, tl.trans(v), UPCAST, FP32)
+        s = s * qk_scale_log2
         p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = mma(do, vt, UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
-        dq += mma(ds.to(kt.dtype), tl.trans(kt), UPCAST, IEEE)
+        dq += mma(ds.to(k.dtype), k, UPCAST, FP32)
     dq = dq * scale
-    dq_ptrs, _ = _row_tile(DQ, b, rows, row_ok, kvh, d, d_ok, G, sgb, sgt, sgh, sgd)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=r_mask)
+    g_off = _row_offsets(b, rows, kvh, G, sgb, sgt, sgh)
+    tl.store(DQ + g_off[:, None] + d[None, :], dq.to(DQ.dtype.element_ty), mask=rd_ok)
 
 
-def _blocks(rows: int, hd: int) -> Tuple[int, int, int]:
-    # 64x64 tiles with hd <= 128 keep q, k, v and the accumulator in registers at 4 warps
-    # (the FA2 forward shape); short row counts (decode: T * G = 4) use a 16-row tile.
-    block_m = 64 if rows >= 64 else pow2_at_least(rows)
-    return block_m, 64, pow2_at_least(hd)
+# ---- launchers ---------------------------------------------------------------------------
+
+def _strides3(t: torch.Tensor) -> Tuple[int, int, int]:
+    """The three outer strides of a 4-D tensor whose last stride is 1."""
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common_args(q, k, v, key_mask, kv_len):
-    B, T, H, hd = q.shape
-    Hkv = k.shape[2]
-    mask_t = key_mask if key_mask is not None else q.new_empty((1, 1), dtype=torch.bool)
-    len_t = kv_len if kv_len is not None else q.new_empty((1,), dtype=torch.int32)
-    return B, T, H, hd, Hkv, mask_t, len_t
+def _masks(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor],
+           kv_len: Optional[torch.Tensor]):
+    """key_mask and kv_len (checked), or stand-ins meaning "every key" (so no kernel variant
+    exists without them): a stride-0 True mask, a stride-0 kv_len of 2^31 - 1 (clamped to
+    Nv in the kernels)."""
+    B, Nv = k.shape[0], k.shape[1]
+    expect("k", k, (B, Nv, k.shape[2], q.shape[3]), q.dtype, q.device)
+    if key_mask is not None:
+        expect("key_mask", key_mask, (B, Nv), torch.bool, q.device)
+    if kv_len is not None:
+        expect("kv_len", kv_len, (B,), torch.int32, q.device)
+    mask = key_mask if key_mask is not None else always_valid_keys(q.device)
+    lens = kv_len if kv_len is not None else unlimited_kv_len(q.device)
+    return mask, lens
+
+
+def _check_head_dim(hd: int, dtype: torch.dtype) -> None:
+    why = head_dim_unsupported(hd, dtype)
+    if why is not None:
+        raise ValueError(f"the triton backend's retrieval: {why}")
+
+
+def _launch(kernel, name: str, grid_items: int, block: int, rows: int, q, args,
+            B: int, Hkv: int, hd: int):
+    cfg = select_config(name, q.dtype, rows, hd)
+    grid = (triton.cdiv(grid_items, getattr(cfg, block)) * B * Hkv,)
+    check_grid(grid)
+    with launch_guard(q):
+        kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d_for(hd),
+                     **dot_flags(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_mask: Optional[torch.Tensor], kv_len: Optional[torch.Tensor],
                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward. Returns out [B, T, H, hd] (q.dtype) and lse [B, H, T] float32."""
-    B, T, H, hd, Hkv, mask_t, len_t = _common_args(q, k, v, key_mask, kv_len)
-    G = H // Hkv
+    """Launch the forward. q [B, T, H, hd], k/v [B, Nv, Hkv, hd] (fp16/bf16/fp32, hd a
+    multiple of 8 up to 256), key_mask [B, Nv] bool or None, kv_len [B] int32 or None.
+    Returns out [B, T, H, hd] (q.dtype) and lse [B, H, T] float32."""
+    B, T, H, hd = q.shape
+    Nv, Hkv = k.shape[1], k.shape[2]
+    _check_head_dim(hd, q.dtype)
     out = new_output((B, T, H, hd), q.dtype, q.device)
     lse = new_output((B, H, T), torch.float32, q.device)
     if B * T * H == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    block_m, block_n, block_d = _blocks(T * G, hd)
-    grid = (triton.cdiv(T * G, block_m), B * Hkv)
-    with launch_guard(q):
-        retrieval_fwd_kernel[grid](
-            q, k, v, out, lse, mask_t, len_t,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_t.stride(),
-            T, k.shape[1], hd, Hkv, scale * LOG2E,
-            G=G, HAS_MASK=key_mask is not None, HAS_LEN=kv_len is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **dot_flags(q.dtype),
-            num_warps=4)
+    q, k, v = (with_vector_layout(t) for t in (q, k, v))
+    mask, lens = _masks(q, k, key_mask, kv_len)
+    G = H // Hkv
+    args = (q, k, v, out, lse, mask, lens, *_strides3(q), *_strides3(k), *_strides3(v),
+            *_strides3(out), *mask.stride(), lens.stride(0), T, G, Nv, hd, Hkv, scale * LOG2E)
+    _launch(retrieval_fwd_kernel, "fwd", T * G, "block_m", T * G, q, args, B, Hkv, hd)
     return out, lse
 
 
@@ -286,9 +459,16 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   out: torch.Tensor, lse: torch.Tensor, key_mask: Optional[torch.Tensor],
                   kv_len: Optional[torch.Tensor], scale: float
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward. Returns dq, dk, dv with the shapes and dtypes of q, k, v."""
-    B, T, H, hd, Hkv, mask_t, len_t = _common_args(q, k, v, key_mask, kv_len)
-    G, Nv = H // Hkv, k.shape[1]
+    """Launch the backward. grad_out/out like q, lse [B, H, T] float32 contiguous (from the
+    forward). Returns dq, dk, dv with the shapes and dtypes of q, k, v."""
+    B, T, H, hd = q.shape
+    Nv, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    _check_head_dim(hd, q.dtype)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        expect(name, t, q.shape, q.dtype, q.device)
+    expect("lse", lse, (B, H, T), torch.float32, q.device)
+    lse = lse.contiguous()  # indexed as [B, H, T] contiguous; a no-op for the forward's own
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -296,17 +476,15 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         return dq.zero_(), dk.zero_(), dv.zero_()
     # delta_r = <dO_r, O_r>, the softmax-backward row term, laid out like lse.
     delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    block_m, block_n, block_d = _blocks(T * G, hd)
-    common = dict(G=G, HAS_MASK=key_mask is not None, HAS_LEN=kv_len is not None,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **dot_flags(q.dtype),
-                  num_warps=4)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_t.stride())
-    sizes = (T, Nv, hd, Hkv, scale * LOG2E, scale)
-    with launch_guard(q):
-        retrieval_bwd_dkdv_kernel[(triton.cdiv(Nv, block_n), B * Hkv)](
-            q, k, v, grad_out, lse, delta, dk, dv, mask_t, len_t, *strides, *dk.stride(),
-            *sizes, **common)
-        retrieval_bwd_dq_kernel[(triton.cdiv(T * G, block_m), B * Hkv)](
-            q, k, v, grad_out, lse, delta, dq, mask_t, len_t, *strides, *dq.stride(),
-            *sizes, **common)
+    q, k, v, grad_out = (with_vector_layout(t) for t in (q, k, v, grad_out))
+    mask, lens = _masks(q, k, key_mask, kv_len)
+    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
+              *mask.stride(), lens.stride(0))
+    sizes = (T, G, Nv, hd, Hkv, scale * LOG2E, scale)
+    _launch(retrieval_bwd_dkdv_kernel, "dkdv", Nv, "block_n", T * G, q,
+            (q, k, v, grad_out, lse, delta, dk, dv, mask, lens, *common, *_strides3(dk),
+             *sizes), B, Hkv, hd)
+    _launch(retrieval_bwd_dq_kernel, "dq", T * G, "block_m", T * G, q,
+            (q, k, v, grad_out, lse, delta, dq, mask, lens, *common, *_strides3(dq), *sizes),
+            B, Hkv, hd)
     return dq, dk, dv

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import PVMDims
 from ..memory import VisualMemory
-from ..ops import check_backend_dtype, resolve_backend
+from ..ops import check_backend_dtype, check_backend_head_dim, resolve_backend
 from ..ops.checks import check_device, check_embeddings, check_like
 from ..reference import retrieval_probabilities, rms_norm
 
@@ -179,6 +179,7 @@ class FusedPVM(nn.Module):
         # so a decode step does not re-resolve and re-validate per op.
         impl = resolve_backend(backend, device)
         check_backend_dtype(impl, hidden_states.dtype)
+        check_backend_head_dim(impl, d.head_dim, hidden_states.dtype)
 
         if isinstance(visual, VisualMemory):
             if visual_mask is not None:

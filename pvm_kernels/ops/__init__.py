@@ -1,7 +1,8 @@
 """Ops layer: functional PVM ops, custom-op registration and backend dispatch."""
 from .backends import (Backend, available_backends, backend_status, register_backend,
                        resolve_backend)
-from .functional import check_backend_dtype, pvm_merge, pvm_retrieval
+from .functional import check_backend_dtype, check_backend_head_dim, pvm_merge, pvm_retrieval
 
 __all__ = ["pvm_retrieval", "pvm_merge", "available_backends", "backend_status",
-           "resolve_backend", "register_backend", "Backend", "check_backend_dtype"]
+           "resolve_backend", "register_backend", "Backend", "check_backend_dtype",
+           "check_backend_head_dim"]

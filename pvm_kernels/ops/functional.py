@@ -9,12 +9,22 @@ import torch
 from .checks import check_float, check_like, check_tensor
 from .registry import Backend, resolve_backend
 
+
 def check_backend_dtype(impl: Backend, dtype: torch.dtype) -> None:
     """TypeError unless ``impl`` runs ``dtype``."""
     if dtype not in impl.dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
         raise TypeError(f"backend {impl.name!r} supports {names}; got {dtype} "
                         f"(backend='reference' runs any float dtype)")
+
+
+def check_backend_head_dim(impl: Backend, head_dim: int, dtype: torch.dtype) -> None:
+    """ValueError unless ``impl``'s retrieval takes head dim ``head_dim`` in ``dtype``
+    (checked before any launch)."""
+    why = impl.head_dim_check(head_dim, dtype)
+    if why is not None:
+        raise ValueError(f"backend {impl.name!r}: {why} (backend='reference' takes any "
+                         f"head_dim)")
 
 
 def pvm_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -25,7 +35,10 @@ def pvm_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q [B, T, H, hd]; k, v [B, Nv, Hkv, hd] (same dtype as q, H divisible by Hkv);
     key_mask [B, Nv] bool (True = valid) or None; kv_len [B] int32 (keys at index >= kv_len
-    are invalid) or None; scale defaults to 1/sqrt(hd). Returns [B, T, H, hd] in q.dtype.
+    are invalid: a value above Nv means every key, 0 or below none; clamped inside the
+    kernels, no host sync) or None; scale defaults to 1/sqrt(hd). Returns [B, T, H, hd] in
+    q.dtype. Head dims: any on reference/cpu, up to 256 on cuda, multiples of 8 up to 256 on
+    triton (128 in float32) (``backend_status`` and the README list them).
     Differentiable in q, k, v.
     """
     check_float("q", q, 4, "[B, T, H, hd]")
@@ -41,6 +54,7 @@ def pvm_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = 1.0 / math.sqrt(hd) if scale is None else float(scale)
     impl = resolve_backend(backend, q.device)
     check_backend_dtype(impl, q.dtype)
+    check_backend_head_dim(impl, hd, q.dtype)
     return impl.retrieval(q, k, v, key_mask, kv_len, scale)
 
 

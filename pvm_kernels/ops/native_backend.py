@@ -53,9 +53,18 @@ def _cuda_check(device_type: str) -> Optional[str]:
     return None if torch.cuda.is_available() else "CUDA is not available"
 
 
+#: Largest head dim of the CUDA retrieval kernels (csrc/cuda/launch.h kMaxHeadDim).
+CUDA_MAX_HEAD_DIM = 256
+
+
+def _cuda_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
+    return None if 1 <= hd <= CUDA_MAX_HEAD_DIM else \
+        f"head_dim must be from 1 to {CUDA_MAX_HEAD_DIM}, got {hd}"
+
+
 # cpu beats the reference at decode shapes (bench/test_bench_native.py): the CPU default.
 # cuda ranks after triton until GPU measurements show it faster (bench/results).
 register_backend(Backend("cpu", _native_retrieval, _native_merge, check=_cpu_check,
                          default_rank={"cpu": 1}))
 register_backend(Backend("cuda", _native_retrieval, _native_merge, check=_cuda_check,
-                         default_rank={"cuda": 20}))
+                         default_rank={"cuda": 20}, head_dim_check=_cuda_head_dim))

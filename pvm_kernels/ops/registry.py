@@ -19,6 +19,8 @@ class Backend:
     retrieval(q, k, v, key_mask, kv_len, scale) -> out;  merge(expanded, gate, keep,
     ffn_output, eps) -> out. ``check(device_type)`` returns None when usable there, else
     the reason. ``default_rank[device_type]``: lower is preferred by ``backend=None``.
+    ``head_dim_check(hd, dtype)`` returns None when the retrieval takes head dim ``hd`` in
+    ``dtype``, else why.
     """
 
     name: str
@@ -27,6 +29,7 @@ class Backend:
     check: Callable[[str], Optional[str]]
     default_rank: Dict[str, int] = field(default_factory=dict)
     dtypes: Tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+    head_dim_check: Callable[[int, torch.dtype], Optional[str]] = lambda hd, dtype: None
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -67,6 +67,10 @@ def _triton_merge(expanded, gate, keep, ffn_output, eps):
     return get_op("triton", "merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
 
 
+def _triton_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
+    return _kernels().retrieval.head_dim_unsupported(hd, dtype)
+
+
 # On CPU the interpreter is far slower than the reference: usable there, never the default.
 register_backend(Backend("triton", _triton_retrieval, _triton_merge, check=_triton_check,
-                         default_rank={"cuda": 10}))
+                         default_rank={"cuda": 10}, head_dim_check=_triton_head_dim))
