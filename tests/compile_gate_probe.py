@@ -1,0 +1,103 @@
+"""Probes that show the compile gate bites, run by tests/test_compile_gate.py in a process
+without TRITON_INTERPRET (the gate compiles for the GPU). Each prints one JSON object.
+
+    python tests/compile_gate_probe.py interpreter-accepts   # (with TRITON_INTERPRET=1)
+    python tests/compile_gate_probe.py shape-mismatch
+    python tests/compile_gate_probe.py table-entry <json: key> <json: TileConfig fields>
+    python tests/compile_gate_probe.py unreachable-entry
+"""
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+
+
+@triton.jit
+def _tile(X, n, TRANSPOSED: tl.constexpr):
+    # The bug the gate found in the first retrieval kernels: a constexpr if returns a tile
+    # of another shape than the return after it. The interpreter runs only the taken
+    # return and accepts it; the GPU compiler types both and refuses.
+    i = tl.arange(0, 32)
+    j = tl.arange(0, 16)
+    if TRANSPOSED:
+        return tl.load(X + j[:, None] * n + i[None, :])
+    return tl.load(X + i[:, None] * n + j[None, :])
+
+
+@triton.jit
+def broken_kernel(X, Y, n, TRANSPOSED: tl.constexpr):
+    tl.store(Y, tl.sum(tl.sum(_tile(X, n, TRANSPOSED), 0), 0))
+
+
+def interpreter_accepts():
+    x = torch.randn(32, 32)
+    y = torch.empty(1)
+    broken_kernel[(1,)](x, y, 32, TRANSPOSED=True)
+    return {"ran": True, "y": float(y.sum())}
+
+
+def shape_mismatch():
+    import compile_gate as gate
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    errors = {}
+    for cap in (80, 90):
+        src = ASTSource(broken_kernel, {"X": "*fp32", "Y": "*fp32", "n": "i32",
+                                        "TRANSPOSED": "constexpr"}, {(3,): True})
+        try:
+            triton.compile(src, target=GPUTarget("cuda", cap, 32))
+            errors[cap] = None
+        except Exception as exc:  # noqa: BLE001 - the error is what the probe reports
+            errors[cap] = gate.describe(exc)
+    assert gate.TARGETS  # the gate module imports without a GPU
+    return {"errors": errors}
+
+
+def table_entry(key, fields):
+    """Replace one retrieval table entry, compile its problem for both targets and return
+    the gate's failures for it."""
+    import compile_gate as gate
+    from pvm_kernels import pvm_retrieval
+    from pvm_kernels.triton_ops import retrieval as R
+    key = tuple(key)
+    R.CONFIGS[key] = R.TileConfig(**fields)
+    kernel, dc, bd, rc = key
+    dtype = torch.float32 if dc == "fp32" else torch.bfloat16
+    T, H, Hkv = (1, 4, 1) if rc == "decode" else (37, 4, 2)
+    records = []
+    for cap in (80, 90):
+        with gate.CompileSession(cap) as s:
+            s.context["config"] = lambda k: ("retrieval", R.config_key(k, dtype, T * H // Hkv, bd))
+            q = torch.randn(2, T, H, bd, dtype=dtype, requires_grad=True)
+            kv = torch.randn(2, 77, Hkv, bd, dtype=dtype, requires_grad=True)
+            pvm_retrieval(q, kv, kv, None, None, backend="triton").sum().backward()
+        records += [vars(r) for r in s.records.values()]
+    return {"failures": [f for f in gate.check(records, [80, 90], only="retrieval")
+                         if "never compiled" not in f]}
+
+
+def unreachable_entry():
+    """A table entry no launch can select must fail the gate's coverage check."""
+    import compile_gate as gate
+    from pvm_kernels.triton_ops import retrieval as R
+    R.CONFIGS[("fwd", "16bit", 512, "decode")] = R.TileConfig(16, 64, 4, 2)
+    return {"failures": [f for f in gate.check([], [90], only="retrieval") if "512" in f]}
+
+
+if __name__ == "__main__":
+    what = sys.argv[1]
+    if what == "interpreter-accepts":
+        result = interpreter_accepts()
+    elif what == "shape-mismatch":
+        result = shape_mismatch()
+    elif what == "table-entry":
+        result = table_entry(json.loads(sys.argv[2]), json.loads(sys.argv[3]))
+    else:
+        result = unreachable_entry()
+    print(json.dumps(result))

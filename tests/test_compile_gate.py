@@ -1,0 +1,119 @@
+"""The ahead-of-time compile gate (tools/compile_gate.py): every Triton specialisation the
+launchers can produce compiles for sm_80 and sm_90 within the targets' limits, and the
+gate's checks bite. Runs in subprocesses without TRITON_INTERPRET: the gate compiles for
+the GPU, which the interpreter never does."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import triton
+
+pytestmark = pytest.mark.cpu_verification
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = os.path.join(ROOT, "tests", "compile_gate_probe.py")
+TABLE = os.path.join(ROOT, "docs", "kernel_resources.md")
+README = os.path.join(ROOT, "README.md")
+# The GPU machines' Triton, installed there by `make test` (pip --target).
+TRITON_GPU_BOX = os.path.join(ROOT, "build", "triton-3.6")
+
+
+def run(args, interpret=False, timeout=900, pythonpath=None):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def probe(*args, interpret=False):
+    res = run([PROBE, *args], interpret=interpret)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def gate_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate")
+    (out / "README.md").write_text(open(README).read())
+    res = run([os.path.join("tools", "compile_gate.py"), "--no-progress", "--json",
+               str(out / "gate.json"), "--markdown", str(out / "table.md"), "--readme",
+               str(out / "README.md")], timeout=1500)
+    return res, out
+
+
+def test_every_specialisation_compiles_for_sm80_and_sm90(gate_run):
+    res, out = gate_run
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    report = json.loads((out / "gate.json").read_text())
+    assert report["failures"] == []
+    records = report["records"]
+    assert {r["target"] for r in records} == {80, 90}
+    assert all(r["error"] is None and r["local"] == 0 for r in records)
+    # forward, both backward kernels and both merge kernels, each in every dtype
+    kernels = {(r["kernel"], r["dtype"]) for r in records}
+    for k in ("retrieval_fwd_kernel", "retrieval_bwd_dq_kernel", "retrieval_bwd_dkdv_kernel",
+              "merge_fwd_kernel", "merge_bwd_kernel"):
+        for dt in ("float16", "bfloat16", "float32"):
+            assert (k, dt) in kernels
+
+
+def test_committed_resource_tables_are_the_gates(gate_run):
+    """docs/kernel_resources.md and the README's block are rewritten by `make compile-gate`;
+    a kernel or table change that alters registers or shared memory must update them (same
+    Triton only: other versions allocate differently)."""
+    res, out = gate_run
+    committed = open(TABLE).read()
+    m = re.search(r"triton (\d+\.\d+\.\d+)", committed)
+    if m is None or m.group(1) != triton.__version__:
+        pytest.skip(f"tables made with triton {m and m.group(1)}, here {triton.__version__}")
+    assert committed == (out / "table.md").read_text(), \
+        "docs/kernel_resources.md is stale: run `make compile-gate`"
+    assert open(README).read() == (out / "README.md").read_text(), \
+        "README.md's compile-gate block is stale: run `make compile-gate`"
+
+
+def test_every_specialisation_compiles_with_the_gpu_machines_triton(tmp_path):
+    """The GPU machines run triton 3.6 (../shared/GPU_FACTS.md), which allocates registers
+    differently: the same gate with it (make test installs it in build/triton-3.6)."""
+    if not os.path.isfile(os.path.join(TRITON_GPU_BOX, "triton", "__init__.py")):
+        pytest.skip("build/triton-3.6 is missing: `make test` installs it")
+    res = run([os.path.join("tools", "compile_gate.py"), "--no-progress", "--json",
+               str(tmp_path / "gate.json")], timeout=1500, pythonpath=TRITON_GPU_BOX)
+    assert "compile gate (triton 3.6" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+
+
+def test_the_interpreter_accepts_what_the_gpu_compiler_rejects():
+    """Why the gate exists: a constexpr branch returning a tile of another shape runs in
+    the interpreter and fails to compile for either GPU target."""
+    assert probe("interpreter-accepts", interpret=True)["ran"]
+    errors = probe("shape-mismatch")["errors"]
+    for cap in ("80", "90"):
+        assert errors[cap] is not None and "Return type mismatch" in errors[cap]
+
+
+def test_gate_fails_on_shared_memory_above_the_a100_limit():
+    # fp32 64 x 64 tiles of hd 128 with 3 stages: the A100 cannot hold them (sm_90 can).
+    failures = probe("table-entry", json.dumps(["fwd", "fp32", 128, "prefill"]),
+                     json.dumps(dict(block_m=64, block_n=64, num_warps=4, num_stages=3)))
+    assert any("shared memory" in f and "A100" in f for f in failures["failures"]), failures
+
+
+def test_gate_fails_on_register_spills():
+    # dK/dV at 64 x 64 x 128 on 4 warps: two fp32 accumulators of 64 registers each, plus
+    # the tiles, exceed 255 registers per thread.
+    failures = probe("table-entry", json.dumps(["dkdv", "16bit", 128, "prefill"]),
+                     json.dumps(dict(block_m=64, block_n=64, num_warps=4, num_stages=2)))
+    assert any("register spill" in f for f in failures["failures"]), failures
+
+
+def test_gate_fails_on_a_table_entry_no_launch_reaches():
+    failures = probe("unreachable-entry")["failures"]
+    assert failures and all("never compiled" in f for f in failures)

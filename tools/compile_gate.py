@@ -1,0 +1,488 @@
+"""Ahead-of-time compile gate: every Triton kernel specialisation the launchers can produce,
+compiled for sm_80 (A100) and sm_90 (H100/H200) on a machine with no GPU.
+
+Triton's CPU interpreter runs kernels as Python and accepts code the GPU compiler rejects;
+this gate runs the GPU compiler. It drives the real launchers through the public ops
+(``pvm_retrieval``, ``pvm_merge``, forward and backward) on CPU tensors, with Triton's
+driver replaced by a stand-in that names the target GPU and every launch turned into
+``warmup`` (compile, never run). The problems come from the launchers' own configuration
+tables (``triton_ops/retrieval.py:CONFIGS``, ``triton_ops/merge.py:CONFIGS``) times the
+dtypes and flags the launchers can pass, so a new table entry cannot escape the gate.
+
+For each compiled kernel it reads registers, shared memory and local memory (spills) from
+the cubin with the ``cuobjdump`` Triton ships, and fails on: a compile error, shared memory
+above the target's per-block limit, any spill, a table entry no launch reached, or one table
+entry compiling to more than one specialisation (the launchers promise a closed set).
+
+    python tools/compile_gate.py                      # both targets, 2 processes
+    python tools/compile_gate.py --markdown docs/kernel_resources.md --json out.json
+    PYTHONPATH=/path/to/triton-3.6 python tools/compile_gate.py   # another Triton
+
+Exit status 0 when every check passes, 1 otherwise (the failures are listed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+#: Per-target limits from ../shared/GPU_FACTS.md (opt-in shared memory per block, per SM).
+TARGETS = {
+    80: dict(gpu="A100", smem_block=166_912, smem_sm=167_936, sms=108),
+    90: dict(gpu="H100", smem_block=232_448, smem_sm=233_472, sms=132),
+}
+REGS_PER_SM, MAX_THREADS_PER_SM, MAX_BLOCKS_PER_SM = 65_536, 2_048, 32
+
+
+@dataclass
+class Compiled:
+    """One distinct specialisation compiled for one target."""
+    kernel: str
+    target: int
+    table: str                  # the configuration table that chose it: retrieval / merge
+    entries: List[str]          # the keys in that table whose launches compiled to it
+    config: str                 # their value
+    dtype: str
+    constexprs: Dict[str, object]
+    signature: str              # Triton's specialisation key (types and attributes)
+    num_warps: int
+    num_stages: int
+    shared: int = 0             # bytes per block (Triton's dynamic allocation)
+    registers: int = 0
+    local: int = 0              # bytes of local memory per thread: spills
+    error: Optional[str] = None
+    launches: int = 0
+    problems: List[str] = field(default_factory=list)
+
+
+def blocks_per_sm(c: Compiled) -> int:
+    """Resident blocks per SM from registers (allocated per warp in units of 256),
+    shared memory (+1 KB reserved per block) and threads."""
+    lim = TARGETS[c.target]
+    threads = c.num_warps * 32
+    regs_warp = -(-max(c.registers, 1) * 32 // 256) * 256
+    by_regs = (REGS_PER_SM // regs_warp) // c.num_warps
+    by_smem = lim["smem_sm"] // (c.shared + 1024) if c.shared else MAX_BLOCKS_PER_SM
+    return max(0, min(MAX_BLOCKS_PER_SM, MAX_THREADS_PER_SM // threads, by_regs, by_smem))
+
+
+# ---- the worker: one target, in its own process ---------------------------------------
+
+def _resources(cubin: bytes) -> Dict[str, int]:
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if m is None:
+        raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{text}")
+    reg, stack, shared, local = map(int, m.groups())
+    return dict(registers=reg, local=max(stack, local), static_shared=shared)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception and its causes: Triton's CompilationError points at the call site and
+    keeps the reason (e.g. "Return type mismatch") in its __cause__."""
+    parts = []
+    while exc is not None and len(parts) < 5:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n  caused by ".join(parts)
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver: names the target GPU, runs nothing."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
+    """Every launch the tables allow, through the public ops, forward and backward."""
+    import torch
+    from pvm_kernels import pvm_merge, pvm_retrieval
+    from pvm_kernels.triton_ops import merge as merge_mod
+    from pvm_kernels.triton_ops import retrieval as retr_mod
+
+    dtypes = {"16bit": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}
+    rows_for = {"decode": (1, 4, 1), "prefill": (37, 4, 2)}  # (T, H, Hkv): T * G rows 4 / 74
+    problems = []
+    for (kernel, dc, bd, rc) in sorted(retr_mod.CONFIGS):
+        if kernel != "fwd":  # one forward + backward reaches fwd, dq and dkdv of an entry
+            continue
+        for dtype in dtypes[dc]:
+            for with_masks in (False, True):
+                problems.append(("retrieval", dtype, bd, rc, with_masks))
+    for (kernel, dc, bd) in sorted(merge_mod.CONFIGS):
+        if kernel != "fwd":  # the backward of each forward reaches the bwd entry
+            continue
+        for dtype in dtypes[dc]:
+            for aligned in (True, False):
+                for ffn in (False, True):
+                    for gate_fp32 in ({False, True} if dtype != torch.float32 else {False}):
+                        problems.append(("merge", dtype, bd, aligned, ffn, gate_fp32))
+
+    problems = [p for p in problems if context["only"] in (None, p[0])]
+    from pvm_kernels.cli.progress import Progress
+    with Progress(len(problems), enabled=context["progress"]) as bar:
+        for prob in problems:
+            context["problem"] = f"{prob[0]} {prob[1:]}"
+            if prob[0] == "retrieval":
+                _, dtype, bd, rc, with_masks = prob
+                T, H, Hkv = rows_for[rc]
+                B, Nv, hd = 2, 77, bd
+                q = torch.randn(B, T, H, hd, dtype=dtype, requires_grad=True)
+                k = torch.randn(B, Nv, Hkv, hd, dtype=dtype, requires_grad=True)
+                v = torch.randn(B, Nv, Hkv, hd, dtype=dtype, requires_grad=True)
+                mask = lens = None
+                if with_masks:
+                    mask = torch.rand(B, Nv) > 0.2
+                    lens = torch.tensor([Nv - 5, 2**20], dtype=torch.int32)
+                context["config"] = lambda kernel, rows=T * (H // Hkv), hd=hd, dtype=dtype: (
+                    "retrieval", retr_mod.config_key(kernel, dtype, rows, hd))
+                out = pvm_retrieval(q, k, v, mask, lens, backend="triton")
+                out.backward(torch.randn_like(out))
+            else:
+                _, dtype, bd, aligned, ffn, gate_fp32 = prob
+                D = bd if aligned else bd - 3
+                e = torch.randn(3, D, dtype=dtype, requires_grad=True)
+                gate = torch.ones(1, dtype=torch.float32 if gate_fp32 else dtype,
+                                  requires_grad=True)
+                f = torch.randn(3, D, dtype=dtype) if ffn else None
+                keep = torch.tensor([True, False, True]) if ffn else None
+                context["config"] = lambda kernel, D=D, dtype=dtype: (
+                    "merge", merge_mod.config_key(kernel, dtype, D))
+                pvm_merge(e, gate, keep, f, backend="triton").backward(
+                    torch.randn(3, D, dtype=dtype))
+            bar.step(context["problem"])
+
+
+_KERNEL_TABLE_NAME = {"retrieval_fwd_kernel": "fwd", "retrieval_bwd_dq_kernel": "dq",
+                      "retrieval_bwd_dkdv_kernel": "dkdv", "merge_fwd_kernel": "fwd",
+                      "merge_bwd_kernel": "bwd"}
+
+
+class CompileSession:
+    """Within ``with CompileSession(cap) as s``: Triton targets sm_<cap>, the triton backend
+    accepts CPU tensors, and every kernel launch compiles (once per specialisation) into
+    ``s.records`` instead of running. ``s.context`` names the problem and table entry."""
+
+    def __init__(self, cap: int, progress: bool = False, only: Optional[str] = None):
+        self.cap = cap
+        self.records: Dict[tuple, Compiled] = {}
+        self.context = {"progress": progress, "problem": "", "config": None, "only": only}
+
+    def __enter__(self) -> "CompileSession":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            raise SystemExit("unset TRITON_INTERPRET: the gate compiles for the GPU")
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
+
+        from pvm_kernels.ops import triton_backend  # noqa: F401 - registers "triton"
+        from pvm_kernels.ops.registry import Backend, register_backend, _REGISTRY
+
+        driver.set_active(_TargetDriver(GPUTarget("cuda", self.cap, 32)))
+        # The triton backend refuses CPU tensors outside the interpreter; here CPU tensors
+        # only carry shapes, dtypes and strides to the launchers, which compile, never run.
+        self._real = _REGISTRY["triton"]
+        register_backend(Backend("triton", self._real.retrieval, self._real.merge,
+                                 check=lambda _: None, default_rank=self._real.default_rank,
+                                 dtypes=self._real.dtypes))
+        self._original_run = JITFunction.run
+        session = self
+
+        def compile_only(fn, *args, grid, warmup, **kwargs):
+            session._compile(fn, args, kwargs)
+            return None
+
+        JITFunction.run = compile_only
+        self._jit = JITFunction
+        self._driver = driver
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from pvm_kernels.ops.registry import register_backend
+        self._jit.run = self._original_run
+        self._driver._active = None  # no real driver exists without a GPU: leave none set
+        register_backend(self._real)
+
+    def _compile(self, fn, args, kwargs) -> None:
+        name = fn.fn.__name__
+        # Triton's own binder gives the specialisation a real launch would compile.
+        fn.device_caches.clear()  # built for whatever target was active before
+        _, _, _, _, binder = fn.device_caches[0]
+        bound, specialization, _ = binder(*args, **kwargs)
+        constexprs = {k: v for k, v in bound.items() if isinstance(v, (bool, int))
+                      and k.startswith(("BLOCK", "HAS", "ALIGNED", "FP32", "UPCAST"))}
+        dtype = str(bound[next(iter(bound))].dtype).replace("torch.", "")
+        sig = repr(specialization) + repr(sorted(kwargs.items()))
+        table, entry = self.context["config"](_KERNEL_TABLE_NAME[name])
+        rec = self.records.get((name, sig))
+        if rec is None:
+            cfg = TABLES[table]()[entry]
+            rec = self.records[(name, sig)] = Compiled(
+                kernel=name, target=self.cap, table=table, entries=[], config=repr(cfg),
+                dtype=dtype, constexprs=constexprs, signature=sig,
+                num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
+            try:
+                kernel = self._original_run(fn, *args, grid=(1,), warmup=True, **kwargs)
+                res = _resources(kernel.asm["cubin"])
+                rec.registers, rec.local = res["registers"], res["local"]
+                rec.shared = kernel.metadata.shared + res["static_shared"]
+            except Exception as exc:  # noqa: BLE001 - a compile error is the finding
+                rec.error = describe(exc)[:4000]
+        rec.launches += 1
+        if repr(entry) not in rec.entries:
+            rec.entries.append(repr(entry))
+        if self.context["problem"] not in rec.problems:
+            rec.problems.append(self.context["problem"])
+
+
+def run_target(cap: int, progress: bool, only: Optional[str] = None) -> List[dict]:
+    """Compile every specialisation for sm_<cap>; returns Compiled records as dicts."""
+    with CompileSession(cap, progress, only) as session:
+        _drive_problems(session.context)
+    return [asdict(r) for r in session.records.values()]
+
+
+# ---- checks and report ------------------------------------------------------------------
+
+def _retrieval_table():
+    from pvm_kernels.triton_ops import retrieval
+    return retrieval.CONFIGS
+
+
+def _merge_table():
+    from pvm_kernels.triton_ops import merge
+    return merge.CONFIGS
+
+
+#: The launchers' configuration tables, by name: what the gate must cover.
+TABLES = {"retrieval": _retrieval_table, "merge": _merge_table}
+DTYPES_OF_CLASS = {"16bit": ("float16", "bfloat16"), "fp32": ("float32",)}
+
+
+def expected_entries() -> set:
+    """(table, entry, dtype) that every target must have compiled: read from the tables.
+    Every key's second field is its dtype class."""
+    return {(table, repr(key), dt) for table, get in TABLES.items() for key in get()
+            for dt in DTYPES_OF_CLASS[key[1]]}
+
+
+def uncovered_inputs() -> List[str]:
+    """Inputs a launcher accepts whose table entry is missing (it would fail at launch):
+    every head dim and row class the retrieval takes, every width the merge takes."""
+    from pvm_kernels.triton_ops import merge, retrieval
+    missing = set()
+    for dc, largest in retrieval.MAX_HEAD_DIM.items():
+        for hd in range(retrieval.HEAD_DIM_MULTIPLE, largest + 1, retrieval.HEAD_DIM_MULTIPLE):
+            for kernel in ("fwd", "dq", "dkdv"):
+                for rc in ("decode", "prefill"):
+                    key = (kernel, dc, retrieval.block_d_for(hd), rc)
+                    if key not in retrieval.CONFIGS:
+                        missing.add(f"retrieval {key} (head dim {hd})")
+    for dc in ("16bit", "fp32"):
+        for bd in sorted({merge.block_d_for(D) for D in range(1, merge.MAX_D + 1)}):
+            for kernel in ("fwd", "bwd"):
+                if (kernel, dc, bd) not in merge.CONFIGS:
+                    missing.add(f"merge {(kernel, dc, bd)}")
+    return sorted(missing)
+
+
+def _entries(rec: dict) -> List[tuple]:
+    return [(rec["table"], entry, rec["dtype"]) for entry in rec["entries"]]
+
+
+def check(records: List[dict], targets: List[int], only: Optional[str] = None) -> List[str]:
+    failures = []
+    for r in records:
+        where = f"{r['kernel']} sm_{r['target']} {r['dtype']} {r['constexprs']} warps={r['num_warps']} stages={r['num_stages']}"
+        if r["error"]:
+            failures.append(f"compile error: {where}\n    {r['error'].splitlines()[0] if r['error'] else ''}\n"
+                            + "\n".join("    " + line for line in r["error"].splitlines()[1:12]))
+            continue
+        limit = TARGETS[r["target"]]["smem_block"]
+        if r["shared"] > limit:
+            failures.append(f"shared memory {r['shared']} B > {limit} B ({TARGETS[r['target']]['gpu']}): {where}")
+        if r["local"] > 0:
+            failures.append(f"register spill ({r['local']} B local memory per thread, "
+                            f"{r['registers']} registers): {where}")
+    failures += [f"accepted input without a table entry: {m}" for m in uncovered_inputs()]
+    want = expected_entries()
+    for cap in targets:
+        have = defaultdict(set)
+        for r in records:
+            if r["target"] == cap:
+                for entry in _entries(r):
+                    have[entry].add(r["signature"])
+        for entry in sorted(e for e in want - set(have) if only in (None, e[0])):
+            failures.append(f"sm_{cap}: table entry never compiled: {entry}")
+        for entry, sigs in have.items():
+            if entry[0] == "retrieval" and len(sigs) > 1:
+                failures.append(f"sm_{cap}: {entry} compiled to {len(sigs)} specialisations; "
+                                f"the launcher promises one")
+    return failures
+
+
+README_BEGIN = "<!-- compile-gate:begin (make compile-gate rewrites this block) -->"
+README_END = "<!-- compile-gate:end -->"
+
+
+def _rows(records: List[dict]) -> Dict[tuple, Dict[int, dict]]:
+    """(kernel, dtype, tile, flags, warps, stages) -> {target: worst record of the row}."""
+    rows = defaultdict(dict)
+    for r in records:
+        if r["error"]:
+            continue
+        c = r["constexprs"]
+        tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in c)
+        flags = ",".join(k.lower() for k in ("HAS_FFN", "ALIGNED") if c.get(k))
+        key = (r["kernel"], r["dtype"], tile, flags, r["num_warps"], r["num_stages"])
+        cell = rows[key].get(r["target"])
+        # Several specialisations may share a row (merge: gate dtype): show the worst.
+        if cell is None or (r["registers"], r["shared"]) > (cell["registers"], cell["shared"]):
+            rows[key][r["target"]] = dict(r, blocks=blocks_per_sm(Compiled(**{
+                k: v for k, v in r.items() if k in Compiled.__dataclass_fields__})))
+    return rows
+
+
+def _table(rows: Dict[tuple, Dict[int, dict]], keep=lambda key: True) -> List[str]:
+    out = ["| kernel | dtype | tile (M x N x D) | flags | warps | stages | "
+           "H100: regs / smem B / spill B / blocks per SM | "
+           "A100: regs / smem B / spill B / blocks per SM |",
+           "|---|---|---|---|---|---|---|---|"]
+    order = lambda k: (k[0], k[1], [int(x) for x in k[2].split("x")], k[3])  # noqa: E731
+    for key in sorted(filter(keep, rows), key=order):
+        kern, dt, tile, flags, w, st = key
+        cells = []
+        for cap in (90, 80):
+            c = rows[key].get(cap)
+            cells.append("-" if c is None else
+                         f"{c['registers']} / {c['shared']:,} / {c['local']} / {c['blocks']}")
+        out.append(f"| {kern} | {dt} | {tile} | {flags or '-'} | {w} | {st} | "
+                   f"{cells[0]} | {cells[1]} |")
+    return out
+
+
+def _eight_b(key) -> bool:
+    """The 8B shapes: retrieval at head dim 128, merge at D 4096 with aligned rows."""
+    kern, _, tile, flags, _, _ = key
+    if kern.startswith("retrieval"):
+        return tile.endswith("x128")
+    return tile == "4096" and "aligned" in flags
+
+
+def markdown(records: List[dict]) -> Tuple[str, str]:
+    """The full resource document (every configuration) and the README's block (the 8B
+    shapes), both per kernel configuration and dtype, on H100 (sm_90) and A100 (sm_80)."""
+    import triton
+    rows = _rows(records)
+    made = (f"Generated by `make compile-gate` (tools/compile_gate.py) with triton "
+            f"{triton.__version__}")
+    doc = ["# Triton kernel resources per configuration", "",
+           made + ": every specialisation the launchers can produce, compiled ahead of time "
+           "for sm_90 (H100) and sm_80 (A100) on a machine with no GPU. Registers and local "
+           "memory (spill) per thread, shared memory per block, resident blocks per SM from "
+           "registers, shared memory and threads. Merge rows differ in flags (has_ffn: the "
+           "FFN output is fused; aligned: 16-byte vector loads); of a row's gate dtypes the "
+           "worst is shown.", ""] + _table(rows)
+    readme = [README_BEGIN, "", made + "; the 8B shapes (head dim 128, D 4096), every row "
+              "in [docs/kernel_resources.md](docs/kernel_resources.md):", ""] + \
+        _table(rows, _eight_b) + ["", README_END]
+    return "\n".join(doc) + "\n", "\n".join(readme)
+
+
+def replace_readme_block(path: str, block: str) -> None:
+    text = open(path).read()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{path} has no compile-gate block ({README_BEGIN} ... {README_END})")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    with open(path, "w") as fh:
+        fh.write(head + block + tail)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", default="80,90", help="compute capabilities (default 80,90)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel target processes")
+    ap.add_argument("--json", help="write every record here")
+    ap.add_argument("--markdown", help="write the per-configuration resource table here")
+    ap.add_argument("--readme", help="rewrite the compile-gate block of this README")
+    ap.add_argument("--only", choices=sorted(TABLES), help="one table's kernels only "
+                    "(a partial run: coverage of the other table is not checked)")
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        json.dump(run_target(args.worker, not args.no_progress, args.only), sys.stdout)
+        return 0
+
+    import triton
+    targets = [int(t) for t in args.targets.split(",")]
+    start = time.perf_counter()
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    records: List[dict] = []
+    pending = list(targets)
+    running = []
+    while pending or running:
+        while pending and len(running) < max(1, args.jobs):
+            cap = pending.pop(0)
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(cap)]
+            if args.only:
+                cmd += ["--only", args.only]
+            if args.no_progress or cap != targets[0]:
+                cmd.append("--no-progress")
+            running.append((cap, subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)))
+        cap, proc = running.pop(0)
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            print(f"sm_{cap}: the gate's worker failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        records.extend(json.loads(out))
+    failures = check(records, targets, args.only)
+    elapsed = time.perf_counter() - start
+    n_ok = sum(1 for r in records if not r["error"])
+    print(f"compile gate (triton {triton.__version__}): {len(records)} specialisations "
+          f"({n_ok} compiled) for " + ", ".join(f"sm_{t}" for t in targets) +
+          f" in {elapsed:.0f} s; {len(failures)} failure(s)")
+    for f in failures:
+        print("FAIL " + f)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(triton=triton.__version__, records=records, failures=failures), fh,
+                      indent=1)
+    if args.markdown or args.readme:
+        doc, block = markdown(records)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(doc)
+        if args.readme:
+            replace_readme_block(args.readme, block)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
