@@ -12,18 +12,39 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export CUDA_HOME MAX_JOBS TORCH_CUDA_ARCH_LIST
 export PVM_STRICT_BUILD ?= 1
 
-.PHONY: install test demo analyze bench cmake-build clean
+.PHONY: install test demo analyze bench gpu-check compile-gate mutations cmake-build clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	@command -v ninja >/dev/null || $(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || true
 	$(PIP) install --no-build-isolation -e ".[test,cli]"
 
-test: install
+# The GPU machines run triton 3.6, this machine 3.8: the compile gate compiles every kernel
+# with both, 3.6 from this folder (tests/test_compile_gate.py).
+TRITON_GPU_BOX ?= triton==3.6.0
+TRITON_GPU_BOX_DIR ?= build/triton-3.6
+$(TRITON_GPU_BOX_DIR)/triton/__init__.py:
+	$(PIP) install --quiet --no-deps --target $(TRITON_GPU_BOX_DIR) "$(TRITON_GPU_BOX)"
+
+test: install $(TRITON_GPU_BOX_DIR)/triton/__init__.py
 	$(PYTHON) -m pytest tests -q
 
 demo: install
 	$(PYTHON) -m pvm_kernels demo
+
+# On a machine with a GPU: build, the whole suite on CUDA tensors, then the benchmarks into
+# bench/results/<device>.json (tools/gpu_check.py). Without a GPU it says so and fails.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py
+
+# The ahead-of-time compile gate alone (make test runs it too), rewriting the resource
+# tables of docs/kernel_resources.md and the README.
+compile-gate: install
+	env -u TRITON_INTERPRET $(PYTHON) tools/compile_gate.py --markdown docs/kernel_resources.md --readme README.md
+
+# Delete each __syncthreads of the CUDA kernels in turn and run the emulator tests.
+mutations: install
+	$(PYTHON) tools/sync_mutations.py
 
 # The dilution plot of the README: pvm-results/analyze.{json,png}.
 analyze: install
