@@ -142,6 +142,16 @@ def _check_width(D: int) -> None:
                          f"got D={D}")
 
 
+def _launch(kernel, kind: str, e2: torch.Tensor, rows, args, **flags) -> None:
+    """One program per row of e2 [N, D], shaped by the table entry for (kind, dtype, D)."""
+    N, D = e2.shape
+    cfg = CONFIGS[config_key(kind, e2.dtype, D)]
+    check_grid((N,))
+    with launch_guard(e2):
+        kernel[(N,)](*args, BLOCK_D=block_d_for(D), ALIGNED=_aligned(D, *rows),
+                     num_warps=cfg.num_warps, **flags)
+
+
 def merge_fwd(expanded: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.Tensor],
               ffn_output: Optional[torch.Tensor], eps: float
               ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -159,14 +169,9 @@ def merge_fwd(expanded: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.T
         return out, rstd
     k1, skeep = _keep_rows(keep, expanded.device)
     o2 = out.view(N, D)
-    block_d = block_d_for(D)
-    cfg = CONFIGS[config_key("fwd", expanded.dtype, D)]
-    check_grid((N,))
-    with launch_guard(expanded):
-        merge_fwd_kernel[(N,)](e2, f2, o2, _gate(gate, e2.dtype), k1, rstd, D, e2.stride(0), f2.stride(0),
-                               o2.stride(0), skeep, eps, HAS_FFN=ffn_output is not None,
-                               BLOCK_D=block_d, ALIGNED=_aligned(D, e2, f2, o2),
-                               num_warps=cfg.num_warps)
+    _launch(merge_fwd_kernel, "fwd", e2, (e2, f2, o2),
+            (e2, f2, o2, _gate(gate, e2.dtype), k1, rstd, D, e2.stride(0), f2.stride(0),
+             o2.stride(0), skeep, eps), HAS_FFN=ffn_output is not None)
     return out, rstd
 
 
@@ -188,11 +193,7 @@ def merge_bwd(grad_out: torch.Tensor, expanded: torch.Tensor, gate: torch.Tensor
     expect("rstd", rstd, (N,), torch.float32, expanded.device)
     k1, skeep = _keep_rows(keep, expanded.device)
     de2 = de.view(N, D)
-    block_d = block_d_for(D)
-    cfg = CONFIGS[config_key("bwd", expanded.dtype, D)]
-    check_grid((N,))
-    with launch_guard(expanded):
-        merge_bwd_kernel[(N,)](g2, e2, _gate(gate, e2.dtype), k1, rstd, de2, dgate_row, D, g2.stride(0),
-                               e2.stride(0), de2.stride(0), skeep, BLOCK_D=block_d,
-                               ALIGNED=_aligned(D, g2, e2, de2), num_warps=cfg.num_warps)
+    _launch(merge_bwd_kernel, "bwd", e2, (g2, e2, de2),
+            (g2, e2, _gate(gate, e2.dtype), k1, rstd, de2, dgate_row, D, g2.stride(0),
+             e2.stride(0), de2.stride(0), skeep))
     return de, dgate_row.sum().reshape(gate.shape).to(gate.dtype)

@@ -54,6 +54,15 @@ size_t rows_extent(int64_t n, int64_t d, int64_t row, size_t elem) {
 
 int finish(cudaError_t err) { return static_cast<int>(err); }
 
+// q, k, v, key_mask and kv_len: what the forward and backward both read.
+void add_retrieval_inputs(Buffers& b, RetrievalParams& p, size_t es) {
+  b.add("q", p.q, extent({p.B, p.T, p.H, p.hd}, p.q_stride, es), false);
+  b.add("k", p.k, extent({p.B, p.Nv, p.Hkv, p.hd}, p.k_stride, es), false);
+  b.add("v", p.v, extent({p.B, p.Nv, p.Hkv, p.hd}, p.v_stride, es), false);
+  b.add("key_mask", p.key_mask, extent({p.B, p.Nv}, p.mask_stride, 1), false);
+  b.add("kv_len", p.kv_len, static_cast<size_t>(p.B) * 4, false);
+}
+
 }  // namespace
 
 // ---- the project's kernels ----------------------------------------------------------------
@@ -62,11 +71,7 @@ PVM_EMU_API int pvm_emu_retrieval_fwd(const RetrievalParams* in, int dtype) {
   RetrievalParams p = *in;
   const size_t es = elem_size(dtype);
   Buffers b;
-  b.add("q", p.q, extent({p.B, p.T, p.H, p.hd}, p.q_stride, es), false);
-  b.add("k", p.k, extent({p.B, p.Nv, p.Hkv, p.hd}, p.k_stride, es), false);
-  b.add("v", p.v, extent({p.B, p.Nv, p.Hkv, p.hd}, p.v_stride, es), false);
-  b.add("key_mask", p.key_mask, extent({p.B, p.Nv}, p.mask_stride, 1), false);
-  b.add("kv_len", p.kv_len, static_cast<size_t>(p.B) * 4, false);
+  add_retrieval_inputs(b, p, es);
   b.add("out", p.out, extent({p.B, p.T, p.H, p.hd}, p.o_stride, es), true);
   b.add("lse", p.lse, static_cast<size_t>(p.B * p.H * p.T) * 4, true);
   return finish(pvm::cuda::retrieval_fwd(p, static_cast<pvm::DType>(dtype), nullptr));
@@ -77,11 +82,7 @@ PVM_EMU_API int pvm_emu_retrieval_bwd(const RetrievalParams* in, int dtype) {
   RetrievalParams p = *in;
   const size_t es = elem_size(dtype);
   Buffers b;
-  b.add("q", p.q, extent({p.B, p.T, p.H, p.hd}, p.q_stride, es), false);
-  b.add("k", p.k, extent({p.B, p.Nv, p.Hkv, p.hd}, p.k_stride, es), false);
-  b.add("v", p.v, extent({p.B, p.Nv, p.Hkv, p.hd}, p.v_stride, es), false);
-  b.add("key_mask", p.key_mask, extent({p.B, p.Nv}, p.mask_stride, 1), false);
-  b.add("kv_len", p.kv_len, static_cast<size_t>(p.B) * 4, false);
+  add_retrieval_inputs(b, p, es);
   b.add("grad_out", p.grad_out, extent({p.B, p.T, p.H, p.hd}, p.o_stride, es), false);
   b.add("lse", p.lse, static_cast<size_t>(p.B * p.H * p.T) * 4, false);
   b.add("delta", p.delta, static_cast<size_t>(p.B * p.H * p.T) * 4, false);
