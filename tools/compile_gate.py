@@ -131,8 +131,10 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
         if kernel != "fwd":  # one forward + backward reaches fwd, dq and dkdv of an entry
             continue
         for dtype in dtypes[dc]:
-            for with_masks in (False, True):
-                problems.append(("retrieval", dtype, bd, rc, with_masks))
+            # The bucket's own head dim without masks, then its smallest with masks, kv_len
+            # past Nv and transposed storage: all must compile to the same variant.
+            problems.append(("retrieval", dtype, bd, rc, False))
+            problems.append(("retrieval", dtype, bd, rc, True))
     for (kernel, dc, bd) in sorted(merge_mod.CONFIGS):
         if kernel != "fwd":  # the backward of each forward reaches the bwd entry
             continue
@@ -148,14 +150,17 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
         for prob in problems:
             context["problem"] = f"{prob[0]} {prob[1:]}"
             if prob[0] == "retrieval":
-                _, dtype, bd, rc, with_masks = prob
+                _, dtype, bd, rc, varied = prob
                 T, H, Hkv = rows_for[rc]
-                B, Nv, hd = 2, 77, bd
-                q = torch.randn(B, T, H, hd, dtype=dtype, requires_grad=True)
+                B, Nv = 2, 77
+                hd = (bd // 2 + 8 if bd > 16 else 8) if varied else bd  # 8, 24, 40, 72, 136
+                q = torch.randn(B, H, T, hd, dtype=dtype).transpose(1, 2) if varied else \
+                    torch.randn(B, T, H, hd, dtype=dtype)
+                q.requires_grad_()
                 k = torch.randn(B, Nv, Hkv, hd, dtype=dtype, requires_grad=True)
                 v = torch.randn(B, Nv, Hkv, hd, dtype=dtype, requires_grad=True)
                 mask = lens = None
-                if with_masks:
+                if varied:
                     mask = torch.rand(B, Nv) > 0.2
                     lens = torch.tensor([Nv - 5, 2**20], dtype=torch.int32)
                 context["config"] = lambda kernel, rows=T * (H // Hkv), hd=hd, dtype=dtype: (
