@@ -4,7 +4,8 @@ Builds, with the torch already installed (use ``pip install --no-build-isolation
   pvm_kernels._C       C++ CPU ops, always;
   pvm_kernels._C_cuda  CUDA ops, when torch has CUDA and nvcc is found (CUDA_HOME).
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PVM_SKIP_CUDA=1 to skip
-the CUDA build, PVM_STRICT_BUILD=1 to make any extension build failure fatal (CI). Without
+the CUDA build, PVM_SKIP_EXTENSIONS=1 to build neither (a pure-Python package: reference
+and triton backends), PVM_STRICT_BUILD=1 to make any extension build failure fatal (CI). Without
 it a failed build only warns: the package still imports and reports which backends it has.
 """
 import glob
@@ -23,6 +24,8 @@ STRICT = os.environ.get("PVM_STRICT_BUILD") == "1"
 
 
 def extensions():
+    if os.environ.get("PVM_SKIP_EXTENSIONS") == "1":
+        return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
