@@ -213,7 +213,8 @@ class CompileSession:
         self._real = _REGISTRY["triton"]
         register_backend(Backend("triton", self._real.retrieval, self._real.merge,
                                  check=lambda _: None, default_rank=self._real.default_rank,
-                                 dtypes=self._real.dtypes))
+                                 dtypes=self._real.dtypes,
+                                 head_dim_check=self._real.head_dim_check))
         self._original_run = JITFunction.run
         session = self
 

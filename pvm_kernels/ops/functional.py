@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .checks import check_float, check_like, check_tensor
-from .registry import Backend, resolve_backend
+from .registry import Backend, head_dim_refusal, resolve_backend
 
 
 def check_backend_dtype(impl: Backend, dtype: torch.dtype) -> None:
@@ -21,7 +21,7 @@ def check_backend_dtype(impl: Backend, dtype: torch.dtype) -> None:
 def check_backend_head_dim(impl: Backend, head_dim: int, dtype: torch.dtype) -> None:
     """ValueError unless ``impl``'s retrieval takes head dim ``head_dim`` in ``dtype``
     (checked before any launch)."""
-    why = impl.head_dim_check(head_dim, dtype)
+    why = head_dim_refusal(impl, head_dim, dtype)
     if why is not None:
         raise ValueError(f"backend {impl.name!r}: {why} (backend='reference' takes any "
                          f"head_dim)")

@@ -39,6 +39,7 @@ def register_backend(backend: Backend) -> None:
     """Add or replace a backend (used by pvm_kernels itself and by extensions)."""
     _REGISTRY[backend.name] = backend
     _CHECKS.clear()
+    _HEAD_DIM_CHECKS.clear()
 
 
 def unregister_backend(name: str) -> None:
@@ -47,11 +48,26 @@ def unregister_backend(name: str) -> None:
         raise KeyError(f"no backend named {name!r}")
     del _REGISTRY[name]
     _CHECKS.clear()
+    _HEAD_DIM_CHECKS.clear()
 
 
 # A plain dict, not functools.lru_cache: torch.compile reads it as a constant instead of
 # tracing through the cache wrapper.
 _CHECKS: Dict[tuple, Optional[str]] = {}
+
+
+# (backend, head dim, dtype) -> why not, or None: FusedPVM asks on every decode step and
+# the answer never changes.
+_HEAD_DIM_CHECKS: Dict[tuple, Optional[str]] = {}
+
+
+def head_dim_refusal(impl: Backend, head_dim: int, dtype: torch.dtype) -> Optional[str]:
+    """Why ``impl``'s retrieval refuses head dim ``head_dim`` in ``dtype`` (None: it takes
+    it), asked once per combination."""
+    key = (impl.name, head_dim, dtype)
+    if key not in _HEAD_DIM_CHECKS:
+        _HEAD_DIM_CHECKS[key] = impl.head_dim_check(head_dim, dtype)
+    return _HEAD_DIM_CHECKS[key]
 
 
 def _check_cached(name: str, device_type: str) -> Optional[str]:
