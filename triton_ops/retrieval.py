@@ -183,11 +183,17 @@ def _program(T, G, HKV, n_items, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV):
-    """log2-domain lse and delta of packed rows, both stored [B, H, T] contiguous."""
+def _stat_index(b, rows, kvh, T, G, HKV):
+    """Index of packed rows' statistics (lse, delta), stored [B, H, T] contiguous."""
     t = (rows // G).to(tl.int64)
     h = (kvh * G + rows % G).to(tl.int64)
-    stat = (b * HKV * G + h) * T + t
+    return (b * HKV * G + h) * T + t
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV):
+    """log2-domain lse and delta of packed rows."""
+    stat = _stat_index(b, rows, kvh, T, G, HKV)
     lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     return lse2, tl.load(DELTA + stat, mask=row_ok, other=0.0)
 
@@ -265,9 +271,7 @@ def retrieval_fwd_kernel(
     o_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
     tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=rd_ok)
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    t = (rows // G).to(tl.int64)
-    h = (kvh * G + rows % G).to(tl.int64)
-    tl.store(LSE + (b * HKV * G + h) * T + t, lse, mask=row_ok)
+    tl.store(LSE + _stat_index(b, rows, kvh, T, G, HKV), lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
