@@ -30,6 +30,11 @@ def run(step: str, cmd, env=None) -> bool:
     return ok
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
 def main() -> int:
     import torch
     if not torch.cuda.is_available():
@@ -50,8 +55,13 @@ def main() -> int:
                                      "--no-deps", "-e", "."], env)
     if not results["build"]:
         return 1
+    # The GPU machines have 16 cores: spread the suite over processes (pytest-xdist, when
+    # installed) so the Triton JIT compiles of the parametrised cases run side by side.
+    workers = os.environ.get("PVM_TEST_WORKERS", str(min(8, os.cpu_count() or 1)))
+    parallel = ["-n", workers] if _has_module("xdist") and workers != "1" else []
     results["tests"] = run("tests", [py, "-m", "pytest", "tests", "-q", "-rs", "-m",
-                                     "not cpu_verification"], env)
+                                     "not cpu_verification", "--durations=15", *parallel],
+                           env)
     out = os.path.join("bench", "results", name.replace(" ", "-") + ".json")
     results["bench"] = run("bench", [py, "-m", "pytest", "bench", "--benchmark-only", "-q",
                                      f"--benchmark-json={out}"], env)
