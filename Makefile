@@ -17,7 +17,7 @@ export PVM_STRICT_BUILD ?= 1
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	@command -v ninja >/dev/null || $(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || true
-	$(PIP) install --no-build-isolation -e ".[test,cli]"
+	$(PIP) install --no-build-isolation --use-pep517 -e ".[test,cli]"
 
 # The GPU machines run triton 3.6, this machine 3.8: the compile gate compiles every kernel
 # with both, 3.6 from this folder (tests/test_compile_gate.py).

@@ -1,7 +1,9 @@
 """``make gpu-check``: on a machine with a GPU, the evidence in one command.
 
 1. builds the package with its CUDA extension for this GPU (editable, no dependency
-   changes: the GPU machines have no network);
+   changes: the GPU machines have no network). ``--use-pep517`` because without it pip
+   takes setuptools' legacy ``develop`` path, which (setuptools >= 80) starts a second pip
+   with build isolation that tries to download setuptools: seen failing on the H100 box;
 2. runs the whole test suite, where every backend test now also runs on CUDA tensors,
    including tests/test_gpu_paths.py (inductor, CUDA-graph decode, grids past 65,535);
    the CPU-side verifications of GPU code (compile gate, CUDA emulator) are skipped: the
@@ -52,7 +54,7 @@ def main() -> int:
     py = sys.executable
     results = {}
     results["build"] = run("build", [py, "-m", "pip", "install", "--no-build-isolation",
-                                     "--no-deps", "-e", "."], env)
+                                     "--use-pep517", "--no-deps", "-e", "."], env)
     if not results["build"]:
         return 1
     # The GPU machines have 16 cores: spread the suite over processes (pytest-xdist, when
