@@ -74,3 +74,29 @@ def test_compile_fullgraph_forward_and_backward(backend, device):
     eager.square().sum().backward()
     assert max_rel_err(got, eager) < 1e-6
     assert max_rel_err(g_compiled, h.grad) < 1e-6
+
+
+def test_backend_checks_run_outside_a_compiled_trace():
+    """A backend's availability and head-dim checks are asked once, eagerly, even when the
+    first ask happens inside torch.compile: what they call (importlib's find_spec in the
+    triton check) may be code dynamo refuses to trace, as torch 2.11's does. A check that
+    forces a graph break stands in for that code here; with fullgraph=True it would fail
+    the compile if it were traced."""
+    import torch._dynamo
+    from pvm_kernels.ops.registry import Backend, register_backend, resolve_backend, \
+        head_dim_refusal, unregister_backend
+
+    def untraceable(*_):
+        torch._dynamo.graph_break()
+        return None
+
+    register_backend(Backend("untraceable", None, None, check=untraceable,
+                             head_dim_check=untraceable))
+    try:
+        def step(x):
+            impl = resolve_backend("untraceable", x.device)
+            return x + (0 if head_dim_refusal(impl, 16, x.dtype) is None else 1)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(step, fullgraph=True)(torch.ones(3)), torch.ones(3))
+    finally:
+        unregister_backend("untraceable")

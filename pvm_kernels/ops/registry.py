@@ -61,19 +61,33 @@ _CHECKS: Dict[tuple, Optional[str]] = {}
 _HEAD_DIM_CHECKS: Dict[tuple, Optional[str]] = {}
 
 
+# The checks themselves run outside any torch.compile trace: their answers are constants,
+# and what they call (importlib.util.find_spec in the triton check) is code torch 2.11's
+# dynamo refuses to trace ("Attempted to call function marked as skipped"), which broke
+# the first compiled call of a process on the H100 box.
+@torch.compiler.assume_constant_result
+def _backend_check(name: str, device_type: str) -> Optional[str]:
+    return _REGISTRY[name].check(device_type)
+
+
+@torch.compiler.assume_constant_result
+def _head_dim_check(name: str, head_dim: int, dtype: torch.dtype) -> Optional[str]:
+    return _REGISTRY[name].head_dim_check(head_dim, dtype)
+
+
 def head_dim_refusal(impl: Backend, head_dim: int, dtype: torch.dtype) -> Optional[str]:
     """Why ``impl``'s retrieval refuses head dim ``head_dim`` in ``dtype`` (None: it takes
     it), asked once per combination."""
     key = (impl.name, head_dim, dtype)
     if key not in _HEAD_DIM_CHECKS:
-        _HEAD_DIM_CHECKS[key] = impl.head_dim_check(head_dim, dtype)
+        _HEAD_DIM_CHECKS[key] = _head_dim_check(impl.name, head_dim, dtype)
     return _HEAD_DIM_CHECKS[key]
 
 
 def _check_cached(name: str, device_type: str) -> Optional[str]:
     key = (name, device_type)
     if key not in _CHECKS:
-        _CHECKS[key] = _REGISTRY[name].check(device_type)
+        _CHECKS[key] = _backend_check(name, device_type)
     return _CHECKS[key]
 
 
