@@ -117,3 +117,21 @@ def test_gate_fails_on_register_spills():
 def test_gate_fails_on_a_table_entry_no_launch_reaches():
     failures = probe("unreachable-entry")["failures"]
     assert failures and all("never compiled" in f for f in failures)
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_up_front():
+    """Triton 3.6's interpreter cannot take a loop bound loaded from memory with NumPy >=
+    2.4 (int() of a 1-element array): the triton backend says so on CPU instead of failing
+    inside the first launch. Triton 3.8's interpreter runs it (the rest of the suite)."""
+    if not os.path.isfile(os.path.join(TRITON_GPU_BOX, "triton", "__init__.py")):
+        pytest.skip("build/triton-3.6 is missing: `make test` installs it")
+    code = ("import json, numpy, triton; from pvm_kernels import backend_status; "
+            "print(json.dumps([triton.__version__, numpy.__version__, backend_status('cpu')['triton']]))")
+    res = run(["-c", code], interpret=True, pythonpath=TRITON_GPU_BOX)
+    assert res.returncode == 0, res.stderr[-3000:]
+    version, np_version, why = json.loads(res.stdout.strip().splitlines()[-1])
+    assert version.startswith("3.6")
+    if tuple(int(x) for x in np_version.split(".")[:2]) >= (2, 4):
+        assert why is not None and "loop bound loaded from memory" in why, why
+    else:
+        assert why is None, why

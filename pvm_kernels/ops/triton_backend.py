@@ -53,9 +53,11 @@ def _triton_check(device_type: str) -> Optional[str]:
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
     if device_type == "cpu":
-        return None if triton_interpret_requested() else (
-            "Triton compiles for GPUs; set TRITON_INTERPRET=1 before importing triton to run "
-            "its kernels on CPU tensors in the interpreter (slow, for testing)")
+        if not triton_interpret_requested():
+            return ("Triton compiles for GPUs; set TRITON_INTERPRET=1 before importing triton "
+                    "to run its kernels on CPU tensors in the interpreter (slow, for testing)")
+        from .triton_probe import interpreter_refusal
+        return interpreter_refusal()
     return f"no Triton support for device type '{device_type}'"
 
 
