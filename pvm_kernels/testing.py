@@ -53,8 +53,9 @@ def random_mask(batch: int, length: int, *, empty_rows=(), pad_from: Optional[Di
 
 
 def double_params(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The module's state as float64 leaf tensors requiring grad (for reference gradients)."""
-    return {k: v.detach().double().clone().requires_grad_(v.is_floating_point())
+    """The module's state as float64 CPU leaf tensors requiring grad (for reference
+    gradients): the float64 reference runs on the CPU whatever device the module is on."""
+    return {k: v.detach().to("cpu", torch.float64, copy=True).requires_grad_(v.is_floating_point())
             for k, v in module.state_dict().items()}
 
 

@@ -142,7 +142,8 @@ def test_demo_every_backend_agrees_with_the_reference(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "demo.json").read_text())
     names = [r["backend"] for r in result["results"]]
-    expected = available_backends("cpu") + ([] if HAS_GPU else ["triton"])  # interpreter on CPU
+    # The demo runs on the GPU when there is one; on CPU Triton runs in its interpreter.
+    expected = available_backends("cuda") if HAS_GPU else available_backends("cpu") + ["triton"]
     assert sorted(names) == sorted(set(expected)), names
     assert result["pvm_effect"] > 0.05, "gate non-zero: PVM must change the logits"
     assert result["visual_tokens"] == 80 and result["gate"] == 1.0
@@ -188,7 +189,8 @@ def checkpoints(tmp_path_factory):
 
 
 def test_demo_on_a_local_pvm_checkpoint_keeps_its_trained_gate(checkpoints, tmp_path):
-    proc = cli("demo", "--model", checkpoints / "pvm", "--backends", "cpu", "--max-new-tokens", 3,
+    proc = cli("demo", "--model", checkpoints / "pvm", "--device", "cpu", "--backends", "cpu",
+               "--max-new-tokens", 3,
                "--json", tmp_path / "d.json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "d.json").read_text())
