@@ -10,6 +10,7 @@ it a failed build only warns: the package still imports and reports which backen
 """
 import glob
 import os
+import sys
 import warnings
 
 from setuptools import find_packages, setup
@@ -35,16 +36,23 @@ def extensions():
         return [], {}
     cxx = ["-O3"]  # the C++ standard is torch's choice (C++20 for torch 2.14)
     macros = [("PVM_PYTHON_MODULE", None)]
+    # libstdc++ linked as the shared library torch itself uses. A toolchain whose library
+    # folder has libstdc++.a but no usable libstdc++.so (the GPU boxes' /opt/gcc: a dangling
+    # symlink) otherwise links a private static copy into the extension; with Ubuntu Python's
+    # -Wl,-Bsymbolic-functions its functions bind to that copy but its data (std::locale
+    # facet ids) to the process's libstdc++.so.6, and formatting the first number into an
+    # error message (TORCH_CHECK(..., q.sizes())) segfaults.
+    link = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
     exts = [CppExtension("pvm_kernels._C", ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
                          include_dirs=[os.path.abspath("csrc")], define_macros=macros,
-                         extra_compile_args={"cxx": cxx})]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     want_cuda = os.environ.get("PVM_SKIP_CUDA") != "1"
     if want_cuda and torch.version.cuda and CUDA_HOME:
         exts.append(CUDAExtension(
             "pvm_kernels._C_cuda",
             sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
             include_dirs=[os.path.abspath("csrc")], define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}))
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link))
     elif want_cuda:
         why = "torch has no CUDA" if not torch.version.cuda else "nvcc not found (set CUDA_HOME)"
         if STRICT:
@@ -86,6 +94,7 @@ setup(
         "torch>=2.11,<2.15",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
+        "tqdm>=4.60",  # progress bars of the CLI's bench and the compile gate
     ],
     extras_require={
         # The CLI's model commands (demo, analyze) and its plots; bench and info need none.

@@ -100,3 +100,16 @@ def test_backend_checks_run_outside_a_compiled_trace():
         assert torch.equal(torch.compile(step, fullgraph=True)(torch.ones(3)), torch.ones(3))
     finally:
         unregister_backend("untraceable")
+
+
+def test_importing_the_package_imports_neither_triton_nor_dynamo():
+    """``import pvm_kernels`` leaves Triton unimported, so TRITON_INTERPRET can still be
+    chosen after it (the CLI does so without a GPU). torch._dynamo imports triton: a
+    decorator from torch.compiler at import time once broke the CLI demo's interpreter."""
+    import subprocess
+    import sys
+    code = ("import sys, pvm_kernels; "
+            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout

@@ -2,6 +2,8 @@
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +31,32 @@ def test_cuda_extension_is_built_and_links():
         pytest.skip("no CUDA toolchain here, so no CUDA extension is expected")
     assert importlib.util.find_spec("pvm_kernels._C_cuda") is not None, "CUDA extension not built"
     assert native_backend.CUDA_LOAD_ERROR is None, native_backend.CUDA_LOAD_ERROR
+
+
+def _built_extensions():
+    import glob
+    import pvm_kernels
+    return sorted(glob.glob(os.path.join(os.path.dirname(pvm_kernels.__file__), "_C*.so")))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="needs Linux and readelf")
+def test_extensions_use_the_shared_libstdcxx():
+    """The extensions link the libstdc++.so.6 torch uses, never a private static copy: on the
+    GPU boxes' toolchain (libstdc++.a, dangling libstdc++.so) a static copy made every
+    TORCH_CHECK message with a number in it segfault (locale data bound to the process's
+    library, code to the copy)."""
+    libs = _built_extensions()
+    if not libs:
+        pytest.skip("no extension built")
+    for lib in libs:
+        dynamic = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
+        assert "[libstdc++.so.6]" in dynamic, f"{lib} does not link libstdc++.so.6"
+        symbols = subprocess.run(["readelf", "-W", "--dyn-syms", lib], capture_output=True,
+                                 text=True).stdout
+        # std::ostream::_M_insert<long>, defined (not UND) only when libstdc++ is inside
+        assert not any("_ZNSo9_M_insertIlEERSoT_" in line and " UND " not in line
+                       for line in symbols.splitlines()), f"{lib} carries its own libstdc++"
 
 
 @pytest.mark.parametrize("op", sorted(registration.SCHEMAS))

@@ -61,16 +61,27 @@ _CHECKS: Dict[tuple, Optional[str]] = {}
 _HEAD_DIM_CHECKS: Dict[tuple, Optional[str]] = {}
 
 
+def _constant_under_compile(fn):
+    """What ``torch.compiler.assume_constant_result`` does (torch 2.11-2.14: it sets this
+    one attribute), without its ``import torch._dynamo``, which imports triton: at
+    ``import pvm_kernels`` that would fix Triton's mode before a user (or our CLI) sets
+    TRITON_INTERPRET, and the interpreter then failed mid-kernel ("Cannot call
+    @triton.jit'd outside of the scope of a kernel"). tests/test_custom_ops.py checks that
+    dynamo still runs the function eagerly."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # The checks themselves run outside any torch.compile trace: their answers are constants,
 # and what they call (importlib.util.find_spec in the triton check) is code torch 2.11's
 # dynamo refuses to trace ("Attempted to call function marked as skipped"), which broke
 # the first compiled call of a process on the H100 box.
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _backend_check(name: str, device_type: str) -> Optional[str]:
     return _REGISTRY[name].check(device_type)
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _head_dim_check(name: str, head_dim: int, dtype: torch.dtype) -> Optional[str]:
     return _REGISTRY[name].head_dim_check(head_dim, dtype)
 

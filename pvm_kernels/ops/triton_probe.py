@@ -39,3 +39,4 @@ def interpreter_refusal() -> Optional[str]:
         return (f"Triton {triton.__version__}'s CPU interpreter miscounts a loop bound loaded "
                 f"from memory ({out.item()} iterations instead of 3)")
     return None
+
