@@ -219,3 +219,70 @@ def test_backward_op_checks_every_tensor_before_launch(backend, device, bad):
         get_op(op_prefix(backend), "retrieval_bwd")(
             args["grad_out"], q, k, k, args["out"], args["lse"], args["key_mask"],
             args["kv_len"], 0.25)
+
+
+# ---- split-KV forward and split-row dK/dV (triton) ------------------------------------------
+
+def triton_launchers():
+    pytest.importorskip("triton")
+    from pvm_kernels import available_backends
+    if "triton" not in available_backends("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("triton not usable here")
+    from pvm_kernels.triton_ops import retrieval
+    return retrieval
+
+
+def test_split_loop_fills_the_gpu_and_never_splits_below_one_block():
+    R = triton_launchers()
+    cpu = torch.device("cpu")  # counts as 132 SMs, an H100's
+    assert R.split_loop(4096, 64, 1, cpu) == (64, 64)       # decode at batch 1: 64 splits
+    assert R.split_loop(4096, 64, 16, cpu) == (16, 256)     # 16 programs: 16 splits of 4 blocks
+    assert R.split_loop(4096, 64, 264, cpu) == (1, 4096)    # 2 programs per SM: no split
+    assert R.split_loop(100, 64, 1, cpu) == (2, 64)         # never below one block
+    assert R.split_loop(1, 64, 1, cpu) == (1, 64)
+
+
+@pytest.mark.parametrize("device", ["cuda"] if torch.cuda.is_available() else ["cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_and_unsplit_launches_agree(device, dtype, monkeypatch):
+    """The split paths (keys among programs in the forward, rows in dK/dV) against the same
+    launch with splitting off, and both against float64: values and gradients, with a
+    padded sample, an empty sample and kv_len cutting mid-split."""
+    R = triton_launchers()
+    B, T, H, Hkv, hd, Nv = 3, 20, 4, 1, 64, 300  # 80 packed rows: 2 row blocks to split
+    mask = make_mask("pad", B, Nv)
+    mask[2] = False  # a sample without any visual token
+    kv_len = torch.tensor([200, 300, 0], dtype=torch.int32)
+    q, k, v = (torch.randn(*s, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+               for s in ((B, T, H, hd), (B, Nv, Hkv, hd), (B, Nv, Hkv, hd)))
+    go = torch.randn(B, T, H, hd, dtype=dtype, device=device)
+    dev_mask, dev_len = mask.to(device), kv_len.to(device)
+
+    def run():
+        with poisoned_outputs():
+            out = pvm_retrieval(q, k, v, dev_mask, dev_len, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        return [out.detach(), *grads]
+
+    rows, dev = T * (H // Hkv), torch.device(device)
+    fwd, dkdv = R.select_config("fwd", dtype, rows, hd), R.select_config("dkdv", dtype, rows, hd)
+
+    def splits():
+        fwd_programs = -(-rows // fwd.block_m) * B * Hkv
+        dkdv_programs = -(-Nv // dkdv.block_n) * B * Hkv
+        return (R.split_loop(Nv, fwd.block_n, fwd_programs, dev)[0],
+                R.split_loop(rows, dkdv.block_m, dkdv_programs, dev)[0])
+
+    assert min(splits()) > 1
+    split = run()
+    monkeypatch.setattr(R, "PROGRAMS_PER_SM", 0)  # every loop in one program
+    assert splits() == (1, 1)
+    whole = run()
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    ref = retrieval_reference(q64, k64, v64, mask & (torch.arange(Nv)[None] < kv_len[:, None]))
+    expected = [ref.detach(), *torch.autograd.grad(ref, (q64, k64, v64), go.double().cpu())]
+    tol = TOLERANCE[dtype]
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), split, whole, expected):
+        assert max_rel_err(a, e) < tol, f"split {name}"
+        assert max_rel_err(b, e) < tol, f"unsplit {name}"
+    assert torch.equal(split[0][2], torch.zeros_like(split[0][2])), "empty sample not 0"

@@ -145,8 +145,9 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                         problems.append(("merge", dtype, bd, aligned, ffn, gate_fp32))
 
     problems = [p for p in problems if context["only"] in (None, p[0])]
-    from pvm_kernels.cli.progress import Progress
-    with Progress(len(problems), enabled=context["progress"]) as bar:
+    from tqdm import tqdm
+    with tqdm(total=len(problems), disable=not context["progress"], unit="problem",
+              dynamic_ncols=True) as bar:
         for prob in problems:
             context["problem"] = f"{prob[0]} {prob[1:]}"
             if prob[0] == "retrieval":
@@ -179,10 +180,12 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                     "merge", merge_mod.config_key(kernel, dtype, D))
                 pvm_merge(e, gate, keep, f, backend="triton").backward(
                     torch.randn(3, D, dtype=dtype))
-            bar.step(context["problem"])
+            bar.set_postfix_str(context["problem"])
+            bar.update()
 
 
-_KERNEL_TABLE_NAME = {"retrieval_fwd_kernel": "fwd", "retrieval_bwd_dq_kernel": "dq",
+_KERNEL_TABLE_NAME = {"retrieval_fwd_kernel": "fwd", "retrieval_combine_kernel": "combine",
+                      "retrieval_bwd_dq_kernel": "dq",
                       "retrieval_bwd_dkdv_kernel": "dkdv", "merge_fwd_kernel": "fwd",
                       "merge_bwd_kernel": "bwd"}
 

@@ -51,7 +51,7 @@ DECODE_ROWS = 16
 # Runtime integers: never specialised (see the module docstring).
 _RUNTIME_INTS = ["sqb", "sqt", "sqh", "skb", "skn", "skh", "svb", "svn", "svh", "sob", "sot",
                  "soh", "smb", "smn", "slb", "sgb", "sgn", "sgh", "sgt", "T", "G", "NV", "HD",
-                 "HKV"]
+                 "HKV", "H", "SPLITS", "SPLIT_KEYS", "SPLIT_ROWS", "N_STATS", "PART_STRIDE"]
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ CONFIGS: Dict[Tuple[str, str, int, str], TileConfig] = {
     ("fwd", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 64, "prefill"): _T(64, 64, 4, 2),
     ("fwd", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
     ("fwd", "16bit", 256, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 256, "prefill"): _T(64, 64, 8, 1),
-    ("fwd", "fp32", 16, "decode"): _T(16, 64, 4, 1), ("fwd", "fp32", 16, "prefill"): _T(64, 64, 4, 1),
-    ("fwd", "fp32", 32, "decode"): _T(16, 64, 4, 2), ("fwd", "fp32", 32, "prefill"): _T(64, 32, 4, 2),
+    ("fwd", "fp32", 16, "decode"): _T(16, 32, 4, 1), ("fwd", "fp32", 16, "prefill"): _T(64, 64, 4, 1),
+    ("fwd", "fp32", 32, "decode"): _T(16, 64, 4, 2), ("fwd", "fp32", 32, "prefill"): _T(64, 32, 8, 2),
     ("fwd", "fp32", 64, "decode"): _T(16, 64, 4, 2), ("fwd", "fp32", 64, "prefill"): _T(32, 32, 8, 2),
     ("fwd", "fp32", 128, "decode"): _T(16, 64, 8, 2), ("fwd", "fp32", 128, "prefill"): _T(16, 32, 8, 2),
     # dQ: q, dO and the dq accumulator per row block; fp32 streams q/dO in 32-dim chunks.
@@ -100,13 +100,20 @@ CONFIGS: Dict[Tuple[str, str, int, str], TileConfig] = {
     ("dkdv", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("dkdv", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
     ("dkdv", "16bit", 32, "decode"): _T(16, 64, 4, 1), ("dkdv", "16bit", 32, "prefill"): _T(64, 64, 4, 2),
     ("dkdv", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("dkdv", "16bit", 64, "prefill"): _T(64, 64, 4, 1),
-    ("dkdv", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("dkdv", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
-    ("dkdv", "16bit", 256, "decode"): _T(16, 64, 8, 2), ("dkdv", "16bit", 256, "prefill"): _T(32, 64, 8, 1),
+    # 16 x 64 x 128 on 4 warps with 2 stages compiles cleanly but computes dK wrongly on
+    # the H100 with triton 3.6 (max rel. error 0.27-0.73 in bf16 and fp16; dQ, dV and the
+    # other tiles right: tools/tile_probe.py); 8 warps are right and the fastest probed.
+    ("dkdv", "16bit", 128, "decode"): _T(16, 64, 8, 2), ("dkdv", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
+    ("dkdv", "16bit", 256, "decode"): _T(16, 32, 8, 2), ("dkdv", "16bit", 256, "prefill"): _T(32, 32, 8, 2),
     ("dkdv", "fp32", 16, "decode"): _T(16, 32, 4, 2), ("dkdv", "fp32", 16, "prefill"): _T(16, 32, 4, 2),
-    ("dkdv", "fp32", 32, "decode"): _T(16, 16, 4, 2), ("dkdv", "fp32", 32, "prefill"): _T(32, 16, 4, 2),
+    ("dkdv", "fp32", 32, "decode"): _T(16, 16, 4, 1), ("dkdv", "fp32", 32, "prefill"): _T(32, 16, 4, 2),
     ("dkdv", "fp32", 64, "decode"): _T(16, 32, 4, 2), ("dkdv", "fp32", 64, "prefill"): _T(16, 32, 4, 2),
     ("dkdv", "fp32", 128, "decode"): _T(16, 32, 8, 2), ("dkdv", "fp32", 128, "prefill"): _T(16, 32, 8, 2),
 }
+# The split forward's merge: BLOCK_M (sample, head, token) rows a program, a loop over the
+# splits (block_n unused). Reads SPLITS x hd fp32 per row once: memory-bound, no MMA.
+CONFIGS.update({("combine",) + key[1:]: _T(16, 16, 8 if key[2] == 256 else 4, 1)
+                for key in list(CONFIGS) if key[0] == "fwd"})
 
 
 def block_d_for(hd: int) -> int:
@@ -176,10 +183,21 @@ def _program(T, G, HKV, n_items, BLOCK: tl.constexpr):
     """Split the 1-D grid into (block of n_items, sample, KV head), blocks fastest, so the
     programs sharing one KV head run side by side (L2 reuse of its K/V). A 1-D grid has no
     65,535 limit on B x Hkv (grid y and z do)."""
-    n_blocks = tl.cdiv(n_items, BLOCK)
+    n_blocks = (n_items + BLOCK - 1) // BLOCK
     pid = tl.program_id(0)
     bh = pid // n_blocks
     return pid % n_blocks, (bh // HKV).to(tl.int64), bh % HKV
+
+
+@triton.jit
+def _program_split(HKV, n_items, BLOCK: tl.constexpr, SPLITS):
+    """As _program, with a split index between the blocks and the (sample, KV head):
+    (block, split, sample, KV head), blocks fastest, then splits."""
+    n_blocks = (n_items + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    rest = pid // n_blocks
+    bh = rest // SPLITS
+    return pid % n_blocks, rest % SPLITS, (bh // HKV).to(tl.int64), bh % HKV
 
 
 @triton.jit
@@ -218,31 +236,38 @@ def _chunked_dot(A, a_off, a_ok, B, b_off, b_ok, HD, BLOCK_M: tl.constexpr,
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def retrieval_fwd_kernel(
-    Q, K, V, O, LSE, KEY_MASK, KV_LEN,
+    Q, K, V, O, LSE, KEY_MASK, KV_LEN, O_PART, LSE_PART,
     sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
     skb: tl.int64, skn: tl.int64, skh: tl.int64,
     svb: tl.int64, svn: tl.int64, svh: tl.int64,
     sob: tl.int64, sot: tl.int64, soh: tl.int64,
     smb: tl.int64, smn: tl.int64, slb: tl.int64,
     T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2,
+    SPLITS: tl.int32, SPLIT_KEYS: tl.int32, N_STATS: tl.int64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, FP32: tl.constexpr,
 ):
-    rb, b, kvh = _program(T, G, HKV, T * G, BLOCK_M)
+    """One program per (row block, key split, sample, KV head). With SPLITS == 1 it writes
+    out and lse; otherwise its split's normalised partial output and lse go to O_PART
+    [SPLITS, B, H, T, hd] / LSE_PART [SPLITS, B, H, T] (fp32) for retrieval_combine_kernel.
+    Splitting the keys is what fills the GPU at decode: B x Hkv programs alone are 1 at
+    batch 1 (of 132 SMs), each walking all Nv keys in sequence."""
+    rb, split, b, kvh = _program_split(HKV, T * G, BLOCK_M, SPLITS)
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T * G
     d, d_ok = _dims(HD, BLOCK_D)
     rd_ok = row_ok[:, None] & d_ok[None, :]
     q_off = _row_offsets(b, rows, kvh, G, sqb, sqt, sqh)
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
-    n_end = _kv_end(KV_LEN, b, slb, NV)
+    n_start = split * SPLIT_KEYS
+    n_end = tl.minimum(_kv_end(KV_LEN, b, slb, NV), n_start + SPLIT_KEYS)
 
     # Finite start for the running max: an all-masked block then gives exp2(-inf) = 0
     # and a rescale factor of exactly 1 instead of NaN from (-inf) - (-inf).
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n0 in range(0, n_end, BLOCK_N):
+    for n0 in range(n_start, n_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
         # Invalid keys are never read: padding may hold anything, and 0 * NaN would leak
@@ -268,15 +293,59 @@ def retrieval_fwd_kernel(
     has = l_i != 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
-    o_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
-    tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=rd_ok)
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + _stat_index(b, rows, kvh, T, G, HKV), lse, mask=row_ok)
+    stat = _stat_index(b, rows, kvh, T, G, HKV)
+    if SPLITS == 1:
+        o_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
+        tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=rd_ok)
+        tl.store(LSE + stat, lse, mask=row_ok)
+    else:
+        part = split * N_STATS + stat
+        tl.store(O_PART + tl.multiple_of(part * HD, 8)[:, None] + d[None, :], out, mask=rd_ok)
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def retrieval_combine_kernel(
+    O, LSE, O_PART, LSE_PART,
+    sob: tl.int64, sot: tl.int64, soh: tl.int64,
+    T: tl.int32, H: tl.int32, HD: tl.int32, SPLITS: tl.int32, N_STATS: tl.int64,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse), lse = log sum exp:
+    the split forward's partials merged, for BLOCK_M (sample, head, token) rows a program.
+    A row no split saw a key of stays 0 with lse -inf; a NaN partial stays NaN."""
+    stat = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = stat < N_STATS
+    d, d_ok = _dims(HD, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(LSE_PART + s * N_STATS + stat, mask=ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        part = s * N_STATS + stat
+        w = tl.exp(tl.load(LSE_PART + part, mask=ok, other=float("-inf")) - m_safe)
+        o = tl.load(O_PART + tl.multiple_of(part * HD, 8)[:, None] + d[None, :],
+                    mask=ok[:, None] & d_ok[None, :], other=0.0)
+        l_sum += w
+        acc += w[:, None] * o
+    has = l_sum != 0.0
+    l_safe = tl.where(has, l_sum, 1.0)
+    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
+    t = stat % T
+    h = (stat // T) % H
+    b = stat // (T * H)
+    o_off = tl.multiple_of(b * sob + t * sot + h * soh, 8)
+    tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty),
+             mask=ok[:, None] & d_ok[None, :])
+    tl.store(LSE + stat, tl.where(has, m_safe + tl.log(l_safe), float("-inf")), mask=ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def retrieval_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KEY_MASK, KV_LEN,
+    Q, K, V, DO, LSE, DELTA, KEY_MASK, KV_LEN, DK_PART, DV_PART,
     sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
     skb: tl.int64, skn: tl.int64, skh: tl.int64,
     svb: tl.int64, svn: tl.int64, svh: tl.int64,
@@ -284,12 +353,18 @@ def retrieval_bwd_dkdv_kernel(
     smb: tl.int64, smn: tl.int64, slb: tl.int64,
     sgb: tl.int64, sgn: tl.int64, sgh: tl.int64,
     T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2, scale,
+    SPLITS: tl.int32, SPLIT_ROWS: tl.int32, PART_STRIDE: tl.int64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, FP32: tl.constexpr,
 ):
-    """One program per (key block, sample, KV head): loops over every packed query row.
+    """One program per (key block, row split, sample, KV head): sums over its split's
+    packed query rows into fp32 partials at split * PART_STRIDE of DK_PART / DV_PART
+    (laid out like dk), which the launcher sums in a fixed order and casts: deterministic,
+    no atomics. Without splits a batch-1 backward had Nv / BLOCK_N programs (32 at Nv
+    2048, of 132 SMs) each walking all T * G rows. One fp32 epilogue, not a branch between
+    it and a dk-dtype store: the branch cost 200-280 B of spill at hd 256 (compile gate).
     do's strides are the so*/sot/soh slots (grad_out plays out's role)."""
-    kb, b, kvh = _program(T, G, HKV, NV, BLOCK_N)
+    kb, split, b, kvh = _program_split(HKV, NV, BLOCK_N, SPLITS)
     n_end = _kv_end(KV_LEN, b, slb, NV)
     n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < NV
@@ -306,8 +381,9 @@ def retrieval_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # A key block wholly past this sample's last valid key has zero gradient: skip the loop.
-    row_end = tl.where(kb * BLOCK_N < n_end, T * G, 0)
-    for r0 in range(0, row_end, BLOCK_M):
+    row_start = split * SPLIT_ROWS
+    row_end = tl.where(kb * BLOCK_N < n_end, tl.minimum(T * G, row_start + SPLIT_ROWS), 0)
+    for r0 in range(row_start, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < T * G
         rd_ok = row_ok[:, None] & d_ok[None, :]
@@ -333,10 +409,11 @@ def retrieval_bwd_dkdv_kernel(
         dk += mma(tl.trans(ds.to(q.dtype)), q, UPCAST, FP32)
 
     dk = dk * scale
-    # dk and dv are allocated alike (contiguous), so they share the strides sg*.
+    # dk and dv (and their partials) are allocated alike (contiguous): shared strides sg*.
     g_off = _key_offsets(b, kvh, n, sgb, sgn, sgh)[:, None] + d[None, :]
-    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=nd_ok)
+    p_off = split * PART_STRIDE + g_off
+    tl.store(DK_PART + p_off, dk, mask=nd_ok)
+    tl.store(DV_PART + p_off, dv, mask=nd_ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -427,14 +504,54 @@ def _check_head_dim(hd: int, dtype: torch.dtype) -> None:
         raise ValueError(f"the triton backend's retrieval: {why}")
 
 
-def _launch(kernel, name: str, grid_items: int, block: int, rows: int, q, args,
-            B: int, Hkv: int, hd: int):
-    cfg = select_config(name, q.dtype, rows, hd)
-    grid = (triton.cdiv(grid_items, getattr(cfg, block)) * B * Hkv,)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (132 for CPU tensors, an H100's, so that the
+    interpreter and the compile gate take the split paths a GPU takes)."""
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNT.get(index)
+    if count is None:
+        count = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+_SM_COUNT: Dict[int, int] = {}
+
+#: A launch is split until it has this many programs per SM (or each split is one block):
+#: 2 per SM keeps every SM busy while one program of the pair waits on memory.
+PROGRAMS_PER_SM = 2
+#: Most splits of one loop: bounds the fp32 partial buffers (64 x B x H x T x hd x 4 bytes
+#: for the forward, 64 x B x Nv x Hkv x hd x 8 for dK/dV).
+MAX_SPLITS = 64
+
+
+def split_loop(n_items: int, block: int, programs: int, device: torch.device) -> Tuple[int, int]:
+    """(splits, items per split) for a loop over ``n_items`` in blocks of ``block`` run by
+    ``programs`` programs: split until the launch has PROGRAMS_PER_SM programs per SM,
+    never into pieces smaller than one block. Items per split is a multiple of ``block``."""
+    n_blocks = triton.cdiv(max(n_items, 1), block)
+    want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), max(programs, 1))
+    splits = max(1, min(want, n_blocks, MAX_SPLITS))
+    per_split = triton.cdiv(n_blocks, splits) * block
+    return triton.cdiv(max(n_items, 1), per_split), per_split
+
+
+def _launch(kernel, cfg: TileConfig, programs: int, q: torch.Tensor, args, hd: int,
+            tile: bool = True) -> None:
+    """Launch ``programs`` programs of a tile kernel (BLOCK_M/N/D and the dot flags), or with
+    ``tile=False`` of a row kernel (BLOCK_M and BLOCK_D only: the combine)."""
+    grid = (programs,)
     check_grid(grid)
+    meta = dict(BLOCK_N=cfg.block_n, **dot_flags(q.dtype)) if tile else {}
     with launch_guard(q):
-        kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d_for(hd),
-                     **dot_flags(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_D=block_d_for(hd), **meta,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _unused(device: torch.device) -> torch.Tensor:
+    """A one-element fp32 stand-in for a partial buffer a SPLITS == 1 launch never touches."""
+    return torch.empty((1,), dtype=torch.float32, device=device)
 
 
 def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -442,7 +559,11 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q [B, T, H, hd], k/v [B, Nv, Hkv, hd] (fp16/bf16/fp32, hd a
     multiple of 8 up to 256), key_mask [B, Nv] bool or None, kv_len [B] int32 or None.
-    Returns out [B, T, H, hd] (q.dtype) and lse [B, H, T] float32."""
+    Returns out [B, T, H, hd] (q.dtype) and lse [B, H, T] float32.
+
+    When B x Hkv x row blocks is under PROGRAMS_PER_SM programs per SM (decode: 1 program
+    at batch 1), the keys are split among programs (split-KV) and a second kernel merges
+    the splits' fp32 partials by their log-sum-exp."""
     B, T, H, hd = q.shape
     Nv, Hkv = k.shape[1], k.shape[2]
     _check_head_dim(hd, q.dtype)
@@ -453,9 +574,25 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = (with_vector_layout(t) for t in (q, k, v))
     mask, lens = _masks(q, k, key_mask, kv_len)
     G = H // Hkv
-    args = (q, k, v, out, lse, mask, lens, *_strides3(q), *_strides3(k), *_strides3(v),
-            *_strides3(out), *mask.stride(), lens.stride(0), T, G, Nv, hd, Hkv, scale * LOG2E)
-    _launch(retrieval_fwd_kernel, "fwd", T * G, "block_m", T * G, q, args, B, Hkv, hd)
+    rows = T * G
+    cfg = select_config("fwd", q.dtype, rows, hd)
+    programs = triton.cdiv(rows, cfg.block_m) * B * Hkv
+    splits, split_keys = split_loop(Nv, cfg.block_n, programs, q.device)
+    n_stats = B * H * T
+    if splits > 1:
+        o_part = torch.empty((splits, n_stats, hd), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, n_stats), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = _unused(q.device)
+    args = (q, k, v, out, lse, mask, lens, o_part, lse_part, *_strides3(q), *_strides3(k),
+            *_strides3(v), *_strides3(out), *mask.stride(), lens.stride(0), T, G, Nv, hd, Hkv,
+            scale * LOG2E, splits, split_keys, n_stats)
+    _launch(retrieval_fwd_kernel, cfg, programs * splits, q, args, hd)
+    if splits > 1:
+        comb = select_config("combine", q.dtype, rows, hd)
+        _launch(retrieval_combine_kernel, comb, triton.cdiv(n_stats, comb.block_m), q,
+                (out, lse, o_part, lse_part, *_strides3(out), T, H, hd, splits, n_stats), hd,
+                tile=False)
     return out, lse
 
 
@@ -485,10 +622,22 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
               *mask.stride(), lens.stride(0))
     sizes = (T, G, Nv, hd, Hkv, scale * LOG2E, scale)
-    _launch(retrieval_bwd_dkdv_kernel, "dkdv", Nv, "block_n", T * G, q,
-            (q, k, v, grad_out, lse, delta, dk, dv, mask, lens, *common, *_strides3(dk),
-             *sizes), B, Hkv, hd)
-    _launch(retrieval_bwd_dq_kernel, "dq", T * G, "block_m", T * G, q,
+    rows = T * G
+    cfg = select_config("dkdv", q.dtype, rows, hd)
+    programs = triton.cdiv(Nv, cfg.block_n) * B * Hkv
+    splits, split_rows = split_loop(rows, cfg.block_m, programs, q.device)
+    # Contiguous like dk, so dk's strides address the partials too; keys past a sample's
+    # kv_len still get their zeros written by the kernel (it stores whole key blocks).
+    dk_part = torch.empty((splits, *dk.shape), dtype=torch.float32, device=q.device)
+    dv_part = torch.empty_like(dk_part)
+    _launch(retrieval_bwd_dkdv_kernel, cfg, programs * splits, q,
+            (q, k, v, grad_out, lse, delta, mask, lens, dk_part, dv_part, *common,
+             *_strides3(dk), *sizes, splits, split_rows, dk.numel()), hd)
+    # Summed in split order by one reduction each (the same bits on every run), then cast.
+    for grad, part in ((dk, dk_part), (dv, dv_part)):
+        grad.copy_(part[0] if splits == 1 else part.sum(0))
+    cfg = select_config("dq", q.dtype, rows, hd)
+    _launch(retrieval_bwd_dq_kernel, cfg, triton.cdiv(rows, cfg.block_m) * B * Hkv, q,
             (q, k, v, grad_out, lse, delta, dq, mask, lens, *common, *_strides3(dq), *sizes),
-            B, Hkv, hd)
+            hd)
     return dq, dk, dv
