@@ -6,8 +6,12 @@ Run: ``pytest bench/ --benchmark-only`` (``--benchmark-json=FILE`` to keep raw t
 import pytest
 import torch
 
+from pvm_kernels.roofline import block_cost
 from pvm_kernels.testing import saved_tensor_bytes
-from conftest import BACKENDS, BATCH, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, TOKENS, VISUAL, sync
+from conftest import (BACKENDS, BATCH, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, TOKENS, VISUAL,
+                      time_and_roofline)
+
+ELEM = torch.finfo(DTYPE).bits // 8
 
 
 def inputs(T, Nv, requires_grad=False, batch=BATCH):
@@ -28,13 +32,12 @@ def record(benchmark, backend, T, Nv, B=BATCH, **extra):
 def test_forward(benchmark, block, backend, T, Nv):
     h, visual = inputs(T, Nv)
 
-    def run():
+    def work():
         with torch.no_grad():
             block(h, visual, backend=backend)
-        sync()
 
     record(benchmark, backend, T, Nv)
-    benchmark(run)
+    time_and_roofline(benchmark, work, block_cost(block.dims, BATCH, T, Nv, ELEM))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,20 +47,22 @@ def test_forward_backward(benchmark, block, backend, T, Nv):
     h, visual = inputs(T, Nv, requires_grad=True)
     grad = torch.randn_like(h)
 
-    def run():
+    def work():
+        h.grad = visual.grad = None
         block(h, visual, backend=backend).backward(grad)
-        sync()
 
     extra = dict(saved_activation_bytes=saved_tensor_bytes(
         lambda: block(h, visual, backend=backend)))
     if DEVICE.type == "cuda":
-        run()
+        work()
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        run()
+        work()
+        torch.cuda.synchronize()
         extra["peak_fwd_bwd_bytes"] = torch.cuda.max_memory_allocated() - base
     record(benchmark, backend, T, Nv, **extra)
-    benchmark(run)
+    time_and_roofline(benchmark, work, block_cost(block.dims, BATCH, T, Nv, ELEM, backward=True))
 
 
 def decode_step(benchmark, block, backend, B, Nv, cached):
@@ -65,13 +70,12 @@ def decode_step(benchmark, block, backend, B, Nv, cached):
     with torch.no_grad():
         visual_arg = block.encode_visual(visual) if cached else visual
 
-    def run():
+    def work():
         with torch.no_grad():
             block(h, visual_arg, backend=backend)
-        sync()
 
     record(benchmark, backend, 1, Nv, B=B)
-    benchmark(run)
+    time_and_roofline(benchmark, work, block_cost(block.dims, B, 1, Nv, ELEM, cached=cached))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

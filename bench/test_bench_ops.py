@@ -6,8 +6,11 @@ query head and materialises scores and several [N, D] temporaries.
 import pytest
 import torch
 
-from conftest import BACKENDS, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, sync
+from conftest import BACKENDS, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, time_and_roofline
 from pvm_kernels import pvm_merge, pvm_retrieval
+from pvm_kernels.roofline import merge_cost, retrieval_cost
+
+ELEM = torch.finfo(DTYPE).bits // 8
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -21,13 +24,12 @@ def test_retrieval_decode(benchmark, backend, B, Nv):
     mask[:, Nv - Nv // 8:] = False  # padded, as in a mixed batch
     kv_len = torch.full((B,), Nv - Nv // 8, dtype=torch.int32, device=DEVICE)
 
-    def run():
+    def work():
         with torch.no_grad():
             pvm_retrieval(q, k, v, mask, kv_len, backend=backend)
-        sync()
 
     benchmark.extra_info.update(backend=backend, B=B, Nv=Nv, op="retrieval")
-    benchmark(run)
+    time_and_roofline(benchmark, work, retrieval_cost(B, 1, 4, 1, 128, Nv, ELEM))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -38,10 +40,9 @@ def test_merge_decode(benchmark, backend, B):
     gate = torch.ones(1, device=DEVICE, dtype=DTYPE)
     keep = torch.ones(B, 1, dtype=torch.bool, device=DEVICE)
 
-    def run():
+    def work():
         with torch.no_grad():
             pvm_merge(e, gate, keep, ffn, backend=backend)
-        sync()
 
     benchmark.extra_info.update(backend=backend, B=B, op="merge")
-    benchmark(run)
+    time_and_roofline(benchmark, work, merge_cost(B, 4096, ELEM))

@@ -19,7 +19,6 @@ import torch
 from .common import (help_text, CLIError, add_device_options, device_description, format_table,
                      output_dir, parse_backends, resolve_device, resolve_dtype, versions,
                      write_json)
-from .progress import Progress
 
 OPS = ("retrieval", "merge", "block")
 MODES = ("fwd", "fwd+bwd", "decode")
@@ -154,10 +153,42 @@ class Workloads:
         return fwd, lambda: fwd().backward(grad), ref
 
 
+def times_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> List[float]:
+    """Times of ``fn()`` in ms. CUDA: every repeat of triton.testing.do_bench (CUDA events,
+    L2 flushed between calls, warm-up included), so ``repeats`` is ignored; CPU: ``repeats``
+    single calls through torch.utils.benchmark after one warm-up call."""
+    if device.type == "cuda":
+        import triton.testing
+        return [float(t) for t in triton.testing.do_bench(fn, return_mode="all")]
+    import torch.utils.benchmark as tub
+    fn()
+    timer = tub.Timer(stmt="fn()", globals={"fn": fn})
+    return [timer.timeit(1).median * 1e3 for _ in range(repeats)]
+
+
+def case_cost(case: "Case", dims, dtype: torch.dtype):
+    """FLOPs and bytes of a case (pvm_kernels.roofline)."""
+    from ..roofline import block_cost, merge_cost, retrieval_cost
+    elem = torch.finfo(dtype).bits // 8
+    backward = case.mode == "fwd+bwd"
+    if case.op == "retrieval":
+        shape = (case.B, case.T, dims.num_heads, dims.num_kv_heads, dims.head_dim, case.Nv, elem)
+        cost = retrieval_cost(*shape)
+        return cost + retrieval_cost(*shape, backward=True) if backward else cost
+    if case.op == "merge":
+        cost = merge_cost(case.B * case.T, dims.hidden_size, elem)
+        return cost + merge_cost(case.B * case.T, dims.hidden_size, elem, backward=True) \
+            if backward else cost
+    return block_cost(dims, case.B, case.T, case.Nv, elem, backward=backward,
+                      cached=case.mode == "decode")
+
+
 def run(args) -> int:
+    from tqdm import tqdm
+
     from ..ops import available_backends
+    from ..roofline import measure_peaks
     from ..testing import max_rel_err
-    from ..timing import times_ms
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -176,8 +207,11 @@ def run(args) -> int:
           f"{', '.join(backends)}; {len(cases) * len(backends)} runs of {args.repeats} repeats")
 
     work = Workloads(device, dtype)
+    # The ceilings of this run, so the rows' fractions of peak compare like with like.
+    peaks = measure_peaks(device, dtype) if device.type == "cuda" else (None, None)
     rows = []
-    with Progress(len(cases) * len(backends), enabled=not args.no_progress) as bar:
+    with tqdm(total=len(cases) * len(backends), disable=args.no_progress, unit="run",
+              dynamic_ncols=True) as bar:
         for case in cases:
             for backend in backends:
                 fwd, fwd_bwd, ref = work.build(case, backend)
@@ -188,11 +222,14 @@ def run(args) -> int:
                     with torch.no_grad():
                         err = max_rel_err(fwd(), ref())
                     fn = lambda: _no_grad(fwd)  # noqa: E731
+                bar.set_postfix_str(f"{case.op} {case.label} {backend}")
                 times = times_ms(fn, device, args.repeats)
+                median = sorted(times)[len(times) // 2]
                 rows.append(dict(op=case.op, mode=case.mode, case=case.label, backend=backend,
                                  B=case.B, T=case.T, Nv=case.Nv, times_ms=times,
-                                 median_ms=sorted(times)[len(times) // 2], max_rel_err=err))
-                bar.step(f"{case.op} {case.label} {backend}")
+                                 median_ms=median, max_rel_err=err,
+                                 **case_cost(case, work.dims, dtype).fields(median, *peaks)))
+                bar.update()
 
     reference_ms = {(r["op"], r["case"]): r["median_ms"] for r in rows if r["backend"] == "reference"}
     table = []
@@ -203,7 +240,8 @@ def run(args) -> int:
                       "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"])
     print(format_table(["op", "case", "backend", "median ms", "vs reference", "max err"], table))
     report = dict(device=device_description(device), dtype=str(dtype), versions=versions(),
-                  dims=vars(work.dims), repeats=args.repeats, results=rows)
+                  dims=vars(work.dims), repeats=args.repeats, peak_tflops=peaks[0],
+                  peak_gbs=peaks[1], results=rows)
     json_path = os.path.join(out_dir, "bench.json")
     write_json(json_path, report)
     print(f"\nmax err: forward output vs the float64 reference (max |x - ref| / max |ref|).\n"
