@@ -12,7 +12,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export CUDA_HOME MAX_JOBS TORCH_CUDA_ARCH_LIST
 export PVM_STRICT_BUILD ?= 1
 
-.PHONY: install test demo analyze bench gpu-check compile-gate mutations cmake-build clean
+.PHONY: install test demo analyze bench gpu-check gpu-evidence compile-gate mutations cmake-build clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -36,6 +36,15 @@ demo: install
 # bench/results/<device>.json (tools/gpu_check.py). Without a GPU it says so and fails.
 gpu-check:
 	$(PYTHON) tools/gpu_check.py
+
+# On a GPU, after gpu-check: the issue-14 measurements of PARTS in one process (ratios
+# fair), then tables and plots (bench/NOTES.md reads them). One device call each:
+#   make gpu-evidence PARTS=peaks,block,attention    make gpu-evidence PARTS=peaks,decode,e2e
+PARTS ?= peaks,block,attention,decode,e2e
+EVIDENCE ?= bench/results/evidence/latest
+gpu-evidence:
+	env -u TRITON_INTERPRET $(PYTHON) bench/gpu_evidence.py --parts $(PARTS) --out $(EVIDENCE).json
+	$(PYTHON) bench/evidence_report.py $(EVIDENCE).json --markdown $(EVIDENCE).md --plots bench/results/evidence/plots
 
 # The ahead-of-time compile gate alone (make test runs it too), rewriting the resource
 # tables of docs/kernel_resources.md and the README.

@@ -118,17 +118,29 @@ def op_table(run: dict) -> List[str]:
 
 
 def e2e_table(run: dict) -> List[str]:
+    """Per (batch, variant): medians over the interleaved rounds (one row per round in the
+    JSON), and the decode overhead against no PVM from those medians."""
     rows = [r for r in run["rows"] if r["part"] == "e2e"]
     if not rows:
         return []
-    out = ["| batch | variant | new tokens | total s | prefill s | tokens/s | decode tokens/s | overhead vs no PVM (decode) |",
-           "|---|---|---|---|---|---|---|---|"]
-    base: Dict[int, float] = {r["B"]: r["decode_tokens_per_s"] for r in rows if r["variant"] == "no PVM"}
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
     for r in rows:
-        b = base.get(r["B"])
-        over = (b / r["decode_tokens_per_s"] - 1) * 100 if b and r["decode_tokens_per_s"] else None
-        out.append(f"| {r['B']} | {r['variant']} | {r['new_tokens']} | {fmt(r['total_s'])} | "
-                   f"{fmt(r['prefill_s'])} | {fmt(r['tokens_per_s'])} | {fmt(r['decode_tokens_per_s'])} | "
+        groups[(r["B"], r["variant"])].append(r)
+
+    def median(vals):
+        vals = sorted(v for v in vals if v is not None)
+        return vals[len(vals) // 2] if vals else None
+
+    out = ["| batch | variant | rounds | new tokens | total s | prefill s | tokens/s | decode tokens/s "
+           "| overhead vs no PVM (decode) |", "|---|---|---|---|---|---|---|---|---|"]
+    med = {key: {k: median(r.get(k) for r in rs) for k in
+                 ("total_s", "prefill_s", "tokens_per_s", "decode_tokens_per_s")}
+           for key, rs in groups.items()}
+    for (B, variant), rs in groups.items():
+        m, base = med[(B, variant)], med.get((B, "no PVM"), {}).get("decode_tokens_per_s")
+        over = (base / m["decode_tokens_per_s"] - 1) * 100 if base and m["decode_tokens_per_s"] else None
+        out.append(f"| {B} | {variant} | {len(rs)} | {rs[0]['new_tokens']} | {fmt(m['total_s'])} | "
+                   f"{fmt(m['prefill_s'])} | {fmt(m['tokens_per_s'])} | {fmt(m['decode_tokens_per_s'])} | "
                    f"{'-' if over is None else f'{over:+.1f}%'} |")
     return out
 
