@@ -99,3 +99,35 @@ def test_block_runs_on_the_default_cpu_backend():
         block.gate_alpha.fill_(1.0)
     torch.testing.assert_close(block(h, visual), block(h, visual, backend="reference"),
                                rtol=1e-5, atol=1e-6)
+
+
+def _sass(lib: str, arch: str) -> str:
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("triton's cuobjdump is not installed")
+    return subprocess.run([tool, "-sass", "-arch", arch, lib], capture_output=True, text=True,
+                          timeout=300).stdout
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_merge_moves_rows_in_16_byte_chunks(arch):
+    """The CUDA merge kernels read and write aligned rows 16 bytes at a time (LDG.E.128 /
+    STG.E.128 in the SASS of every dtype's forward and backward)."""
+    if not cuda_build_expected():
+        pytest.skip("no CUDA toolchain here, so no CUDA extension is expected")
+    libs = [lib for lib in _built_extensions() if "_C_cuda" in lib]
+    assert libs, "CUDA extension not built"
+    import re
+    kernels, current = {}, None
+    for line in _sass(libs[0], arch).splitlines():
+        m = re.search(r"Function : (\S*merge_(?:fwd|bwd)_kernel\S*)", line)
+        if m or "Function :" in line:
+            current = m.group(1) if m else None
+            if current:
+                kernels[current] = set()
+        elif current:
+            kernels[current].update(re.findall(r"\b(LDG\.E\.128|STG\.E\.128)\b", line))
+    assert len(kernels) == 6, sorted(kernels)  # fwd and bwd x fp32, fp16, bf16
+    for name, ops in kernels.items():
+        assert ops == {"LDG.E.128", "STG.E.128"}, f"{name}: {sorted(ops)}"
