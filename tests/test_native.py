@@ -110,24 +110,60 @@ def _sass(lib: str, arch: str) -> str:
                           timeout=300).stdout
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_cuda_merge_moves_rows_in_16_byte_chunks(arch):
-    """The CUDA merge kernels read and write aligned rows 16 bytes at a time (LDG.E.128 /
-    STG.E.128 in the SASS of every dtype's forward and backward)."""
+def _cuda_library() -> str:
     if not cuda_build_expected():
         pytest.skip("no CUDA toolchain here, so no CUDA extension is expected")
     libs = [lib for lib in _built_extensions() if "_C_cuda" in lib]
     assert libs, "CUDA extension not built"
+    return libs[0]
+
+
+def _wide_accesses(arch: str, kernel: str) -> dict:
+    """{kernel instance: the 16-byte global loads/stores in its SASS}."""
     import re
     kernels, current = {}, None
-    for line in _sass(libs[0], arch).splitlines():
-        m = re.search(r"Function : (\S*merge_(?:fwd|bwd)_kernel\S*)", line)
+    for line in _sass(_cuda_library(), arch).splitlines():
+        m = re.search(r"Function : (\S*" + kernel + r"\S*)", line)
         if m or "Function :" in line:
             current = m.group(1) if m else None
             if current:
                 kernels[current] = set()
         elif current:
             kernels[current].update(re.findall(r"\b(LDG\.E\.128|STG\.E\.128)\b", line))
+    return kernels
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_merge_moves_rows_in_16_byte_chunks(arch):
+    """The CUDA merge kernels read and write aligned rows 16 bytes at a time (LDG.E.128 /
+    STG.E.128 in the SASS of every dtype's forward and backward)."""
+    kernels = _wide_accesses(arch, r"merge_(?:fwd|bwd)_kernel")
     assert len(kernels) == 6, sorted(kernels)  # fwd and bwd x fp32, fp16, bf16
     for name, ops in kernels.items():
         assert ops == {"LDG.E.128", "STG.E.128"}, f"{name}: {sorted(ops)}"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_retrieval_stages_keys_in_16_byte_chunks(arch):
+    """Every CUDA retrieval kernel (forward, dQ, dK/dV; three dtypes) stages K and V with
+    16-byte loads: what a decode step reads."""
+    kernels = _wide_accesses(arch, r"retrieval_\w+_kernel")
+    assert len(kernels) == 9, sorted(kernels)
+    for name, ops in kernels.items():
+        assert "LDG.E.128" in ops, f"{name}: {sorted(ops)}"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_kernels_do_not_spill(arch):
+    """No CUDA kernel uses a stack frame or local memory (cuobjdump -res-usage): the dQ
+    kernel sits at 123-128 registers, where one more live value spilled 8 bytes."""
+    import re
+    import triton
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    out = subprocess.run([cuobjdump, "-res-usage", "-arch", arch, _cuda_library()],
+                         capture_output=True, text=True, timeout=300).stdout
+    usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    assert len(usage) >= 15, out[-2000:]  # 9 retrieval + 6 merge kernels
+    for name, regs, stack, local in usage:
+        assert int(stack) == 0 and int(local) == 0, f"{name}: {regs} registers, stack {stack}, local {local}"

@@ -1,5 +1,7 @@
 // float <-> storage-type conversions for the PVM CUDA kernels.
 #pragma once
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,6 +33,18 @@ inline auto dispatch_dtype(DType dtype, F&& f) {
     case DType::kFloat32:
     default: return f(float{});
   }
+}
+
+// 16 bytes of T (8 bf16/fp16 or 4 fp32), aligned so one load or store moves it:
+// LDG.E.128 / STG.E.128 in SASS, where element loops issue 2- or 4-byte accesses.
+template <typename T>
+struct alignas(16) Chunk {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+__device__ __forceinline__ bool aligned16(const void* ptr) {
+  return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
 }
 
 __device__ __forceinline__ float warp_max(float v) {

@@ -13,21 +13,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// A row read and written in 16-byte chunks (8 bf16/fp16 or 4 fp32: LDG.E.128 / STG.E.128)
-// when D is a multiple of the chunk and the row pointers are 16-byte aligned, else one
-// element at a time. The test is uniform over the block (row pointers and D only), so
-// both paths reach block_sum together. A merge moves 3 bytes per byte of work, so load
-// width is what its time is made of (2-byte loads issue 8x the instructions).
-template <typename T>
-struct alignas(16) Chunk {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
-};
-
-__device__ __forceinline__ bool aligned16(const void* ptr) {
-  return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
-}
-
+// A row read and written in 16-byte chunks (Chunk, dtype.cuh: 8 bf16/fp16 or 4 fp32) when
+// D is a multiple of the chunk and the row pointers are 16-byte aligned, else one element
+// at a time. The test is uniform over the block (row pointers and D only), so both paths
+// reach block_sum together. A merge moves 3 bytes per byte of work, so load width is what
+// its time is made of (2-byte loads issue 8x the instructions).
 template <typename T>
 __device__ __forceinline__ bool use_chunks(int64_t D, const void* a, const void* b, const void* c) {
   return D % Chunk<T>::kSize == 0 && aligned16(a) && aligned16(b) && aligned16(c);

@@ -94,8 +94,20 @@ __device__ void stage_rows(const T* src, const int64_t* s, const RetrievalParams
   }
 }
 
+// K and V can be read in 16-byte chunks: unit stride along hd, hd and the other strides
+// multiples of a chunk, 16-byte aligned bases (the usual contiguous [B, Nv, Hkv, hd] of a
+// VisualMemory). Uniform over the launch.
+template <typename T>
+__device__ __forceinline__ bool keys_in_chunks(const RetrievalParams& p) {
+  constexpr int C = Chunk<T>::kSize;
+  bool ok = p.hd % C == 0 && aligned16(p.k) && aligned16(p.v);
+  for (int i = 0; i < 3; ++i) ok = ok && p.k_stride[i] % C == 0 && p.v_stride[i] % C == 0;
+  return ok && p.k_stride[3] == 1 && p.v_stride[3] == 1;
+}
+
 // Stage the key tile n0.. (validity, then K and V with invalid keys zeroed: padding may
-// hold NaN, which must not reach a result through 0 * x). Rows have stride ld.
+// hold NaN, which must not reach a result through 0 * x). Rows have stride ld. K/V are
+// what a decode step reads (Nv x hd per KV head): 16-byte loads where the layout allows.
 template <typename T>
 __device__ void stage_keys(const RetrievalParams& p, int64_t b, int kvh, int64_t n0,
                            int64_t n_end, int ld, float* k_s, float* v_s, int* valid_s) {
@@ -104,6 +116,25 @@ __device__ void stage_keys(const RetrievalParams& p, int64_t b, int kvh, int64_t
   const T* v = static_cast<const T*>(p.v);
   if (threadIdx.x < kKeys) valid_s[threadIdx.x] = key_valid(p, b, n0 + threadIdx.x, n_end);
   __syncthreads();  // valid_s is complete before the threads staging K/V read it
+  if (keys_in_chunks<T>(p)) {
+    constexpr int C = Chunk<T>::kSize;
+    const int chunks = hd / C;
+    // K, then V: one chunk live at a time (both at once spilled 8 B in dQ, bf16, sm_90).
+    for (int which = 0; which < 2; ++which) {
+      const T* src = which ? v : k;
+      const int64_t* st = which ? p.v_stride : p.k_stride;
+      float* dst = which ? v_s : k_s;
+#pragma unroll 1
+      for (int i = threadIdx.x; i < kKeys * chunks; i += blockDim.x) {
+        const int j = i / chunks, d = (i - j * chunks) * C;
+        Chunk<T> x;
+        if (valid_s[j]) x = *reinterpret_cast<const Chunk<T>*>(src + b * st[0] + (n0 + j) * st[1] + kvh * st[2] + d);
+#pragma unroll
+        for (int t = 0; t < C; ++t) dst[j * ld + d + t] = valid_s[j] ? to_float(x.v[t]) : 0.f;
+      }
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < kKeys * hd; i += blockDim.x) {
     const int j = i / hd, d = i - j * hd;
     const int64_t n = n0 + j;
