@@ -42,6 +42,7 @@ def test_nan_and_inf_stay_inside_their_sample(backend, device):
     # Sample 0: only the poisoned query row; sample 1: all of it; sample 2: untouched.
     others = [t for t in range(T) if t != 3]
     assert torch.equal(out[0, others], clean[0][0, others])
+    assert torch.isnan(out[0, 3]).all(), "a NaN query row must come out NaN, as in the reference"
     assert not torch.isfinite(out[1]).all()
     assert torch.equal(out[2], clean[0][2])
     assert torch.equal(dh[2], clean[1][2]) and torch.equal(dv[2], clean[2][2])

@@ -29,6 +29,42 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // 2-core CI machine: MKL reaches ~95 GFLOP/s on prefill blocks, the inline kernels ~14.
 constexpr int64_t kBlasMinWork = 1 << 17;
 
+// Row reductions over a key block in kLanes interleaved partials (fixed order, so the
+// same bits every run): a single running max or sum is a serial dependency the compiler
+// may not reorder, and these loops ran scalar next to the vectorised exp.
+constexpr int kLanes = 16;
+
+// max over valid keys, NaN-propagating (a NaN score poisons its row, as in the reference);
+// -inf when no key is valid.
+inline float valid_max(const float* s, const bool* valid, int64_t n) {
+  float lane[kLanes];
+  std::fill(lane, lane + kLanes, kNegInf);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) {
+      const float v = valid[j + t] ? s[j + t] : kNegInf;
+      lane[t] = (v != v || v > lane[t]) ? v : lane[t];
+    }
+  float m = kNegInf;
+  for (; j < n; ++j) {
+    const float v = valid[j] ? s[j] : kNegInf;
+    m = (v != v || v > m) ? v : m;
+  }
+  for (int t = 0; t < kLanes; ++t) m = (lane[t] != lane[t] || lane[t] > m) ? lane[t] : m;
+  return m;
+}
+
+inline float row_sum(const float* s, int64_t n) {
+  float lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) lane[t] += s[j + t];
+  float sum = 0.f;
+  for (; j < n; ++j) sum += s[j];
+  for (int t = 0; t < kLanes; ++t) sum += lane[t];
+  return sum;
+}
+
 enum class Form { NN, NT, TN };  // C += A B,  C += A B^T (B stored [N][K]),  C += A^T B
 
 // C[M][N] += op(A) op(B) on float row-major buffers with leading dimensions.
@@ -82,7 +118,12 @@ void load_rows(const scalar_t* src, const int64_t* s, const Layout& L, int64_t b
   const int64_t hd = L.p.hd;
   for (int64_t i = 0; i < nr; ++i) {
     const scalar_t* x = src + L.row(s, b, kvh, r0 + i);
-    for (int64_t d = 0; d < hd; ++d) dst[i * hd + d] = static_cast<float>(x[d * s[3]]) * mul;
+    float* y = dst + i * hd;
+    if (s[3] == 1) {  // contiguous head dim: a loop the compiler vectorises
+      for (int64_t d = 0; d < hd; ++d) y[d] = static_cast<float>(x[d]) * mul;
+    } else {
+      for (int64_t d = 0; d < hd; ++d) y[d] = static_cast<float>(x[d * s[3]]) * mul;
+    }
   }
 }
 
@@ -94,7 +135,14 @@ void load_keys(const scalar_t* src, const int64_t* s, const Layout& L, int64_t b
   const int64_t hd = L.p.hd;
   for (int64_t j = 0; j < nk; ++j) {
     const scalar_t* x = src + L.key(s, b, kvh, n0 + j);
-    for (int64_t d = 0; d < hd; ++d) dst[j * hd + d] = valid[j] ? static_cast<float>(x[d * s[3]]) : 0.f;
+    float* y = dst + j * hd;
+    if (!valid[j]) {
+      std::fill(y, y + hd, 0.f);
+    } else if (s[3] == 1) {  // contiguous head dim: a loop the compiler vectorises
+      for (int64_t d = 0; d < hd; ++d) y[d] = static_cast<float>(x[d]);
+    } else {
+      for (int64_t d = 0; d < hd; ++d) y[d] = static_cast<float>(x[d * s[3]]);
+    }
   }
 }
 
@@ -132,10 +180,7 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
         block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), kKeys, nr, hd, nk);
         for (int64_t i = 0; i < nr; ++i) {
           float* s = &sc[i * kKeys];
-          float bmax = kNegInf;
-          // std::max drops NaN; keep it, so a NaN score poisons its row as in the reference.
-          for (int64_t j = 0; j < nk; ++j)
-            if (valid[j]) bmax = (std::isnan(s[j]) || std::isnan(bmax)) ? s[j] + bmax : std::max(bmax, s[j]);
+          const float bmax = valid_max(s, valid, nk);
           if (bmax == kNegInf) {  // no valid key in this block: nothing to add
             std::fill(s, s + nk, 0.f);
             continue;
@@ -144,8 +189,7 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
           const float alpha = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first block
           for (int64_t j = 0; j < nk; ++j) s[j] = valid[j] ? s[j] - m_new : kNegInf;
           cpu::exp_inplace(s, nk);
-          float sum = 0.f;
-          for (int64_t j = 0; j < nk; ++j) sum += s[j];
+          const float sum = row_sum(s, nk);
           for (int64_t d = 0; d < hd; ++d) acc[i * hd + d] *= alpha;
           l[i] = l[i] * alpha + sum;
           m[i] = m_new;
