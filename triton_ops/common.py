@@ -138,6 +138,13 @@ def unlimited_kv_len(device: torch.device) -> torch.Tensor:
                                                        device=device)).as_strided((1,), (0,))
 
 
+def never_read_f32(device: torch.device) -> torch.Tensor:
+    """A one-element fp32 tensor for a pointer argument the launch never dereferences (the
+    partial buffers of an unsplit retrieval): cached, so a decode step allocates nothing."""
+    return _stand_in("never-read", device, lambda: torch.empty((1,), dtype=torch.float32,
+                                                               device=device))
+
+
 def expect(name: str, t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
            device: torch.device) -> None:
     """ValueError/TypeError naming ``name`` unless ``t`` has this shape, dtype and device:

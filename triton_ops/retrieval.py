@@ -33,7 +33,8 @@ import triton.language as tl
 
 from .._alloc import new_output
 from .common import (always_valid_keys, check_grid, dot_flags, dtype_class, expect,
-                     head_dim_problem, launch_guard, mma, unlimited_kv_len, with_vector_layout)
+                     head_dim_problem, launch_guard, mma, never_read_f32, unlimited_kv_len,
+                     with_vector_layout)
 
 LOG2E = 1.4426950408889634
 
@@ -549,11 +550,6 @@ def _launch(kernel, cfg: TileConfig, programs: int, q: torch.Tensor, args, hd: i
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _unused(device: torch.device) -> torch.Tensor:
-    """A one-element fp32 stand-in for a partial buffer a SPLITS == 1 launch never touches."""
-    return torch.empty((1,), dtype=torch.float32, device=device)
-
-
 def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_mask: Optional[torch.Tensor], kv_len: Optional[torch.Tensor],
                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -583,7 +579,7 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o_part = torch.empty((splits, n_stats, hd), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, n_stats), dtype=torch.float32, device=q.device)
     else:
-        o_part = lse_part = _unused(q.device)
+        o_part = lse_part = never_read_f32(q.device)
     args = (q, k, v, out, lse, mask, lens, o_part, lse_part, *_strides3(q), *_strides3(k),
             *_strides3(v), *_strides3(out), *mask.stride(), lens.stride(0), T, G, Nv, hd, Hkv,
             scale * LOG2E, splits, split_keys, n_stats)
