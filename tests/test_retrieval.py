@@ -286,3 +286,13 @@ def test_split_and_unsplit_launches_agree(device, dtype, monkeypatch):
         assert max_rel_err(a, e) < tol, f"split {name}"
         assert max_rel_err(b, e) < tol, f"unsplit {name}"
     assert torch.equal(split[0][2], torch.zeros_like(split[0][2])), "empty sample not 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_long_blocks_and_key_partitions(dtype):
+    """The CPU kernels' prefill blocking: 600 packed rows (two 512-row blocks in the
+    backward), 700 keys (a 512-key forward block and a 188-key remainder; six 128-key blocks
+    in three backward partitions whose dQ partials are summed), padding and kv_len."""
+    torch.manual_seed(0)
+    B, T, H, Hkv, hd, Nv = 2, 150, 4, 1, 64, 700
+    run_case("cpu", "cpu", dtype, B, T, H, Hkv, hd, Nv, make_mask("pad", B, Nv), with_len=True)

@@ -77,29 +77,111 @@ void gemm_tn_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float
   }
 }
 
+namespace {
+
+// The row loops are written on GCC/Clang vector types: 8 floats, one AVX register on the
+// x86-64-v3 clone and two SSE registers on the generic one. Written as plain loops, GCC
+// left them scalar (vmaxss / vfmadd132ss in the v3 clone's disassembly): it does not
+// vectorise a float max without -ffast-math, nor this exp with its bit-cast.
+// (GCC's -Wpsabi note about passing 32-byte vectors concerns calls across objects built
+// with and without AVX; these helpers are internal and inlined.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+constexpr int kVec = 8;
+constexpr float kNegInf = -__builtin_inff();
+
+inline f8 splat(float x) { return f8{x, x, x, x, x, x, x, x}; }
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+
+// exp(v) for 8 lanes: arguments below -87.3 (including -inf, masked keys) give exactly 0;
+// NaN stays NaN. Range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial: ~1 ulp.
+inline f8 exp8(f8 v) {
+  const f8 lo = splat(-87.3f), hi = splat(88.3f);
+  const f8 c = v < lo ? lo : (v > hi ? hi : v);
+  // Nearest integer by the 1.5 * 2^23 trick (|c log2 e| < 128 stays exact): roundf has no
+  // SSE/AVX instruction, and GCC called libm per element (3.8% of a prefill forward).
+  const f8 magic = splat(12582912.f);
+  const f8 k = (c * splat(1.44269504088896341f) + magic) - magic;
+  const f8 r = (c - k * splat(0.693359375f)) - k * splat(-2.12194440e-4f);  // ln 2 in two
+  // Taylor terms to r^6: |r| <= ln2/2 keeps the truncation below float epsilon.
+  f8 poly = splat(1.f / 720.f);
+  poly = poly * r + splat(1.f / 120.f);
+  poly = poly * r + splat(1.f / 24.f);
+  poly = poly * r + splat(1.f / 6.f);
+  poly = poly * r + splat(0.5f);
+  poly = poly * r + splat(1.f);
+  poly = poly * r + splat(1.f);
+  // scale by 2^k through the exponent bits
+  const i8 bits = (__builtin_convertvector(k, i8) + 127) << 23;
+  return v < lo ? splat(0.f) : poly * (f8)bits;  // a vector cast reinterprets the bits
+}
+
+// Tails (n % 8 elements) go through the same 8-lane code on a padded copy, so every
+// element takes one formula.
+template <class F>
+inline void tail8(float* s, int64_t n, F&& f) {
+  if (n <= 0) return;
+  float buf[kVec];
+  for (int t = 0; t < kVec; ++t) buf[t] = t < n ? s[t] : kNegInf;
+  f(buf);
+  for (int64_t t = 0; t < n; ++t) s[t] = buf[t];
+}
+
+inline float hsum(f8 v) {
+  float x = 0.f;
+  for (int t = 0; t < kVec; ++t) x += v[t];
+  return x;
+}
+
+}  // namespace
+
 PVM_MULTIVERSION
 void exp_inplace(float* x, int64_t n) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 split in two
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    const float c = v < -87.3f ? -87.3f : (v > 88.3f ? 88.3f : v);
-    const float k = __builtin_roundf(c * kLog2e);
-    const float r = (c - k * kLn2Hi) - k * kLn2Lo;
-    // Taylor terms to r^6: |r| <= ln2/2 keeps the truncation below float epsilon.
-    float poly = 1.f / 720.f;
-    poly = poly * r + 1.f / 120.f;
-    poly = poly * r + 1.f / 24.f;
-    poly = poly * r + 1.f / 6.f;
-    poly = poly * r + 0.5f;
-    poly = poly * r + 1.f;
-    poly = poly * r + 1.f;
-    // scale by 2^k through the exponent bits
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float two_k;
-    std::memcpy(&two_k, &bits, sizeof(two_k));
-    x[i] = v < -87.3f ? 0.f : poly * two_k;
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) store8(x + j, exp8(load8(x + j)));
+  tail8(x + j, n - j, [](float* b) { store8(b, exp8(load8(b))); });
+}
+
+PVM_MULTIVERSION
+float add_bias_max(float* s, const float* bias, int64_t n) {
+  f8 vmax = splat(kNegInf), nan = splat(0.f);
+  auto step = [&](float* p, const float* q) {
+    const f8 v = load8(p) + load8(q);
+    store8(p, v);
+    nan += v != v ? splat(1.f) : splat(0.f);  // counted apart: a max instruction drops NaN
+    vmax = v > vmax ? v : vmax;
+  };
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) step(s + j, bias + j);
+  if (j < n) {
+    float pad[kVec];  // missing bias lanes are -inf: the padded lanes add nothing to the max
+    for (int t = 0; t < kVec; ++t) pad[t] = j + t < n ? bias[j + t] : kNegInf;
+    tail8(s + j, n - j, [&](float* b) { step(b, pad); });
   }
+  float m = kNegInf;
+  for (int t = 0; t < kVec; ++t) m = vmax[t] > m ? vmax[t] : m;
+  return hsum(nan) != 0.f ? __builtin_nanf("") : m;
+}
+
+PVM_MULTIVERSION
+float exp_shifted_sum(float* s, float shift, int64_t n) {
+  f8 sum = splat(0.f);
+  const f8 sh = splat(shift);
+  auto step = [&](float* p) {
+    const f8 e = exp8(load8(p) - sh);
+    store8(p, e);
+    sum += e;
+  };
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) step(s + j);
+  tail8(s + j, n - j, step);  // padded lanes are -inf: exp gives 0, the sum is unchanged
+  return hsum(sum);
 }
 
 }  // namespace cpu

@@ -25,5 +25,12 @@ void gemm_tn_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float
 // written branch-free so it vectorises (std::exp does not).
 void exp_inplace(float* x, int64_t n);
 
+// s[j] += bias[j] (0 for a valid key, -inf for a masked one); returns the largest s[j],
+// NaN if any is NaN (a NaN score poisons its row, as in the reference), -inf if all are.
+float add_bias_max(float* s, const float* bias, int64_t n);
+
+// s[j] = exp(s[j] - shift) (as exp_inplace); returns their sum, in a fixed order.
+float exp_shifted_sum(float* s, float shift, int64_t n);
+
 }  // namespace cpu
 }  // namespace pvm

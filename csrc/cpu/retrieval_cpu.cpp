@@ -22,47 +22,23 @@ namespace pvm {
 namespace {
 
 constexpr int64_t kRows = 128;  // packed query rows per task / per staged block
-constexpr int64_t kKeys = 128;  // keys per staged block
+constexpr int64_t kKeys = 128;  // keys per staged block (decode), per dK/dV task
+// Prefill blocks are longer along the loop a task walks (keys for the forward and dQ, rows
+// for dK/dV): one 128 x 128 x 512 BLAS call packs its 128 x 128 operand once where four
+// 128-key calls pack it four times (MKL, one core of the CI machine: 89 GFLOP/s at
+// 128 x 1024 against 77 at 128 x 128). The score buffer stays 128 x 512 floats (256 KB).
+constexpr int64_t kLongBlock = 512;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this many multiply-adds a BLAS call costs more than the product (decode blocks:
 // 4 rows x 128 keys x 128 dims = 65k): the inline kernels take those. Measured on the
 // 2-core CI machine: MKL reaches ~95 GFLOP/s on prefill blocks, the inline kernels ~14.
 constexpr int64_t kBlasMinWork = 1 << 17;
 
-// Row reductions over a key block in kLanes interleaved partials (fixed order, so the
-// same bits every run): a single running max or sum is a serial dependency the compiler
-// may not reorder, and these loops ran scalar next to the vectorised exp.
-constexpr int kLanes = 16;
-
-// max over valid keys, NaN-propagating (a NaN score poisons its row, as in the reference);
-// -inf when no key is valid.
-inline float valid_max(const float* s, const bool* valid, int64_t n) {
-  float lane[kLanes];
-  std::fill(lane, lane + kLanes, kNegInf);
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) {
-      const float v = valid[j + t] ? s[j + t] : kNegInf;
-      lane[t] = (v != v || v > lane[t]) ? v : lane[t];
-    }
-  float m = kNegInf;
-  for (; j < n; ++j) {
-    const float v = valid[j] ? s[j] : kNegInf;
-    m = (v != v || v > m) ? v : m;
-  }
-  for (int t = 0; t < kLanes; ++t) m = (lane[t] != lane[t] || lane[t] > m) ? lane[t] : m;
-  return m;
-}
-
-inline float row_sum(const float* s, int64_t n) {
-  float lane[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) lane[t] += s[j + t];
-  float sum = 0.f;
-  for (; j < n; ++j) sum += s[j];
-  for (int t = 0; t < kLanes; ++t) sum += lane[t];
-  return sum;
+// Keys per forward / dQ block and rows per dK/dV block: long where a task's products go to
+// BLAS (a decode step's 4 rows stay on the inline kernels' 128-key blocks).
+inline int64_t loop_block(int64_t rows, int64_t hd) {
+  return std::min(rows, kRows) * kKeys * hd >= kBlasMinWork ? kLongBlock : kKeys;
 }
 
 enum class Form { NN, NT, TN };  // C += A B,  C += A B^T (B stored [N][K]),  C += A^T B
@@ -147,10 +123,15 @@ void load_keys(const scalar_t* src, const int64_t* s, const Layout& L, int64_t b
 }
 
 // Validity, keys and values of the key block n0..n0+nk of (b, kvh), staged as float.
+// bias[j] is 0 for a valid key and -inf for a masked one: added to the scores, so the row
+// loops are plain float streams that vectorise (a bool select per key kept them scalar).
 template <typename scalar_t>
 void stage_key_block(const RetrievalParams& p, const Layout& L, int64_t b, int64_t kvh,
-                     int64_t n0, int64_t nk, bool* valid, float* kb, float* vb) {
-  for (int64_t j = 0; j < nk; ++j) valid[j] = L.valid(b, n0 + j);
+                     int64_t n0, int64_t nk, bool* valid, float* bias, float* kb, float* vb) {
+  for (int64_t j = 0; j < nk; ++j) {
+    valid[j] = L.valid(b, n0 + j);
+    bias[j] = valid[j] ? 0.f : kNegInf;
+  }
   load_keys(static_cast<const scalar_t*>(p.k), p.k_stride, L, b, kvh, n0, nk, valid, kb);
   load_keys(static_cast<const scalar_t*>(p.v), p.v_stride, L, b, kvh, n0, nk, valid, vb);
 }
@@ -159,12 +140,14 @@ template <typename scalar_t>
 void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
   const Layout L(p);
   const int64_t hd = p.hd, row_blocks = (L.rows + kRows - 1) / kRows;
+  const int64_t KB = loop_block(L.rows, hd);
   const auto* q = static_cast<const scalar_t*>(p.q);
   auto* out = static_cast<scalar_t*>(p.out);
   at::parallel_for(0, p.B * p.Hkv * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qb(kRows * hd), acc(kRows * hd), kb(kKeys * hd), vb(kKeys * hd);
-    std::vector<float> sc(kRows * kKeys), m(kRows), l(kRows);
-    bool valid[kKeys];
+    std::vector<float> qb(kRows * hd), acc(kRows * hd), kb(KB * hd), vb(KB * hd);
+    std::vector<float> sc(kRows * KB), m(kRows), l(kRows), bias(KB);
+    std::vector<char> valid_buf(KB);
+    bool* valid = reinterpret_cast<bool*>(valid_buf.data());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (p.Hkv * row_blocks), kvh = (task / row_blocks) % p.Hkv;
       const int64_t r0 = (task % row_blocks) * kRows, nr = std::min(kRows, L.rows - r0);
@@ -173,28 +156,26 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t n_end = L.n_end(b);
-      for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
-        const int64_t nk = std::min(kKeys, n_end - n0);
-        stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, kb.data(), vb.data());
+      for (int64_t n0 = 0; n0 < n_end; n0 += KB) {
+        const int64_t nk = std::min(KB, n_end - n0);
+        stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, bias.data(), kb.data(), vb.data());
         std::fill(sc.begin(), sc.end(), 0.f);
-        block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), kKeys, nr, hd, nk);
+        block_gemm(Form::NT, qb.data(), hd, kb.data(), hd, sc.data(), KB, nr, hd, nk);
         for (int64_t i = 0; i < nr; ++i) {
-          float* s = &sc[i * kKeys];
-          const float bmax = valid_max(s, valid, nk);
+          float* s = &sc[i * KB];
+          const float bmax = cpu::add_bias_max(s, bias.data(), nk);
           if (bmax == kNegInf) {  // no valid key in this block: nothing to add
             std::fill(s, s + nk, 0.f);
             continue;
           }
           const float m_new = std::max(m[i], bmax);
           const float alpha = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first block
-          for (int64_t j = 0; j < nk; ++j) s[j] = valid[j] ? s[j] - m_new : kNegInf;
-          cpu::exp_inplace(s, nk);
-          const float sum = row_sum(s, nk);
+          const float sum = cpu::exp_shifted_sum(s, m_new, nk);  // masked: exp(-inf) = 0
           for (int64_t d = 0; d < hd; ++d) acc[i * hd + d] *= alpha;
           l[i] = l[i] * alpha + sum;
           m[i] = m_new;
         }
-        block_gemm(Form::NN, sc.data(), kKeys, vb.data(), hd, acc.data(), hd, nr, nk, hd);
+        block_gemm(Form::NN, sc.data(), KB, vb.data(), hd, acc.data(), hd, nr, nk, hd);
       }
       for (int64_t i = 0; i < nr; ++i) {
         const bool has = l[i] != 0.f;  // NaN (bad inputs) propagates like the reference
@@ -208,92 +189,109 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
 }
 
 // P and dS = P * (dP - delta) of staged rows (q, do: [nr][hd]) against staged keys
-// (k, v: [nk][hd]), written to sc and dp ([nr][kKeys]).
+// (k, v: [nk][hd]), written to sc and dp ([nr][ld], ld >= nk).
 void probs_and_dscores(const Layout& L, int64_t b, int64_t kvh, int64_t r0, int64_t nr,
-                       int64_t nk, const bool* valid, float scale, const float* qb,
+                       int64_t nk, int64_t ld, const float* bias, float scale, const float* qb,
                        const float* dob, const float* kb, const float* vb, float* sc, float* dp) {
   const int64_t hd = L.p.hd;
-  std::fill(sc, sc + kRows * kKeys, 0.f);
-  std::fill(dp, dp + kRows * kKeys, 0.f);
-  block_gemm(Form::NT, qb, hd, kb, hd, sc, kKeys, nr, hd, nk);
-  block_gemm(Form::NT, dob, hd, vb, hd, dp, kKeys, nr, hd, nk);
+  std::fill(sc, sc + nr * ld, 0.f);
+  std::fill(dp, dp + nr * ld, 0.f);
+  block_gemm(Form::NT, qb, hd, kb, hd, sc, ld, nr, hd, nk);
+  block_gemm(Form::NT, dob, hd, vb, hd, dp, ld, nr, hd, nk);
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t st = L.stat(b, kvh, r0 + i);
     const float lse = L.p.lse[st], delta = L.p.delta[st];
-    float* s = sc + i * kKeys;
-    float* g = dp + i * kKeys;
-    for (int64_t j = 0; j < nk; ++j) s[j] = valid[j] ? s[j] * scale - lse : kNegInf;
-    cpu::exp_inplace(s, nk);
+    float* s = sc + i * ld;
+    float* g = dp + i * ld;
+    for (int64_t j = 0; j < nk; ++j) s[j] = s[j] * scale + bias[j];
+    // A row with no valid key has lse -inf and only masked (-inf) scores: shifting by 0
+    // keeps its probabilities exactly 0 where -inf - (-inf) would make them NaN.
+    cpu::exp_shifted_sum(s, lse == kNegInf ? 0.f : lse, nk);
     for (int64_t j = 0; j < nk; ++j) g[j] = s[j] * (g[j] - delta);
   }
 }
 
+// Key partitions of the backward per (sample, KV head): each writes its own fp32 dQ
+// partial, summed in partition order afterwards. Bounded so the partials of a call stay
+// under kDqPartialFloats (256 MB), and never more than kMaxKeyParts: a count fixed by the
+// shapes, not the thread count, so the bits do not depend on the machine's cores.
+constexpr int64_t kMaxKeyParts = 4;
+constexpr int64_t kDqPartialFloats = int64_t{1} << 26;
+
 template <typename scalar_t>
 void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
+  // One pass over (key block, row block) pairs computes P and dS once and feeds all three
+  // gradients: dV += P^T dO, dK += dS^T Q, dQ += dS K. Five GEMMs per pair against seven
+  // for a dQ pass and a dK/dV pass that both recompute P and dS (the reference's autograd
+  // does four, from the saved T x Nv probabilities): prefill forward+backward at T 128,
+  // Nv 1024 went from 1.02x to ~1.3x the reference on one core.
   const Layout L(p);
-  const int64_t hd = p.hd, row_blocks = (L.rows + kRows - 1) / kRows;
+  const int64_t hd = p.hd;
   const int64_t key_blocks = (p.Nv + kKeys - 1) / kKeys;
+  const int64_t RB = loop_block(L.rows, hd);  // rows per staged block
   const float scale = p.scale;
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* go = static_cast<const scalar_t*>(p.grad_out);
+  auto* dq = static_cast<scalar_t*>(p.dq);
+  auto* dk = static_cast<scalar_t*>(p.dk);
+  auto* dv = static_cast<scalar_t*>(p.dv);
 
-  // dQ: one task per (sample, KV head, row block); loops over the valid keys.
-  at::parallel_for(0, p.B * p.Hkv * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qb(kRows * hd), dob(kRows * hd), dqb(kRows * hd);
-    std::vector<float> kb(kKeys * hd), vb(kKeys * hd), sc(kRows * kKeys), dp(kRows * kKeys);
+  const int64_t dq_floats = p.B * p.Hkv * L.rows * hd;
+  const int64_t parts_cap = std::max<int64_t>(1, kDqPartialFloats / std::max<int64_t>(dq_floats, 1));
+  const int64_t wanted = std::max<int64_t>(1, std::min({key_blocks, kMaxKeyParts, parts_cap}));
+  const int64_t blocks_per_part = std::max<int64_t>(1, (key_blocks + wanted - 1) / wanted);
+  const int64_t parts = std::max<int64_t>(1, (key_blocks + blocks_per_part - 1) / blocks_per_part);
+  std::vector<float> dq_part(parts * dq_floats, 0.f);  // [B * Hkv][parts][rows][hd]
+
+  at::parallel_for(0, p.B * p.Hkv * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kb(kKeys * hd), vb(kKeys * hd), dkb(kKeys * hd), dvb(kKeys * hd);
+    std::vector<float> qb(RB * hd), dob(RB * hd), sc(RB * kKeys), dp(RB * kKeys);
     bool valid[kKeys];
-    auto* dq = static_cast<scalar_t*>(p.dq);
+    float bias[kKeys];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (p.Hkv * row_blocks), kvh = (task / row_blocks) % p.Hkv;
-      const int64_t r0 = (task % row_blocks) * kRows, nr = std::min(kRows, L.rows - r0);
-      load_rows(q, p.q_stride, L, b, kvh, r0, nr, 1.f, qb.data());
-      load_rows(go, p.o_stride, L, b, kvh, r0, nr, 1.f, dob.data());
-      std::fill(dqb.begin(), dqb.end(), 0.f);
-      const int64_t n_end = L.n_end(b);
-      for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
-        const int64_t nk = std::min(kKeys, n_end - n0);
-        stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, kb.data(), vb.data());
-        probs_and_dscores(L, b, kvh, r0, nr, nk, valid, scale, qb.data(), dob.data(), kb.data(),
-                          vb.data(), sc.data(), dp.data());
-        block_gemm(Form::NN, dp.data(), kKeys, kb.data(), hd, dqb.data(), hd, nr, nk, hd);
-      }
-      for (int64_t i = 0; i < nr; ++i) {
-        scalar_t* o = dq + L.row(p.dq_stride, b, kvh, r0 + i);
-        for (int64_t d = 0; d < hd; ++d) o[d * p.dq_stride[3]] = static_cast<scalar_t>(dqb[i * hd + d] * scale);
+      const int64_t bh = task / parts, part = task % parts;
+      const int64_t b = bh / p.Hkv, kvh = bh % p.Hkv;
+      float* dqp = dq_part.data() + task * L.rows * hd;
+      const int64_t kb_end = std::min(key_blocks, (part + 1) * blocks_per_part);
+      for (int64_t kblk = part * blocks_per_part; kblk < kb_end; ++kblk) {
+        const int64_t n0 = kblk * kKeys, nk = std::min(kKeys, p.Nv - n0);
+        std::fill(dkb.begin(), dkb.end(), 0.f);
+        std::fill(dvb.begin(), dvb.end(), 0.f);
+        if (n0 < L.n_end(b)) {  // a block wholly past the last valid key has zero gradient
+          stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, bias, kb.data(), vb.data());
+          for (int64_t r0 = 0; r0 < L.rows; r0 += RB) {
+            const int64_t nr = std::min(RB, L.rows - r0);
+            load_rows(q, p.q_stride, L, b, kvh, r0, nr, 1.f, qb.data());
+            load_rows(go, p.o_stride, L, b, kvh, r0, nr, 1.f, dob.data());
+            probs_and_dscores(L, b, kvh, r0, nr, nk, kKeys, bias, scale, qb.data(), dob.data(),
+                              kb.data(), vb.data(), sc.data(), dp.data());
+            block_gemm(Form::TN, sc.data(), kKeys, dob.data(), hd, dvb.data(), hd, nk, nr, hd);
+            block_gemm(Form::TN, dp.data(), kKeys, qb.data(), hd, dkb.data(), hd, nk, nr, hd);
+            block_gemm(Form::NN, dp.data(), kKeys, kb.data(), hd, dqp + r0 * hd, hd, nr, nk, hd);
+          }
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          const int64_t off = L.key(p.dkv_stride, b, kvh, n0 + j);
+          for (int64_t d = 0; d < hd; ++d) {
+            dk[off + d * p.dkv_stride[3]] = static_cast<scalar_t>(dkb[j * hd + d] * scale);
+            dv[off + d * p.dkv_stride[3]] = static_cast<scalar_t>(dvb[j * hd + d]);
+          }
+        }
       }
     }
   });
 
-  // dK, dV: one task per (sample, KV head, key block); loops over every packed row.
-  at::parallel_for(0, p.B * p.Hkv * key_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kb(kKeys * hd), vb(kKeys * hd), dkb(kKeys * hd), dvb(kKeys * hd);
-    std::vector<float> qb(kRows * hd), dob(kRows * hd), sc(kRows * kKeys), dp(kRows * kKeys);
-    bool valid[kKeys];
-    auto* dk = static_cast<scalar_t*>(p.dk);
-    auto* dv = static_cast<scalar_t*>(p.dv);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (p.Hkv * key_blocks), kvh = (task / key_blocks) % p.Hkv;
-      const int64_t n0 = (task % key_blocks) * kKeys, nk = std::min(kKeys, p.Nv - n0);
-      std::fill(dkb.begin(), dkb.end(), 0.f);
-      std::fill(dvb.begin(), dvb.end(), 0.f);
-      if (n0 < L.n_end(b)) {  // a block wholly past the last valid key has zero gradient
-        stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, kb.data(), vb.data());
-        for (int64_t r0 = 0; r0 < L.rows; r0 += kRows) {
-          const int64_t nr = std::min(kRows, L.rows - r0);
-          load_rows(q, p.q_stride, L, b, kvh, r0, nr, 1.f, qb.data());
-          load_rows(go, p.o_stride, L, b, kvh, r0, nr, 1.f, dob.data());
-          probs_and_dscores(L, b, kvh, r0, nr, nk, valid, scale, qb.data(), dob.data(), kb.data(),
-                            vb.data(), sc.data(), dp.data());
-          block_gemm(Form::TN, sc.data(), kKeys, dob.data(), hd, dvb.data(), hd, nk, nr, hd);
-          block_gemm(Form::TN, dp.data(), kKeys, qb.data(), hd, dkb.data(), hd, nk, nr, hd);
-        }
-      }
-      for (int64_t j = 0; j < nk; ++j) {
-        const int64_t off = L.key(p.dkv_stride, b, kvh, n0 + j);
-        for (int64_t d = 0; d < hd; ++d) {
-          dk[off + d * p.dkv_stride[3]] = static_cast<scalar_t>(dkb[j * hd + d] * scale);
-          dv[off + d * p.dkv_stride[3]] = static_cast<scalar_t>(dvb[j * hd + d]);
-        }
+  // dQ = scale * (sum of the partitions' partials, in partition order).
+  at::parallel_for(0, p.B * p.Hkv * L.rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / L.rows, r = i % L.rows;
+      const int64_t b = bh / p.Hkv, kvh = bh % p.Hkv;
+      const float* src = dq_part.data() + (bh * parts * L.rows + r) * hd;
+      scalar_t* o = dq + L.row(p.dq_stride, b, kvh, r);
+      for (int64_t d = 0; d < hd; ++d) {
+        float acc = src[d];
+        for (int64_t s = 1; s < parts; ++s) acc += src[s * L.rows * hd + d];
+        o[d * p.dq_stride[3]] = static_cast<scalar_t>(acc * scale);
       }
     }
   });
