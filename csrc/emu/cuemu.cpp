@@ -109,7 +109,18 @@ const char* base_name(const char* path) {
 }
 
 // ---- fibers --------------------------------------------------------------------------------
-enum class St : uint8_t { Runnable, Barrier, Shuffle, Warpsync, Exited };
+enum class St : uint8_t { Runnable, Barrier, Shuffle, Warpsync, Collective, Exited };
+
+// One cp.async of 16 bytes: the source is read at issue (so a bad source address faults at
+// the issuing line) and written to shared memory when a cp_async_wait retires its group.
+struct AsyncCopy {
+  char* dst;
+  long chunk;          // the destination's 16-byte chunk (smem_chunk)
+  uint32_t group;      // 0: not committed yet; else the thread's commit-group number
+  const char* file;
+  int line;
+  unsigned char data[16];
+};
 
 struct Fiber {
   Thread t{};
@@ -126,6 +137,14 @@ struct Fiber {
   unsigned mask = 0;
   int arg = 0, width = 32;
   uint64_t val = 0, result = 0;
+  // warp-collective operands
+  const char* coll_name = "";
+  WarpOp coll_op = nullptr;
+  void* frag = nullptr;
+  // cp.async: copies in flight, groups committed, chunks landed but not yet made visible
+  std::vector<AsyncCopy> async;
+  uint32_t async_groups = 0;
+  std::vector<long> landed;
 };
 
 struct Rng {
@@ -154,7 +173,7 @@ struct KernelInfo {
 
 struct BlockState {
   int nthreads = 0, nwarps = 0;
-  uint32_t present[32]{}, runnable[32]{}, at_shfl[32]{}, at_wsync[32]{}, exited[32]{};
+  uint32_t present[32]{}, runnable[32]{}, at_shfl[32]{}, at_wsync[32]{}, at_coll[32]{}, exited[32]{};
   uint32_t warps_runnable = 0;
   int live = 0, at_barrier = 0, n_exited = 0, focus = -1;
   int first_exited = -1;
@@ -199,6 +218,16 @@ char* g_dyn_map = nullptr;
 size_t g_dyn_map_len = 0;
 char* g_dyn_ptr = nullptr;  // dynamic shared memory of the running launch, ends at a guard page
 uint32_t g_fill = 0x7fc00000u;
+
+// cp.async bookkeeping: one entry per 16-byte chunk of shared memory (the static arena's
+// chunks, then the running launch's dynamic ones), 0 when no cp.async is in flight to it or
+// landed there unseen, else kChunk* | (the issuing thread's linear index + 1).
+constexpr uint32_t kChunkPending = 1u << 16;  // in flight: no cp_async_wait has retired it
+constexpr uint32_t kChunkLanded = 2u << 16;   // retired; visible to the issuing thread only
+constexpr uint32_t kChunkWarp = 3u << 16;     // and to its warp (a __syncwarp since)
+constexpr size_t kStaticChunks = kStaticArenaBytes / 16;
+std::vector<uint32_t> g_chunks;
+bool g_chunks_dirty = false;
 
 thread_local cudaError_t t_last_error = cudaSuccess;
 thread_local std::string t_message;
@@ -253,6 +282,7 @@ const char* state_name(St s) {
     case St::Barrier: return "at __syncthreads";
     case St::Shuffle: return "in a warp shuffle";
     case St::Warpsync: return "at __syncwarp";
+    case St::Collective: return "in a warp-collective instruction";
     case St::Exited: return "exited";
   }
   return "?";
@@ -265,12 +295,13 @@ std::string describe_threads() {
   for (int i = 1; i <= g_blk.nthreads; ++i) {
     const Fiber& a = g_fibers[start];
     const bool same = i < g_blk.nthreads && g_fibers[i].st == a.st &&
+                      (a.st != St::Collective || g_fibers[i].coll_name == a.coll_name) &&
                       (a.st == St::Exited || a.st == St::Runnable ||
                        (g_fibers[i].line == a.line && std::strcmp(g_fibers[i].file, a.file) == 0));
     if (same) continue;
     if (!out.empty()) out += "; ";
     out += start == i - 1 ? fmt("thread %d ", start) : fmt("threads %d-%d ", start, i - 1);
-    out += state_name(a.st);
+    out += a.st == St::Collective ? std::string("in ") + a.coll_name : std::string(state_name(a.st));
     if (a.st != St::Exited && a.st != St::Runnable) out += fmt(" (%s:%d)", base_name(a.file), a.line);
     start = i;
   }
@@ -426,6 +457,15 @@ void run_block(KernelInfo& ki) {
     init_frame(&f);
     g_blk.present[f.t.warp] |= 1u << f.t.lane;
     set_runnable(&f);
+  }
+  for (int i = 0; i < n; ++i) {  // no cp.async carried over from a block that failed
+    g_fibers[i].async.clear();
+    g_fibers[i].landed.clear();
+    g_fibers[i].async_groups = 0;
+  }
+  if (g_chunks_dirty) {
+    std::fill(g_chunks.begin(), g_chunks.end(), 0u);
+    g_chunks_dirty = false;
   }
   // shared memory: every byte NaN before the block starts
   ++g_block_stamp;
@@ -605,6 +645,47 @@ struct FaultHandlerScope {
   ~FaultHandlerScope() { remove_fault_handler(); }
 };
 
+// ---- cp.async bookkeeping --------------------------------------------------------------------
+// The 16-byte chunk of shared memory holding [p, p + n) (an index into g_chunks), or -1 when
+// that range is not all inside the block's shared memory.
+long smem_chunk(const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  if (g_static_arena && c >= g_static_arena && c + n <= g_static_arena + g_static_used)
+    return (c - g_static_arena) / 16;
+  if (g_dyn_ptr && c >= g_dyn_ptr && c + n <= g_dyn_ptr + g_launch.smem)
+    return static_cast<long>(kStaticChunks) + (c - g_dyn_ptr) / 16;
+  return -1;
+}
+
+inline uint32_t chunk_state(uint32_t e) { return e & 0xffff0000u; }
+inline int chunk_owner(uint32_t e) { return static_cast<int>(e & 0xffffu) - 1; }
+
+// At the end of a barrier over threads [begin, end): the chunks their cp.async copies landed
+// in become visible to the warp (state kChunkWarp, at __syncwarp) or to everyone (0).
+void publish_landed(int begin, int end, uint32_t state) {
+  if (g_blk.nwarps == 1) state = 0;  // the warp is the whole block
+  for (int i = begin; i < end; ++i) {
+    Fiber& f = g_fibers[i];
+    for (const long chunk : f.landed) {
+      uint32_t& e = g_chunks[chunk];
+      if (chunk_owner(e) == i && (chunk_state(e) == kChunkLanded || chunk_state(e) == kChunkWarp))
+        e = state ? (state | static_cast<uint32_t>(i + 1)) : 0u;
+    }
+    if (!state) f.landed.clear();
+  }
+}
+
+const AsyncCopy* find_pending(int thread, long chunk) {
+  for (const AsyncCopy& c : g_fibers[thread].async)
+    if (c.chunk == chunk) return &c;
+  return nullptr;
+}
+
+// The warp-collective instruction running now (for warp_op_fail's reports).
+const char* g_coll_name = "";
+const char* g_coll_file = "";
+int g_coll_line = 0, g_coll_warp = 0;
+
 }  // namespace
 
 // ---- fiber entry and exit ----------------------------------------------------------------
@@ -631,6 +712,19 @@ extern "C" void cuemu_fiber_main() {
   else if (g_blk.at_shfl[w] || g_blk.at_wsync[w])
     record_failure(fmt("%s exited while lanes of its warp wait in a warp shuffle or __syncwarp: the "
                        "mask names every lane, so all must take part", thread_name(*f).c_str()));
+  else if (g_blk.at_coll[w]) {
+    const Fiber& o = g_fibers[w * 32 + __builtin_ctz(g_blk.at_coll[w])];
+    record_failure(fmt("%s exited while lanes of its warp wait in %s (%s:%d): a warp-collective "
+                       "instruction every lane of the warp must execute", thread_name(*f).c_str(),
+                       o.coll_name, base_name(o.file), o.line));
+  } else if (!f->async.empty()) {
+    const AsyncCopy& c = f->async.front();
+    record_failure(fmt("%s exited with %zu cp.async copies in flight, the first issued at %s:%d and %s: "
+                       "every copy must be retired by a cp_async_wait before the thread exits",
+                       thread_name(*f).c_str(), f->async.size(), base_name(c.file), c.line,
+                       c.group ? fmt("committed (group %u of the thread) but never waited for", c.group).c_str()
+                               : "never committed (cp_async_commit), so no cp_async_wait retires it"));
+  }
   yield_to_scheduler(f);
   std::abort();  // an exited fiber is never resumed
 }
@@ -664,6 +758,7 @@ void syncthreads(const char* file, int line) {
                       describe_threads());
     }
     g_blk.at_barrier = 0;
+    publish_landed(0, g_blk.nthreads, 0u);  // cp.async data retired before it: visible to all
     for (int i = 0; i < g_blk.nthreads; ++i)
       if (g_fibers[i].st == St::Barrier) set_runnable(&g_fibers[i]);
   }
@@ -728,8 +823,9 @@ uint64_t shuffle(ShflKind kind, unsigned mask, uint64_t bits, int arg, int width
   f->line = line;
   block_fiber(f, St::Shuffle);
   g_blk.at_shfl[w] |= 1u << f->t.lane;
-  if (g_blk.at_wsync[w])
-    fail_in_fiber(fmt("warp %d: lanes wait at __syncwarp while %s enters %s at %s:%d", w,
+  if (g_blk.at_wsync[w] || g_blk.at_coll[w])
+    fail_in_fiber(fmt("warp %d: lanes wait %s while %s enters %s at %s:%d", w,
+                      g_blk.at_wsync[w] ? "at __syncwarp" : "in a warp-collective instruction",
                       thread_name(*f).c_str(), shfl_name(kind), base_name(file), line));
   if (g_blk.at_shfl[w] == g_blk.present[w]) {  // the whole warp is here: exchange
     Fiber* lanes = &g_fibers[w * 32];
@@ -756,14 +852,160 @@ void syncwarp(unsigned mask, const char* file, int line) {
   f->line = line;
   block_fiber(f, St::Warpsync);
   g_blk.at_wsync[w] |= 1u << f->t.lane;
-  if (g_blk.at_shfl[w])
-    fail_in_fiber(fmt("warp %d: lanes wait in a shuffle while %s enters __syncwarp at %s:%d", w,
+  if (g_blk.at_shfl[w] || g_blk.at_coll[w])
+    fail_in_fiber(fmt("warp %d: lanes wait in a %s while %s enters __syncwarp at %s:%d", w,
+                      g_blk.at_shfl[w] ? "shuffle" : "warp-collective instruction",
                       thread_name(*f).c_str(), base_name(file), line));
   if (g_blk.at_wsync[w] == g_blk.present[w]) {
     g_blk.at_wsync[w] = 0;
+    publish_landed(w * 32, w * 32 + 32, kChunkWarp);  // cp.async data retired before it: the warp's
     for (int i = 0; i < 32; ++i) set_runnable(&g_fibers[w * 32 + i]);
   }
   yield_to_scheduler(f);
+}
+
+// ---- warp-collective instructions ----------------------------------------------------------------
+void warp_collective(const char* name, WarpOp op, void* frag, const char* file, int line) {
+  Fiber* f = g_cur;
+  check_warp_op(f, name, 0xffffffffu, file, line);
+  const int w = f->t.warp;
+  f->coll_name = name;
+  f->coll_op = op;
+  f->frag = frag;
+  f->file = file;
+  f->line = line;
+  block_fiber(f, St::Collective);
+  g_blk.at_coll[w] |= 1u << f->t.lane;
+  if (g_blk.at_shfl[w] || g_blk.at_wsync[w])
+    fail_in_fiber(fmt("warp %d: lanes wait %s while %s enters %s at %s:%d", w,
+                      g_blk.at_shfl[w] ? "in a warp shuffle" : "at __syncwarp", thread_name(*f).c_str(), name,
+                      base_name(file), line));
+  if (g_blk.at_coll[w] == g_blk.present[w]) {  // the whole warp is here: run the instruction
+    Fiber* lanes = &g_fibers[w * 32];
+    void* frags[32];
+    for (int i = 0; i < 32; ++i) {
+      const Fiber& o = lanes[i];
+      if (o.coll_op != op || o.line != line || std::strcmp(o.file, file) != 0)
+        fail_in_fiber(fmt("divergent warp-collective instruction in warp %d: lane %d is in %s at %s:%d, lane %d "
+                          "in %s at %s:%d", w, i, o.coll_name, base_name(o.file), o.line, f->t.lane, name,
+                          base_name(file), line));
+      frags[i] = o.frag;
+    }
+    g_coll_name = name;
+    g_coll_file = file;
+    g_coll_line = line;
+    g_coll_warp = w;
+    op(frags);
+    g_blk.at_coll[w] = 0;
+    for (int i = 0; i < 32; ++i) set_runnable(&lanes[i]);
+  }
+  yield_to_scheduler(f);
+}
+
+void warp_op_fail(const char* format, ...) {
+  char buf[768];
+  va_list ap;
+  va_start(ap, format);
+  vsnprintf(buf, sizeof buf, format, ap);
+  va_end(ap);
+  fail_in_fiber(fmt("%s (%s at %s:%d, warp %d)", buf, g_coll_name, base_name(g_coll_file), g_coll_line,
+                    g_coll_warp));
+}
+
+void check_warp_smem_row(const void* p, int lane) {
+  const long chunk = smem_chunk(p, 16);
+  if (chunk < 0)
+    warp_op_fail("lane %d supplies the row address %p, which is not in the block's shared memory", lane, p);
+  if (reinterpret_cast<uintptr_t>(p) & 15)
+    warp_op_fail("lane %d supplies the row address %p, which is not 16-byte aligned", lane, p);
+  const uint32_t e = g_chunks[chunk];
+  if (!e) return;
+  const int owner = chunk_owner(e);
+  const Fiber& o = g_fibers[owner];
+  if (chunk_state(e) == kChunkWarp && o.t.warp == g_coll_warp) return;
+  if (chunk_state(e) == kChunkPending) {
+    const AsyncCopy* c = find_pending(owner, chunk);
+    warp_op_fail("the row at %p (lane %d's address) is the destination of a cp.async of %s issued at %s:%d "
+                 "and still in flight: a cp_async_wait that retires its group is missing", p, lane,
+                 thread_name(o).c_str(), c ? base_name(c->file) : "?", c ? c->line : 0);
+  }
+  warp_op_fail("the row at %p (lane %d's address) was written by a cp.async of %s, retired by its "
+               "cp_async_wait but not yet made visible to this warp: %s is missing after the wait", p, lane,
+               thread_name(o).c_str(), o.t.warp == g_coll_warp ? "a __syncwarp or __syncthreads" : "a __syncthreads");
+}
+
+// ---- cp.async ------------------------------------------------------------------------------------
+void cp_async_16(void* smem, const void* gmem, bool pred, const char* file, int line) {
+  Fiber* f = g_cur;
+  const long chunk = smem_chunk(smem, 16);
+  const char* what = "cp.async";
+  if (chunk < 0)
+    fail_in_fiber(fmt("%s at %s:%d by %s: the destination %p is not in the block's shared memory", what,
+                      base_name(file), line, thread_name(*f).c_str(), smem));
+  if (reinterpret_cast<uintptr_t>(smem) & 15)
+    fail_in_fiber(fmt("%s at %s:%d by %s: the destination %p is not 16-byte aligned", what, base_name(file),
+                      line, thread_name(*f).c_str(), smem));
+  if (pred && (reinterpret_cast<uintptr_t>(gmem) & 15))
+    fail_in_fiber(fmt("%s at %s:%d by %s: the source %p is not 16-byte aligned", what, base_name(file), line,
+                      thread_name(*f).c_str(), gmem));
+  if (pred && smem_chunk(gmem, 1) >= 0)
+    fail_in_fiber(fmt("%s at %s:%d by %s: the source %p is in shared memory (cp.async copies global to shared)",
+                      what, base_name(file), line, thread_name(*f).c_str(), gmem));
+  uint32_t& e = g_chunks[chunk];
+  if (chunk_state(e) == kChunkPending) {
+    const int owner = chunk_owner(e);
+    const AsyncCopy* c = find_pending(owner, chunk);
+    fail_in_fiber(fmt("%s at %s:%d by %s into shared memory at %p, where a cp.async of %s issued at %s:%d is "
+                      "still in flight", what, base_name(file), line, thread_name(*f).c_str(), smem,
+                      thread_name(g_fibers[owner]).c_str(), c ? base_name(c->file) : "?", c ? c->line : 0));
+  }
+  AsyncCopy c;
+  c.dst = static_cast<char*>(smem);
+  c.chunk = chunk;
+  c.group = 0;
+  c.file = file;
+  c.line = line;
+  if (pred)
+    std::memcpy(c.data, gmem, 16);  // a bad source faults here, at the issuing line
+  else
+    std::memset(c.data, 0, 16);     // src-size 0: the 16 bytes are zero-filled, nothing is read
+  fill_pattern(c.dst, 16);          // what a read before the wait sees
+  e = kChunkPending | static_cast<uint32_t>(f->t.linear + 1);
+  g_chunks_dirty = true;
+  f->async.push_back(c);
+}
+
+void cp_async_commit(const char*, int) {
+  Fiber* f = g_cur;
+  ++f->async_groups;  // an empty group counts too, as in PTX
+  for (AsyncCopy& c : f->async)
+    if (!c.group) c.group = f->async_groups;
+}
+
+void cp_async_wait(int n, const char* file, int line) {
+  Fiber* f = g_cur;
+  if (n < 0)
+    fail_in_fiber(fmt("cp_async_wait<%d> at %s:%d: the group count must be >= 0", n, base_name(file), line));
+  // cp.async.wait_group n: every committed group but the newest n is complete
+  const uint32_t upto = f->async_groups > static_cast<uint32_t>(n) ? f->async_groups - n : 0;
+  size_t kept = 0;
+  uint32_t poison[4];
+  fill_pattern(poison, 16);
+  for (size_t i = 0; i < f->async.size(); ++i) {
+    AsyncCopy& c = f->async[i];
+    if (!c.group || c.group > upto) {
+      f->async[kept++] = c;
+      continue;
+    }
+    if (std::memcmp(c.dst, poison, 16) != 0)
+      fail_in_fiber(fmt("shared memory at %p was written while a cp.async to it (issued at %s:%d by %s) was in "
+                        "flight; found at the cp_async_wait at %s:%d", static_cast<void*>(c.dst), base_name(c.file),
+                        c.line, thread_name(*f).c_str(), base_name(file), line));
+    std::memcpy(c.dst, c.data, 16);
+    g_chunks[c.chunk] = kChunkLanded | static_cast<uint32_t>(f->t.linear + 1);
+    f->landed.push_back(c.chunk);
+  }
+  f->async.resize(kept);
 }
 
 // ---- shared memory -------------------------------------------------------------------------
@@ -845,6 +1087,8 @@ cudaError_t launch_raw(const void* kernel, dim3 grid, dim3 block, size_t smem, T
 
   FaultHandlerScope handler;
   g_fill = (g_config.seed & 1) ? 0xffffffffu : 0x7fc00000u;
+  g_chunks.assign(kStaticChunks + (smem + 15) / 16, 0u);
+  g_chunks_dirty = false;
   for (const uint64_t id : order) {
     g_block_idx = uint3{static_cast<unsigned>(id % grid.x), static_cast<unsigned>((id / grid.x) % grid.y),
                         static_cast<unsigned>(id / (static_cast<uint64_t>(grid.x) * grid.y))};

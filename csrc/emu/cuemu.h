@@ -213,3 +213,33 @@ template <class T>
 inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
   return ::cuemu::func_set_attribute(reinterpret_cast<const void*>(entry), static_cast<int>(attr), value);
 }
+
+// ---- warp-collective instructions and cp.async (csrc/cuda/mma.cuh calls these) ------------
+namespace cuemu {
+
+// A warp-collective instruction (mma.sync, ldmatrix.sync): every lane of the warp calls
+// warp_collective at the same site with the same `op` and a pointer to its own fragment
+// (operands and results, on its own stack). The lanes wait as at __syncwarp; once all 32
+// are there, `op(frags)` runs once with frags[lane] of every lane, then every lane goes
+// on. A lane that exits, waits elsewhere or reaches another collective is reported as a
+// misused shuffle is, and so is a warp short of 32 threads.
+using WarpOp = void (*)(void* const* frags);
+void warp_collective(const char* name, WarpOp op, void* frag, const char* file, int line);
+// From inside a WarpOp: fail the launch; the message gets " (<name> at <file>:<line>)".
+[[noreturn]] void warp_op_fail(const char* format, ...) __attribute__((format(printf, 1, 2)));
+// From inside a WarpOp: fail unless [p, p + 16) is a 16-byte aligned row of shared memory
+// that the warp may read: no cp.async still in flight to it, and any cp.async that wrote it
+// retired by a wait and made visible to this warp by a __syncwarp (same warp) or
+// __syncthreads since. `lane` supplied the address (named in the report).
+void check_warp_smem_row(const void* p, int lane);
+
+// The PTX instructions (emulated in cuemu_mma.cpp and cuemu.cpp): see csrc/cuda/mma.cuh
+// for their fragment layouts and docs/cuda_emulator.md for what is checked.
+enum MmaType : int { kMmaBf16 = 0, kMmaF16 = 1 };
+void mma_m16n8k16(MmaType type, float* c, const uint32_t* a, const uint32_t* b, const char* file, int line);
+void ldmatrix(int num, bool trans, uint32_t* r, const void* smem, const char* file, int line);
+void cp_async_16(void* smem, const void* gmem, bool pred, const char* file, int line);
+void cp_async_commit(const char* file, int line);
+void cp_async_wait(int n, const char* file, int line);
+
+}  // namespace cuemu

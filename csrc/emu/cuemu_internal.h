@@ -47,3 +47,17 @@ struct Stats {
 Stats stats();
 
 }  // namespace cuemu
+
+namespace cuemu {
+
+// The fragment layouts the emulated tensor-core instructions use (cuemu_mma.cpp), exposed
+// for tests/test_mma_layouts.py through the C API (capi.cpp).
+enum MmaOperand : int { kOperandA = 0, kOperandB = 1, kOperandC = 2 };
+// (row, col) of element i of `lane`'s m16n8k16 fragment of operand A (16 x 16, i < 8),
+// B (16 x 8: row = k, col = n, i < 4) or C/D (16 x 8, i < 4).
+void mma_layout(MmaOperand op, int lane, int i, int* row, int* col);
+// (row, col) within matrix j of element e (0: low half) of register j that `lane` gets from
+// ldmatrix(.trans).
+void ldmatrix_layout(bool trans, int lane, int e, int* row, int* col);
+
+}  // namespace cuemu

@@ -46,7 +46,7 @@ def kernel_sources(csrc: str = CSRC) -> List[str]:
     own .cu (self-tests) and its runtime .cpp (not the torch harness)."""
     cu = sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu"))) + \
         sorted(glob.glob(os.path.join(csrc, "emu", "*.cu")))
-    cpp = [os.path.join(csrc, "emu", f) for f in ("cuemu.cpp", "capi.cpp")]
+    cpp = [os.path.join(csrc, "emu", f) for f in ("cuemu.cpp", "cuemu_mma.cpp", "capi.cpp")]
     return cu + cpp
 
 

@@ -30,3 +30,11 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return h;
 }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+
+// Bit casts (host and device in CUDA's header too).
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) {
+  __nv_bfloat16 h;
+  h.__x = bits;
+  return h;
+}

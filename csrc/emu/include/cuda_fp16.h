@@ -69,3 +69,11 @@ inline __half __float2half_rn(float f) {
   return h;
 }
 inline __half __float2half(float f) { return __float2half_rn(f); }
+
+// Bit casts (host and device in CUDA's header too).
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short bits) {
+  __half h;
+  h.__x = bits;
+  return h;
+}
