@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda/launch.h"
+#include "cuda/mma_selftest.h"
 #include "cuemu.h"
 #include "cuemu_internal.h"
 #include "pvm_params.h"
@@ -158,4 +159,46 @@ PVM_EMU_API void pvm_emu_stats(int64_t* launches, int64_t* blocks, int64_t* swit
   *launches = s.launches;
   *blocks = s.blocks;
   *switches = s.context_switches;
+}
+
+// ---- tensor-core wrappers (csrc/cuda/mma.cuh) ---------------------------------------------------
+// The emulator's m16n8k16 fragment layout of operand `which` (0: A, 1: B, 2: C/D): rows and
+// cols [32][n] with n = 8 for A, 4 otherwise (B: row = k, col = n).
+PVM_EMU_API int pvm_emu_mma_layout(int which, int* rows, int* cols) {
+  if (which < 0 || which > 2) return -1;
+  const int n = which == 0 ? 8 : 4;
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < n; ++i)
+      cuemu::mma_layout(static_cast<cuemu::MmaOperand>(which), lane, i, &rows[lane * n + i], &cols[lane * n + i]);
+  return n;
+}
+
+// The self-test kernel of csrc/cuda/mma_selftest.cu (one warp, 16 x 16 tiles): a, b, bt of
+// the dtype (2 bytes each), c fp32 or null; outputs a_f32, d, d_t (fp32) and d16 (dtype).
+PVM_EMU_API int pvm_emu_mma_selftest(int dtype, int ldm, int a_rows, const void* a, const void* b,
+                                     const void* bt, const float* c, float* a_f32, float* d, float* d_t,
+                                     void* d16) {
+  cuemu::clear_last_message();
+  pvm::cuda::MmaSelftestParams p;
+  p.a = a;
+  p.b = b;
+  p.bt = bt;
+  p.c = c;
+  p.a_f32 = a_f32;
+  p.d = d;
+  p.d_t = d_t;
+  p.d16 = d16;
+  p.a_rows = a_rows;
+  p.ldm = ldm;
+  const size_t tile = 16 * 16;
+  Buffers bufs;
+  bufs.add("a", p.a, tile * 2, false);
+  bufs.add("b", p.b, tile * 2, false);
+  bufs.add("bt", p.bt, tile * 2, false);
+  bufs.add("c", p.c, tile * 4, false);
+  bufs.add("a_f32", p.a_f32, tile * 4, true);
+  bufs.add("d", p.d, tile * 4, true);
+  bufs.add("d_t", p.d_t, tile * 4, true);
+  bufs.add("d16", p.d16, tile * 2, true);
+  return finish(pvm::cuda::mma_selftest(p, static_cast<pvm::DType>(dtype), nullptr));
 }

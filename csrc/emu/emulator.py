@@ -176,6 +176,38 @@ class KernelLib:
     def retrieval_fwd_dry(self, B, T, H, Hkv, Nv, hd) -> int:
         return self.dll.pvm_emu_retrieval_fwd_dry(B, T, H, Hkv, Nv, hd)
 
+    # ---- the tensor-core wrappers (csrc/cuda/mma.cuh) ----
+
+    def mma_layout(self, operand: str):
+        """The emulator's m16n8k16 fragment layout of operand "A", "B" or "C": an int tensor
+        [32, n, 2] of (row, col) per (lane, element); for B, row is k and col is n."""
+        import torch
+        which = "ABC".index(operand)
+        n = 8 if which == 0 else 4
+        rows = (ctypes.c_int * (32 * n))()
+        cols = (ctypes.c_int * (32 * n))()
+        assert self.dll.pvm_emu_mma_layout(which, rows, cols) == n
+        return torch.stack([torch.tensor(list(rows)), torch.tensor(list(cols))], -1).view(32, n, 2)
+
+    def mma_selftest(self, a, b, c=None, ldm: int = 4, a_rows: int = 16):
+        """Runs csrc/cuda/mma_selftest.cu on 16 x 16 tiles a (M x K) and b (K x N) of bf16 or
+        fp16 (and fp32 c). Returns (status, message, outputs) with outputs a dict of a_f32, d
+        (B by ldmatrix .trans), d_t (B^T by ldmatrix) and d16 (d rounded by pack2)."""
+        import torch
+        dtype = a.dtype
+        code = {torch.float16: 1, torch.bfloat16: 2}[dtype]
+        a, b = a.contiguous(), b.to(dtype).contiguous()
+        bt = b.t().contiguous()
+        c = None if c is None else c.float().contiguous()
+        out = {k: torch.zeros(16, 16) for k in ("a_f32", "d", "d_t")}
+        out["d16"] = torch.zeros(16, 16, dtype=dtype)
+        ptr = ctypes.c_void_p
+        err = self.dll.pvm_emu_mma_selftest(
+            ctypes.c_int(code), ctypes.c_int(ldm), ctypes.c_int(a_rows), ptr(a.data_ptr()),
+            ptr(b.data_ptr()), ptr(bt.data_ptr()), ptr(None if c is None else c.data_ptr()),
+            *[ptr(out[k].data_ptr()) for k in ("a_f32", "d", "d_t", "d16")])
+        return err, self.last_message(), out
+
 
 _LIBS: Dict[str, KernelLib] = {}
 
