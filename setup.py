@@ -99,8 +99,11 @@ setup(
     extras_require={
         # The CLI's model commands (demo, analyze) and its plots; bench and info need none.
         "cli": ["transformers>=4.57,<6", "safetensors", "pillow>=10", "matplotlib>=3.7"],
+        # nvidia-cutlass: CuTe's headers (cutlass_library/source/include), the independent
+        # statement of the tensor-core fragment layouts tests/test_mma_layouts.py checks the
+        # CUDA emulator against (host code only; nothing of it is imported).
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "safetensors",
-                 "transformers>=4.57,<6", "pillow>=10", "matplotlib>=3.7"],
+                 "transformers>=4.57,<6", "pillow>=10", "matplotlib>=3.7", "nvidia-cutlass>=4.2,<5"],
     },
     entry_points={"console_scripts": ["pvm-kernels = pvm_kernels.cli:main_exit"]},
 )
