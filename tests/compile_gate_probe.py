@@ -65,15 +65,16 @@ def table_entry(key, fields):
     import compile_gate as gate
     from pvm_kernels import pvm_retrieval
     from pvm_kernels.triton_ops import retrieval as R
-    key = tuple(key)
-    R.CONFIGS[key] = R.TileConfig(**fields)
     kernel, dc, bd, rc = key
+    for arch in ("sm80", "sm90"):
+        R.CONFIGS[(arch, kernel, dc, bd, rc)] = R.TileConfig(**fields)
     dtype = torch.float32 if dc == "fp32" else torch.bfloat16
     T, H, Hkv = (1, 4, 1) if rc == "decode" else (37, 4, 2)
     records = []
     for cap in (80, 90):
         with gate.CompileSession(cap) as s:
-            s.context["config"] = lambda k: ("retrieval", R.config_key(k, dtype, T * H // Hkv, bd))
+            s.context["config"] = lambda k: ("retrieval", R.config_key(
+                k, dtype, T * H // Hkv, bd, torch.device("cpu")))
             q = torch.randn(2, T, H, bd, dtype=dtype, requires_grad=True)
             kv = torch.randn(2, 77, Hkv, bd, dtype=dtype, requires_grad=True)
             pvm_retrieval(q, kv, kv, None, None, backend="triton").sum().backward()
@@ -86,7 +87,7 @@ def unreachable_entry():
     """A table entry no launch can select must fail the gate's coverage check."""
     import compile_gate as gate
     from pvm_kernels.triton_ops import retrieval as R
-    R.CONFIGS[("fwd", "16bit", 512, "decode")] = R.TileConfig(16, 64, 4, 2)
+    R.CONFIGS[("sm90", "fwd", "16bit", 512, "decode")] = R.TileConfig(16, 64, 4, 2)
     return {"failures": [f for f in gate.check([], [90], only="retrieval") if "512" in f]}
 
 

@@ -139,8 +139,8 @@ def test_triton_launch_grids_are_one_dimensional_within_the_x_limit(monkeypatch)
     q, k, v, mask = (t.detach() for t in big_grid_problem("cpu", B, Hkv))
     out, lse = launchers.retrieval_fwd(q, k, v, mask, None, 0.25)
     launchers.retrieval_bwd(torch.randn_like(out), q, k, v, out, lse, mask, None, 0.25)
-    rows = launchers.select_config("fwd", q.dtype, T * G, 16).block_m
-    keys = launchers.select_config("dkdv", q.dtype, T * G, 16).block_n
+    rows = launchers.select_config("fwd", q.dtype, T * G, 16, q.device).block_m
+    keys = launchers.select_config("dkdv", q.dtype, T * G, 16, q.device).block_n
     assert grids["retrieval_fwd_kernel"] == (-(-T * G // rows) * B * Hkv,)
     assert grids["retrieval_bwd_dq_kernel"] == (-(-T * G // rows) * B * Hkv,)
     assert grids["retrieval_bwd_dkdv_kernel"] == (-(-Nv // keys) * B * Hkv,)

@@ -265,7 +265,7 @@ def test_split_and_unsplit_launches_agree(device, dtype, monkeypatch):
         return [out.detach(), *grads]
 
     rows, dev = T * (H // Hkv), torch.device(device)
-    fwd, dkdv = R.select_config("fwd", dtype, rows, hd), R.select_config("dkdv", dtype, rows, hd)
+    fwd, dkdv = (R.select_config(kernel, dtype, rows, hd, dev) for kernel in ("fwd", "dkdv"))
 
     def splits():
         fwd_programs = -(-rows // fwd.block_m) * B * Hkv
@@ -296,3 +296,47 @@ def test_cpu_long_blocks_and_key_partitions(dtype):
     torch.manual_seed(0)
     B, T, H, Hkv, hd, Nv = 2, 150, 4, 1, 64, 700
     run_case("cpu", "cpu", dtype, B, T, H, Hkv, hd, Nv, make_mask("pad", B, Nv), with_len=True)
+
+
+def test_one_configuration_table_per_architecture():
+    """sm80 and sm90 tables cover the same keys; sm90 has its own prefill tiles; CPU
+    tensors take the compile target's table and SM count (sm90 and 132 outside it)."""
+    from pvm_kernels.triton_ops.common import compile_target
+    R = triton_launchers()
+    keys = {arch: {k[1:] for k in R.CONFIGS if k[0] == arch} for arch in ("sm80", "sm90")}
+    assert keys["sm80"] == keys["sm90"] and keys["sm80"]
+    differ = {k for k in keys["sm90"] if R.CONFIGS[("sm90",) + k] != R.CONFIGS[("sm80",) + k]}
+    assert ("fwd", "16bit", 128, "prefill") in differ
+    assert all(k[3] == "prefill" for k in differ)  # decode keeps the GPU-verified tiles
+    cpu = torch.device("cpu")
+    assert R.arch_of(cpu) == "sm90" and R.sm_count(cpu) == 132
+    with compile_target(80):
+        assert R.arch_of(cpu) == "sm80" and R.sm_count(cpu) == 108
+        assert R.select_config("fwd", torch.bfloat16, 512, 128, cpu) == \
+            R.CONFIGS[("sm80", "fwd", "16bit", 128, "prefill")]
+    with pytest.raises(ValueError, match="capability"):
+        with compile_target(75):
+            pass
+
+
+@pytest.mark.parametrize("cap,arch", [((8, 0), "sm80"), ((8, 6), "sm80"), ((8, 9), "sm80"),
+                                      ((9, 0), "sm90"), ((10, 0), "sm90"), ((7, 5), "sm80")])
+def test_cuda_devices_pick_the_newest_table_not_above_them(monkeypatch, cap, arch):
+    R = triton_launchers()
+    from pvm_kernels.triton_ops import common
+    monkeypatch.setattr(common, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+    assert R.arch_of(torch.device("cuda", 0)) == arch
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_each_architecture_table_runs_right_in_the_interpreter(cap):
+    """The sm80 and sm90 tiles (prefill 16-bit at head dim 128 differs) against float64:
+    the interpreter runs whichever table the compile target picks."""
+    from pvm_kernels.triton_ops.common import INTERPRET, compile_target
+    if not INTERPRET:
+        pytest.skip("runs the Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)")
+    torch.manual_seed(0)
+    with compile_target(cap):
+        run_case("triton", "cpu", torch.bfloat16, 2, 40, 4, 1, 128, 150, make_mask("pad", 2, 150),
+                 with_len=True)

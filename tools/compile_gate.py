@@ -127,8 +127,10 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
     dtypes = {"16bit": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}
     rows_for = {"decode": (1, 4, 1), "prefill": (37, 4, 2)}  # (T, H, Hkv): T * G rows 4 / 74
     problems = []
-    for (kernel, dc, bd, rc) in sorted(retr_mod.CONFIGS):
-        if kernel != "fwd":  # one forward + backward reaches fwd, dq and dkdv of an entry
+    arch = f"sm{context['cap']}"
+    for (table_arch, kernel, dc, bd, rc) in sorted(retr_mod.CONFIGS):
+        # this target's table only; one forward + backward reaches fwd, dq and dkdv of it
+        if table_arch != arch or kernel != "fwd":
             continue
         for dtype in dtypes[dc]:
             # The bucket's own head dim without masks, then its smallest with masks, kv_len
@@ -165,7 +167,7 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                     mask = torch.rand(B, Nv) > 0.2
                     lens = torch.tensor([Nv - 5, 2**20], dtype=torch.int32)
                 context["config"] = lambda kernel, rows=T * (H // Hkv), hd=hd, dtype=dtype: (
-                    "retrieval", retr_mod.config_key(kernel, dtype, rows, hd))
+                    "retrieval", retr_mod.config_key(kernel, dtype, rows, hd, torch.device("cpu")))
                 out = pvm_retrieval(q, k, v, mask, lens, backend="triton")
                 out.backward(torch.randn_like(out))
             else:
@@ -198,7 +200,8 @@ class CompileSession:
     def __init__(self, cap: int, progress: bool = False, only: Optional[str] = None):
         self.cap = cap
         self.records: Dict[tuple, Compiled] = {}
-        self.context = {"progress": progress, "problem": "", "config": None, "only": only}
+        self.context = {"progress": progress, "problem": "", "config": None, "only": only,
+                        "cap": cap}
 
     def __enter__(self) -> "CompileSession":
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -209,8 +212,12 @@ class CompileSession:
 
         from pvm_kernels.ops import triton_backend  # noqa: F401 - registers "triton"
         from pvm_kernels.ops.registry import Backend, register_backend, _REGISTRY
+        from pvm_kernels.triton_ops.common import compile_target
 
         driver.set_active(_TargetDriver(GPUTarget("cuda", self.cap, 32)))
+        # The launchers pick this target's table and SM count for the CPU tensors.
+        self._target = compile_target(self.cap)
+        self._target.__enter__()
         # The triton backend refuses CPU tensors outside the interpreter; here CPU tensors
         # only carry shapes, dtypes and strides to the launchers, which compile, never run.
         self._real = _REGISTRY["triton"]
@@ -232,6 +239,7 @@ class CompileSession:
 
     def __exit__(self, *exc) -> None:
         from pvm_kernels.ops.registry import register_backend
+        self._target.__exit__(None, None, None)
         self._jit.run = self._original_run
         self._driver._active = None  # no real driver exists without a GPU: leave none set
         register_backend(self._real)
@@ -292,25 +300,38 @@ TABLES = {"retrieval": _retrieval_table, "merge": _merge_table}
 DTYPES_OF_CLASS = {"16bit": ("float16", "bfloat16"), "fp32": ("float32",)}
 
 
-def expected_entries() -> set:
-    """(table, entry, dtype) that every target must have compiled: read from the tables.
-    Every key's second field is its dtype class."""
+def _table_arch(table: str, key: tuple) -> Optional[int]:
+    """The capability a table entry is for (retrieval keys start with "sm80"/"sm90"; the
+    merge table serves every architecture: None)."""
+    return int(key[0][2:]) if table == "retrieval" else None
+
+
+def _dtype_class(table: str, key: tuple) -> str:
+    return key[2] if table == "retrieval" else key[1]
+
+
+def expected_entries(cap: int) -> set:
+    """(table, entry, dtype) that target sm_<cap> must have compiled: read from the tables
+    (its own architecture's retrieval entries, every merge entry)."""
     return {(table, repr(key), dt) for table, get in TABLES.items() for key in get()
-            for dt in DTYPES_OF_CLASS[key[1]]}
+            if _table_arch(table, key) in (None, cap)
+            for dt in DTYPES_OF_CLASS[_dtype_class(table, key)]}
 
 
 def uncovered_inputs() -> List[str]:
     """Inputs a launcher accepts whose table entry is missing (it would fail at launch):
     every head dim and row class the retrieval takes, every width the merge takes."""
     from pvm_kernels.triton_ops import merge, retrieval
+    from pvm_kernels.triton_ops.common import ARCH_SMS
     missing = set()
     for dc, largest in retrieval.MAX_HEAD_DIM.items():
         for hd in range(retrieval.HEAD_DIM_MULTIPLE, largest + 1, retrieval.HEAD_DIM_MULTIPLE):
-            for kernel in ("fwd", "dq", "dkdv"):
+            for kernel in ("fwd", "dq", "dkdv", "combine"):
                 for rc in ("decode", "prefill"):
-                    key = (kernel, dc, retrieval.block_d_for(hd), rc)
-                    if key not in retrieval.CONFIGS:
-                        missing.add(f"retrieval {key} (head dim {hd})")
+                    for cap in ARCH_SMS:
+                        key = (f"sm{cap}", kernel, dc, retrieval.block_d_for(hd), rc)
+                        if key not in retrieval.CONFIGS:
+                            missing.add(f"retrieval {key} (head dim {hd})")
     for dc in ("16bit", "fp32"):
         for bd in sorted({merge.block_d_for(D) for D in range(1, merge.MAX_D + 1)}):
             for kernel in ("fwd", "bwd"):
@@ -338,8 +359,8 @@ def check(records: List[dict], targets: List[int], only: Optional[str] = None) -
             failures.append(f"register spill ({r['local']} B local memory per thread, "
                             f"{r['registers']} registers): {where}")
     failures += [f"accepted input without a table entry: {m}" for m in uncovered_inputs()]
-    want = expected_entries()
     for cap in targets:
+        want = expected_entries(cap)
         have = defaultdict(set)
         for r in records:
             if r["target"] == cap:

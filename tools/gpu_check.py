@@ -8,7 +8,10 @@
    including tests/test_gpu_paths.py (inductor, CUDA-graph decode, grids past 65,535);
    the CPU-side verifications of GPU code (compile gate, CUDA emulator) are skipped: the
    GPU itself is the stronger check;
-3. runs ``pytest bench/ --benchmark-only`` into ``bench/results/<device>.json``.
+3. checks every tile of this GPU's own configuration table that differs from the sm80
+   table against float64 (tools/tile_probe.py --arch-changes), rows into
+   ``bench/results/<device>-tiles.json``;
+4. runs ``pytest bench/ --benchmark-only`` into ``bench/results/<device>.json``.
 
 Without a GPU it says so and exits 2. Exit 1 if the build, a test or the benchmarks fail
 (the benchmarks run even after a test failure: the numbers are still evidence).
@@ -64,6 +67,12 @@ def main() -> int:
     results["tests"] = run("tests", [py, "-m", "pytest", "tests", "-q", "-rs", "-m",
                                      "not cpu_verification", "--durations=15", *parallel],
                            env)
+    # The table entries this GPU's architecture has of its own (sm90 tiles that differ from
+    # sm80's) have compiled spill-free but never run: one tile that compiled cleanly
+    # computed dK wrongly on the H100. Each is checked against float64 here.
+    probe_json = os.path.join("bench", "results", name.replace(" ", "-") + "-tiles.json")
+    results["tiles"] = run("tiles", [py, os.path.join("tools", "tile_probe.py"), "--arch-changes",
+                                     f"--json={probe_json}"], env)
     out = os.path.join("bench", "results", name.replace(" ", "-") + ".json")
     results["bench"] = run("bench", [py, "-m", "pytest", "bench", "--benchmark-only", "-q",
                                      f"--benchmark-json={out}"], env)

@@ -10,6 +10,8 @@ interpreter and the ahead-of-time compile gate:
     python tools/tile_probe.py --kernel dkdv --block-d 128 --rows decode \\
         --candidates 16x64x4x2,16x64x4x1,16x32x4x2 --dtypes bf16,fp16
 
+    python tools/tile_probe.py --arch-changes     # every sm90 entry that differs from sm80
+
 Prints one line per (entry, candidate, dtype, shape); exit 1 if a current entry is wrong.
 """
 from __future__ import annotations
@@ -50,8 +52,53 @@ def check(q, k, v, mask, go, backend="triton"):
             "dk": max_rel_err(ks.grad, k64.grad), "dv": max_rel_err(vs.grad, v64.grad)}
 
 
-def main(argv=None) -> int:
+def probe_entry(R, key, cands, dtype, dname, dev, kernel, block_d, rows_class):
+    """Check (and on a GPU time) each candidate tile of table entry ``key`` in ``dtype``;
+    returns the rows and whether the entry's current tile was wrong."""
     import triton.testing
+    rows_out, current_bad = [], False
+    current = R.CONFIGS[key]
+    for cand in dict.fromkeys([current] + list(cands)):
+        R.CONFIGS[key] = cand
+        try:
+            shapes = shapes_for(rows_class, block_d)
+            for i, (B, T, H, Hkv, Nv) in enumerate(shapes):
+                timed_only = i == len(shapes) - 1
+                if timed_only and dev.type != "cuda":
+                    continue
+                torch.manual_seed(0)
+                hd = block_d
+                q = torch.randn(B, T, H, hd, device=dev, dtype=dtype)
+                k = torch.randn(B, Nv, Hkv, hd, device=dev, dtype=dtype)
+                v = torch.randn(B, Nv, Hkv, hd, device=dev, dtype=dtype)
+                mask = torch.rand(B, Nv, device=dev) > 0.1
+                go = torch.randn_like(q)
+                try:
+                    errs = {} if timed_only else check(q, k, v, mask, go)
+                except Exception as exc:  # noqa: BLE001 - a compile failure is a result
+                    errs = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                ok = "error" not in errs and all(e < TOL[dtype] for e in errs.values())
+                qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                ms = None
+                if "error" not in errs and dev.type == "cuda":
+                    from pvm_kernels import pvm_retrieval
+                    out = pvm_retrieval(qs, ks, vs, mask, backend="triton")
+                    fn = (lambda: pvm_retrieval(q, k, v, mask, backend="triton")) if kernel == "fwd" \
+                        else (lambda: torch.autograd.grad(out, (qs, ks, vs), go, retain_graph=True))
+                    ms = triton.testing.do_bench(fn, return_mode="median")
+                row = dict(key=list(key), tile=[cand.block_m, cand.block_n, cand.num_warps,
+                                                cand.num_stages],
+                           current=cand == current, dtype=dname, shape=[B, T, H, Hkv, Nv, hd],
+                           ok=ok, ms=ms, **errs)
+                rows_out.append(row)
+                current_bad |= (cand == current and not ok)
+                print(json.dumps(row), flush=True)
+        finally:
+            R.CONFIGS[key] = current
+    return rows_out, current_bad
+
+
+def main(argv=None) -> int:
     from pvm_kernels import triton_ops  # noqa: F401 - the launchers
     from pvm_kernels.triton_ops import retrieval as R
 
@@ -61,6 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default="decode", choices=["decode", "prefill"])
     p.add_argument("--candidates", default="", help="MxNxWARPSxSTAGES,... (current entry always first)")
     p.add_argument("--dtypes", default="bf16,fp16")
+    p.add_argument("--arch-changes", action="store_true",
+                   help="check the current tile of every entry of this GPU's table that "
+                        "differs from the sm80 table (entries no GPU run has verified yet)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,50 +119,30 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     dev = torch.device("cpu" if interpret else "cuda")
+    jobs = []  # (key, candidates, dtype name)
+    if args.arch_changes:
+        arch = R.arch_of(dev)
+        for key in sorted(R.CONFIGS):
+            base = ("sm80",) + key[1:]
+            if key[0] == arch and key[1] != "combine" and R.CONFIGS[key] != R.CONFIGS[base]:
+                names = ("bf16", "fp16") if key[2] == "16bit" else ("fp32",)
+                jobs += [(key, [], name) for name in names]
+    else:
+        cands = [R.TileConfig(*map(int, c.split("x"))) for c in args.candidates.split(",") if c]
+        for dname in args.dtypes.split(","):
+            key = (R.arch_of(dev), args.kernel, R.dtype_class(DTYPES[dname]), args.block_d,
+                   args.rows)
+            if key not in R.CONFIGS:
+                print(f"no table entry {key}")
+                continue
+            jobs.append((key, cands, dname))
     rows_out, current_bad = [], False
-    for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname]
-        key = (args.kernel, R.dtype_class(dtype), args.block_d, args.rows)
-        if key not in R.CONFIGS:
-            print(f"no table entry {key}")
-            continue
-        current = R.CONFIGS[key]
-        cands = [current] + [R.TileConfig(*map(int, c.split("x"))) for c in args.candidates.split(",") if c]
-        for cand in dict.fromkeys(cands):
-            R.CONFIGS[key] = cand
-            try:
-                shapes = shapes_for(args.rows, args.block_d)
-                for i, (B, T, H, Hkv, Nv) in enumerate(shapes):
-                    timed_only = i == len(shapes) - 1
-                    torch.manual_seed(0)
-                    hd = args.block_d
-                    q = torch.randn(B, T, H, hd, device=dev, dtype=dtype)
-                    k = torch.randn(B, Nv, Hkv, hd, device=dev, dtype=dtype)
-                    v = torch.randn(B, Nv, Hkv, hd, device=dev, dtype=dtype)
-                    mask = torch.rand(B, Nv, device=dev) > 0.1
-                    go = torch.randn_like(q)
-                    try:
-                        errs = {} if timed_only else check(q, k, v, mask, go)
-                    except Exception as exc:  # noqa: BLE001 - a compile failure is a result
-                        errs = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                    ok = "error" not in errs and all(e < TOL[dtype] for e in errs.values())
-                    if timed_only and dev.type != "cuda":
-                        continue
-                    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-                    ms = None
-                    if "error" not in errs and dev.type == "cuda":
-                        from pvm_kernels import pvm_retrieval
-                        out = pvm_retrieval(qs, ks, vs, mask, backend="triton")
-                        fn = (lambda: pvm_retrieval(q, k, v, mask, backend="triton")) if args.kernel == "fwd" \
-                            else (lambda: torch.autograd.grad(out, (qs, ks, vs), go, retain_graph=True))
-                        ms = triton.testing.do_bench(fn, return_mode="median")
-                    row = dict(key=list(key), tile=[cand.block_m, cand.block_n, cand.num_warps, cand.num_stages], current=cand == current, dtype=dname,
-                               shape=[B, T, H, Hkv, Nv, hd], ok=ok, ms=ms, **errs)
-                    rows_out.append(row)
-                    current_bad |= (cand == current and not ok)
-                    print(json.dumps(row), flush=True)
-            finally:
-                R.CONFIGS[key] = current
+    for key, cands, dname in jobs:
+        _, kernel, _, block_d, rows_class = key
+        rows, bad = probe_entry(R, key, cands, DTYPES[dname], dname, dev, kernel, block_d,
+                                rows_class)
+        rows_out += rows
+        current_bad |= bad
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows_out, f, indent=1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 from typing import Dict, Optional, Sequence
@@ -72,6 +73,49 @@ def launch_guard(t: torch.Tensor):
     if INTERPRET:
         return _INTERPRETER_LOCK
     return contextlib.nullcontext()
+
+
+# ---- the target GPU architecture --------------------------------------------------------
+
+#: Per-architecture facts the launchers use: the SM count and the configuration table
+#: (sm_80: A100, 108 SMs; sm_90: H100/H200, 132 SMs). Devices between or above pick the
+#: newest table not above their capability (sm_86/89 -> sm80, sm_100 -> sm90).
+ARCH_SMS = {80: 108, 90: 132}
+
+_COMPILE_TARGET: contextvars.ContextVar = contextvars.ContextVar("pvm_compile_target",
+                                                                 default=None)
+
+
+@contextlib.contextmanager
+def compile_target(capability: int):
+    """Within the block, launchers fed CPU tensors choose tables and split counts for the
+    GPU of compute capability ``capability`` (80 or 90): what the ahead-of-time compile
+    gate compiles for. Outside it, CPU tensors (the interpreter) act as an H100's (90)."""
+    if capability not in ARCH_SMS:
+        raise ValueError(f"capability must be one of {sorted(ARCH_SMS)}, got {capability}")
+    token = _COMPILE_TARGET.set(capability)
+    try:
+        yield
+    finally:
+        _COMPILE_TARGET.reset(token)
+
+
+_CAPABILITY: Dict[int, int] = {}
+
+
+def target_capability(device: torch.device) -> int:
+    """The table architecture of ``device``: 80 or 90. A CUDA device's own capability
+    (cached), rounded down to a known table; a CPU tensor's is the compile target (90
+    outside ``compile_target``)."""
+    if device.type != "cuda":
+        cap = _COMPILE_TARGET.get()
+        return 90 if cap is None else cap
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        cap = _CAPABILITY[index] = max([a for a in ARCH_SMS if a <= 10 * major + minor] or [80])
+    return cap
 
 
 def check_grid(grid: Sequence[int]) -> None:

@@ -32,9 +32,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .common import (always_valid_keys, check_grid, dot_flags, dtype_class, expect,
-                     head_dim_problem, launch_guard, mma, never_read_f32, unlimited_kv_len,
-                     with_vector_layout)
+from .common import (ARCH_SMS, always_valid_keys, check_grid, dot_flags, dtype_class, expect,
+                     head_dim_problem, launch_guard, mma, never_read_f32, target_capability,
+                     unlimited_kv_len, with_vector_layout)
 
 LOG2E = 1.4426950408889634
 
@@ -65,15 +65,14 @@ class TileConfig:
 
 
 _T = TileConfig
-#: (kernel, dtype class, BLOCK_D, row class) -> TileConfig: the only source of launch shapes.
-#: Each entry is the largest tile (rows, then keys; fewer warps and more stages first) that
-#: compiled for both sm_80 and sm_90, with both triton 3.8 (CPU machines) and 3.6 (the GPU
-#: machines), with no register spill and within the A100's 166,912 B of shared memory per
-#: block, found by sweeping candidates through the compile gate's session
-#: (tools/compile_gate.py); the gate recompiles every entry in `make test` and the
-#: README's table lists their registers, shared memory and occupancy. Not yet timed on a
-#: GPU: these are the biggest safe tiles, not tuned ones.
-CONFIGS: Dict[Tuple[str, str, int, str], TileConfig] = {
+#: The sm_80 (A100) table: (kernel, dtype class, BLOCK_D, row class) -> TileConfig. Each
+#: entry is the largest tile (rows, then keys; fewer warps and more stages first) that
+#: compiled for sm_80 with both triton 3.8 (CPU machines) and 3.6 (the GPU machines), with
+#: no register spill and within the A100's 166,912 B of shared memory per block, found by
+#: sweeping candidates through the compile gate's session (tools/tile_sweep.py); the gate
+#: recompiles every entry in `make test` and the README's table lists their registers,
+#: shared memory and occupancy.
+_SM80: Dict[Tuple[str, str, int, str], TileConfig] = {
     # forward: accumulator [BLOCK_M, BLOCK_D] fp32 in registers. 4 warps at 64 x 64 x 128
     # spilled on sm_80 (255 registers + 40-80 B); 8 warps hold it in 184.
     ("fwd", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
@@ -111,10 +110,47 @@ CONFIGS: Dict[Tuple[str, str, int, str], TileConfig] = {
     ("dkdv", "fp32", 64, "decode"): _T(16, 32, 4, 2), ("dkdv", "fp32", 64, "prefill"): _T(16, 32, 4, 2),
     ("dkdv", "fp32", 128, "decode"): _T(16, 32, 8, 2), ("dkdv", "fp32", 128, "prefill"): _T(16, 32, 8, 2),
 }
-# The split forward's merge: BLOCK_M (sample, head, token) rows a program, a loop over the
-# splits (block_n unused). Reads SPLITS x hd fp32 per row once: memory-bound, no MMA.
-CONFIGS.update({("combine",) + key[1:]: _T(16, 16, 8 if key[2] == 256 else 4, 1)
-                for key in list(CONFIGS) if key[0] == "fwd"})
+#: sm_90 (H100/H200) entries that differ from sm_80's. Candidates started from published
+#: H100 attention tiles (the Triton fused-attention tutorial: 128-row forward blocks on 8
+#: warps with 3 stages, 32-64 rows x 128 keys for dK/dV; flash-attention 2: 128 x 64
+#: forward at head dim 128) and the first, in that order of preference, that compiled for
+#: sm_90 with triton 3.8 and 3.6 without a spill won (tools/tile_sweep.py; the H100's
+#: 232,448 B of shared memory per block takes 3 stages where the A100's 166,912 did not):
+#:   fwd  hd 128: 128 x 64, 8 warps, 3 stages (233-239 registers; 128 x 128 spilled 104 B);
+#:   fwd  hd 64:  128 x 64 (145 registers; 128 x 128 compiled at 252-255, no margin left);
+#:   dq   hd 64/128: 128 x 64, 8 warps, 3 stages (162 / 222-232 registers);
+#:   dkdv hd 64: 32 x 128 keys (triton 3.6 spilled 64 x 128); hd 128: 64 x 64, 3 stages.
+#: Head dim 256 kept sm_80's (every larger candidate spilled), so did 16 and 32.
+#: Decode entries stay sm_80's, the tiles the H100 run verified: 16 x 128 with 3 stages
+#: compiles cleanly too, but a tile that compiled cleanly has computed wrongly on the H100
+#: before (dK/dV, above), and decode is memory-bound with split-KV filling the SMs.
+#: None of these has run on a GPU yet: `make gpu-check` checks each against float64
+#: (tools/tile_probe.py --arch-changes) before the suite's numbers are trusted.
+_SM90_CHANGES: Dict[Tuple[str, str, int, str], TileConfig] = {
+    ("fwd", "16bit", 64, "prefill"): _T(128, 64, 8, 3),
+    ("fwd", "16bit", 128, "prefill"): _T(128, 64, 8, 3),
+    ("dq", "16bit", 64, "prefill"): _T(128, 64, 8, 3),
+    ("dq", "16bit", 128, "prefill"): _T(128, 64, 8, 3),
+    ("dkdv", "16bit", 64, "prefill"): _T(32, 128, 8, 3),
+    ("dkdv", "16bit", 128, "prefill"): _T(64, 64, 8, 3),
+}
+
+
+def _with_combine(table: Dict[Tuple[str, str, int, str], TileConfig]):
+    """The table plus the split forward's merge: BLOCK_M (sample, head, token) rows a
+    program, a loop over the splits (block_n unused). It reads SPLITS x hd fp32 per row
+    once: memory-bound, no MMA, the same tile on every architecture."""
+    return {**table, **{("combine",) + key[1:]: _T(16, 16, 8 if key[2] == 256 else 4, 1)
+                        for key in table if key[0] == "fwd"}}
+
+
+#: (architecture, kernel, dtype class, BLOCK_D, row class) -> TileConfig: the only source
+#: of launch shapes. One table per architecture ("sm80", "sm90"), chosen by the device's
+#: compute capability (triton_ops.common.target_capability).
+CONFIGS: Dict[Tuple[str, str, str, int, str], TileConfig] = {
+    (arch,) + key: cfg
+    for arch, table in (("sm80", _SM80), ("sm90", {**_SM80, **_SM90_CHANGES}))
+    for key, cfg in _with_combine(table).items()}
 
 
 def block_d_for(hd: int) -> int:
@@ -125,14 +161,24 @@ def row_class(rows: int) -> str:
     return "decode" if rows <= DECODE_ROWS else "prefill"
 
 
-def config_key(kernel: str, dtype: torch.dtype, rows: int, hd: int) -> Tuple[str, str, int, str]:
-    """The CONFIGS key of a launch of ``kernel`` for T * G = ``rows`` and head dim ``hd``."""
-    return (kernel, dtype_class(dtype), block_d_for(hd), row_class(rows))
+def arch_of(device: torch.device) -> str:
+    """The CONFIGS architecture of ``device``: "sm80" or "sm90" (CPU tensors: "sm90", or
+    the compile gate's target)."""
+    return f"sm{target_capability(device)}"
 
 
-def select_config(kernel: str, dtype: torch.dtype, rows: int, hd: int) -> TileConfig:
-    """The table entry a launch of ``kernel`` uses for T * G = ``rows`` and head dim ``hd``."""
-    return CONFIGS[config_key(kernel, dtype, rows, hd)]
+def config_key(kernel: str, dtype: torch.dtype, rows: int, hd: int, device: torch.device
+               ) -> Tuple[str, str, str, int, str]:
+    """The CONFIGS key of a launch of ``kernel`` on ``device`` for T * G = ``rows`` and
+    head dim ``hd``."""
+    return (arch_of(device), kernel, dtype_class(dtype), block_d_for(hd), row_class(rows))
+
+
+def select_config(kernel: str, dtype: torch.dtype, rows: int, hd: int,
+                  device: torch.device) -> TileConfig:
+    """The table entry a launch of ``kernel`` on ``device`` uses for T * G = ``rows`` and
+    head dim ``hd``."""
+    return CONFIGS[config_key(kernel, dtype, rows, hd, device)]
 
 
 def head_dim_unsupported(hd: int, dtype: torch.dtype) -> Optional[str]:
@@ -506,10 +552,11 @@ def _check_head_dim(hd: int, dtype: torch.dtype) -> None:
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of the device (132 for CPU tensors, an H100's, so that the
-    interpreter and the compile gate take the split paths a GPU takes)."""
+    """Streaming multiprocessors of the device. CPU tensors count as the target GPU's
+    (an H100's 132, an A100's 108 under the compile gate's sm_80 target), so that the
+    interpreter and the gate take the split paths a GPU takes."""
     if device.type != "cuda":
-        return 132
+        return ARCH_SMS[target_capability(device)]
     index = device.index if device.index is not None else torch.cuda.current_device()
     count = _SM_COUNT.get(index)
     if count is None:
@@ -571,7 +618,7 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mask, lens = _masks(q, k, key_mask, kv_len)
     G = H // Hkv
     rows = T * G
-    cfg = select_config("fwd", q.dtype, rows, hd)
+    cfg = select_config("fwd", q.dtype, rows, hd, q.device)
     programs = triton.cdiv(rows, cfg.block_m) * B * Hkv
     splits, split_keys = split_loop(Nv, cfg.block_n, programs, q.device)
     n_stats = B * H * T
@@ -585,7 +632,7 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             scale * LOG2E, splits, split_keys, n_stats)
     _launch(retrieval_fwd_kernel, cfg, programs * splits, q, args, hd)
     if splits > 1:
-        comb = select_config("combine", q.dtype, rows, hd)
+        comb = select_config("combine", q.dtype, rows, hd, q.device)
         _launch(retrieval_combine_kernel, comb, triton.cdiv(n_stats, comb.block_m), q,
                 (out, lse, o_part, lse_part, *_strides3(out), T, H, hd, splits, n_stats), hd,
                 tile=False)
@@ -619,7 +666,7 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
               *mask.stride(), lens.stride(0))
     sizes = (T, G, Nv, hd, Hkv, scale * LOG2E, scale)
     rows = T * G
-    cfg = select_config("dkdv", q.dtype, rows, hd)
+    cfg = select_config("dkdv", q.dtype, rows, hd, q.device)
     programs = triton.cdiv(Nv, cfg.block_n) * B * Hkv
     splits, split_rows = split_loop(rows, cfg.block_m, programs, q.device)
     # Contiguous like dk, so dk's strides address the partials too; keys past a sample's
@@ -632,7 +679,7 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     # Summed in split order by one reduction each (the same bits on every run), then cast.
     for grad, part in ((dk, dk_part), (dv, dv_part)):
         grad.copy_(part[0] if splits == 1 else part.sum(0))
-    cfg = select_config("dq", q.dtype, rows, hd)
+    cfg = select_config("dq", q.dtype, rows, hd, q.device)
     _launch(retrieval_bwd_dq_kernel, cfg, triton.cdiv(rows, cfg.block_m) * B * Hkv, q,
             (q, k, v, grad_out, lse, delta, dq, mask, lens, *common, *_strides3(dq), *sizes),
             hd)
