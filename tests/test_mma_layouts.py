@@ -116,7 +116,9 @@ def cute():
     src = os.path.join(REPO, "tests", "cute_layouts.cpp")
     cxx = os.environ.get("CXX", "g++")
     cmd = [cxx, "-std=c++17", "-O0", "-w", "-I", inc] + [f"-I{d}" for d in cuda]
-    key = hashlib.sha256((open(src).read() + " ".join(cmd) + inc).encode()).hexdigest()[:16]
+    headers = [os.path.join(inc, "cute", "atom", f) for f in ("mma_traits_sm80.hpp", "copy_traits_sm75.hpp")]
+    key = hashlib.sha256("".join(open(f).read() for f in [src] + headers).encode()
+                         + " ".join(cmd).encode()).hexdigest()[:16]
     exe = os.path.join(REPO, "build", "cute_layouts", key, "cute_layouts")
     if not os.path.exists(exe):
         os.makedirs(os.path.dirname(exe), exist_ok=True)
