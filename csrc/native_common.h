@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #include "pvm_params.h"
 
@@ -176,15 +177,36 @@ inline Tensor as_rows(const Tensor& t) {
   return r.stride(-1) == 1 ? r : r.contiguous();
 }
 
+// ---- split launches of the CUDA retrieval kernels -------------------------------------------
+// The CUDA kernels (real and emulated) split a retrieval loop among blocks when a launch
+// would have fewer than 2 blocks per SM (retrieval_split_plan, pvm_params.h); the host op
+// plans the split from the device's SM count and allocates the fp32 workspaces, so the GPU
+// and the emulator run the same path. Two environment variables override the plan, for
+// tests: PVM_CUDA_SPLITS=n asks for n splits of every split loop (1: never split; still at
+// most one per tile and 64), PVM_CUDA_SM_COUNT=n plans for n SMs.
+
+inline int64_t env_int(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && *env ? std::strtoll(env, nullptr, 10) : 0;
+}
+
+// Plans p's splits for `sm_count` SMs (0: the CPU backend, never split), overrides applied.
+inline void plan_retrieval_splits(RetrievalParams& p, int64_t sm_count) {
+  if (sm_count <= 0) return;
+  const int64_t sms = env_int("PVM_CUDA_SM_COUNT");
+  retrieval_split_plan(p, sms > 0 ? sms : sm_count, env_int("PVM_CUDA_SPLITS"));
+}
+
 // ---- op bodies shared by the CPU and CUDA implementations --------------------------------
 // Each checks, allocates the outputs, fills the parameter block and calls `launch(params)`,
-// the device-specific part (a CPU dtype dispatch or a checked CUDA launch).
+// the device-specific part (a CPU dtype dispatch or a checked CUDA launch). `sm_count`: the
+// device's SM count, for the CUDA kernels' split plan (0, the CPU's: no split).
 
 template <typename Launch>
 std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const c10::optional<Tensor>& key_mask,
                                             const c10::optional<Tensor>& kv_len, double scale,
-                                            Launch&& launch) {
+                                            int64_t sm_count, Launch&& launch) {
   check_retrieval_args(q, k, v, key_mask, kv_len);
   Tensor out = new_output(q.sizes(), q.options());
   Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -193,15 +215,33 @@ std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, co
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   copy_strides(out, p.o_stride);
+  plan_retrieval_splits(p, sm_count);
+  p.row_splits = 1;  // the backward's split
+  Tensor o_part, lse_part;  // split partials: [splits, B * H * T, hd] and [splits, B * H * T]
+  if (p.kv_splits > 1) {
+    const int64_t n_stats = p.B * p.H * p.T;
+    o_part = new_output({p.kv_splits, n_stats, p.hd}, q.options().dtype(at::kFloat));
+    lse_part = new_output({p.kv_splits, n_stats}, q.options().dtype(at::kFloat));
+    p.o_part = o_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
   launch(p);
   return {out, lse};
+}
+
+template <typename Launch>
+std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const c10::optional<Tensor>& key_mask,
+                                            const c10::optional<Tensor>& kv_len, double scale,
+                                            Launch&& launch) {
+  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, 0, std::forward<Launch>(launch));
 }
 
 template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, const c10::optional<Tensor>& key_mask, const c10::optional<Tensor>& kv_len,
-    double scale, Launch&& launch) {
+    double scale, int64_t sm_count, Launch&& launch) {
   check_retrieval_args(q, k, v, key_mask, kv_len);
   check_retrieval_bwd_args(grad_out, q, out, lse);
   Tensor dq = new_output(q.sizes(), q.options());
@@ -223,8 +263,28 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
   p.dv = dv.data_ptr();
   copy_strides(dq, p.dq_stride);
   copy_strides(dk, p.dkv_stride);
+  plan_retrieval_splits(p, sm_count);
+  p.kv_splits = 1;  // the forward's split
+  Tensor dk_part, dv_part;  // split partials: [splits, B, Nv, Hkv, hd] each, contiguous
+  if (p.row_splits > 1 && dk.numel() > 0) {
+    dk_part = new_output({p.row_splits, p.B, p.Nv, p.Hkv, p.hd}, q.options().dtype(at::kFloat));
+    dv_part = new_output({p.row_splits, p.B, p.Nv, p.Hkv, p.hd}, q.options().dtype(at::kFloat));
+    p.dk_part = dk_part.data_ptr<float>();
+    p.dv_part = dv_part.data_ptr<float>();
+  } else {
+    p.row_splits = 1;
+  }
   launch(p);
   return {dq, dk, dv};
+}
+
+template <typename Launch>
+std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const c10::optional<Tensor>& key_mask, const c10::optional<Tensor>& kv_len,
+    double scale, Launch&& launch) {
+  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, 0,
+                          std::forward<Launch>(launch));
 }
 
 inline MergeParams merge_params(const Tensor& e2, const Tensor& gate_f, const Tensor* keep_c,

@@ -36,7 +36,80 @@ struct RetrievalParams {
 
   int64_t B = 0, T = 0, H = 0, Hkv = 0, Nv = 0, hd = 0;
   float scale = 1.f;
+
+  // Split launches of the CUDA kernels (see retrieval_split_plan below), set by the host op,
+  // which also allocates the fp32 workspaces. kv_splits <= 1 / row_splits <= 1: unsplit,
+  // the partial pointers unused (null).
+  // Forward: split s of every (row tile, sample, KV head) takes keys
+  // [s * split_keys, (s + 1) * split_keys) and writes its normalised output and lse to
+  // o_part [kv_splits, B * H * T, hd] and lse_part [kv_splits, B * H * T] (row index
+  // (b * H + h) * T + t, like lse); a combine kernel merges them into out and lse.
+  float* o_part = nullptr;
+  float* lse_part = nullptr;
+  int64_t kv_splits = 1, split_keys = 0;
+  // dK/dV: split s of every (key tile, sample, KV head) takes packed query rows
+  // [s * split_rows, (s + 1) * split_rows) and writes fp32 partials of dk (scaled) and dv to
+  // dk_part / dv_part [row_splits, B, Nv, Hkv, hd] (contiguous), summed in split order.
+  float* dk_part = nullptr;
+  float* dv_part = nullptr;
+  int64_t row_splits = 1, split_rows = 0;
 };
+
+// Tiles of the CUDA retrieval kernels, which the split plan counts in.
+constexpr int64_t kRetrievalKeyTile = 32;      // keys staged per step: one per lane
+constexpr int64_t kRetrievalRowTile = 16;      // forward / dQ: packed query rows per block
+constexpr int64_t kRetrievalRowsPerIter = 8;   // dK/dV: packed query rows per step
+// A loop is split until its launch has this many blocks per SM (or each split is one
+// tile): 2 per SM keeps every SM busy while one block of the pair waits on memory.
+constexpr int64_t kRetrievalBlocksPerSm = 2;
+// Most splits of one loop: bounds the fp32 workspaces (64 x B*H*T x hd x 4 bytes for the
+// forward, 64 x B*Nv*Hkv*hd x 8 for dK/dV).
+constexpr int64_t kRetrievalMaxSplits = 64;
+// The SM count the CUDA emulator plans for: an H100's, so its tests take the split paths
+// a GPU takes (as the Triton launchers count 132 SMs for CPU tensors).
+constexpr int64_t kEmulatedSmCount = 132;
+
+struct SplitLoop {
+  int64_t splits = 1, per_split = 0;  // per_split: a multiple of the tile
+};
+
+// Triton's split_loop (triton_ops/retrieval.py) for the CUDA kernels: (splits, items per
+// split) for a loop over n_items in tiles of `tile`, run by `blocks` blocks on `sm_count`
+// SMs: split until the launch has kRetrievalBlocksPerSm blocks per SM, never into pieces
+// smaller than one tile, at most kRetrievalMaxSplits. `force` > 0 asks for that many splits
+// instead of the SM rule (tests; still at most one per tile and kRetrievalMaxSplits).
+// Depends on the shapes and the SM count only: the same split, so the same bits, on every
+// run.
+inline SplitLoop split_loop(int64_t n_items, int64_t tile, int64_t blocks, int64_t sm_count,
+                            int64_t force = 0) {
+  const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t items = n_items > 1 ? n_items : 1;
+  const int64_t tiles = cdiv(items, tile);
+  int64_t want = force > 0 ? force : cdiv(kRetrievalBlocksPerSm * (sm_count > 1 ? sm_count : 1),
+                                          blocks > 1 ? blocks : 1);
+  if (want > tiles) want = tiles;
+  if (want > kRetrievalMaxSplits) want = kRetrievalMaxSplits;
+  if (want < 1) want = 1;
+  SplitLoop s;
+  s.per_split = cdiv(tiles, want) * tile;
+  s.splits = cdiv(items, s.per_split);
+  return s;
+}
+
+// Fills the split fields of a retrieval launch's parameters (the workspace pointers stay
+// the caller's job): the forward splits the keys of each (row tile, sample, KV head) block,
+// the dK/dV backward the packed query rows of each (key tile, sample, KV head) block.
+inline void retrieval_split_plan(RetrievalParams& p, int64_t sm_count, int64_t force = 0) {
+  const int64_t G = p.Hkv > 0 ? p.H / p.Hkv : 1, rows = p.T * G, bh = p.B * p.Hkv;
+  const int64_t row_tiles = (rows + kRetrievalRowTile - 1) / kRetrievalRowTile;
+  const int64_t key_tiles = (p.Nv + kRetrievalKeyTile - 1) / kRetrievalKeyTile;
+  const SplitLoop kv = split_loop(p.Nv, kRetrievalKeyTile, row_tiles * bh, sm_count, force);
+  const SplitLoop rw = split_loop(rows, kRetrievalRowsPerIter, key_tiles * bh, sm_count, force);
+  p.kv_splits = kv.splits;
+  p.split_keys = kv.per_split;
+  p.row_splits = rw.splits;
+  p.split_rows = rw.per_split;
+}
 
 // Merge: out = ffn + keep * gate * rms(e); rows of length D with row strides.
 struct MergeParams {

@@ -16,5 +16,13 @@ cudaError_t merge_bwd(const MergeParams& p, DType dtype, cudaStream_t stream);
 // Largest head_dim the retrieval kernels take (accumulators: 8 dims per lane).
 constexpr int kMaxHeadDim = 256;
 
+// Blocks of each retrieval launch for p (with its split plan, as the launchers above run
+// it): forward (+ combine when the keys are split), dQ, dK/dV (+ the partials' sum when
+// the rows are split). For tests and reports; the launchers use it themselves.
+struct RetrievalGrid {
+  int64_t fwd = 0, combine = 0, dq = 0, dkdv = 0, dkdv_sum = 0;
+};
+RetrievalGrid retrieval_grid(const RetrievalParams& p);
+
 }  // namespace cuda
 }  // namespace pvm

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <limits>
 #include <tuple>
 
@@ -40,12 +41,27 @@ void check_cuda_retrieval(const Tensor& q) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
+// SMs of q's device, for the split plan of the retrieval launches (native_common.h): asked
+// of the driver once per device and process, then cached, so a decode step makes no
+// driver call for it. (Not ATen's getDeviceProperties: its header needs cusparse.h.)
+int64_t sm_count(const Tensor& q) {
+  constexpr int kCached = 64;
+  static std::atomic<int> cache[kCached] = {};
+  const int dev = q.device().index();
+  int n = dev >= 0 && dev < kCached ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    PVM_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    if (dev >= 0 && dev < kCached) cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 std::tuple<Tensor, Tensor> retrieval_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const c10::optional<Tensor>& key_mask,
                                               const c10::optional<Tensor>& kv_len, double scale) {
   check_cuda_retrieval(q);
   const c10::cuda::CUDAGuard guard(q.device());
-  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, [&](const RetrievalParams& p) {
+  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, sm_count(q), [&](const RetrievalParams& p) {
     PVM_CUDA_CHECK(cuda::retrieval_fwd(p, dtype_code(q), stream()));
   });
 }
@@ -56,7 +72,7 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_cuda(
     double scale) {
   check_cuda_retrieval(q);
   const c10::cuda::CUDAGuard guard(q.device());
-  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale,
+  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, sm_count(q),
                           [&](const RetrievalParams& p) {
     PVM_CUDA_CHECK(cuda::retrieval_bwd(p, dtype_code(q), stream()));
   });

@@ -12,6 +12,21 @@
 // lanes reading 32 different key rows hit 32 different banks.
 // Scores are in the log2 domain (q pre-scaled by scale * log2 e, exp2f); lse is stored in
 // natural log, -inf for a row with no valid key, whose output is exactly 0.
+//
+// Split launches (as the Triton kernels' split_loop): a launch with fewer than 2 blocks per
+// SM splits its loop among blocks, in whole tiles, at most 64 ways; the host op plans the
+// split (retrieval_split_plan, pvm_params.h: shapes and SM count only, so the same bits on
+// every run) and allocates fp32 workspaces. The grid becomes (b * Hkv + kvh) * splits *
+// tiles + split * tiles + tile.
+// * Forward, split-KV: block (tile, split) takes keys [split * split_keys, +split_keys) and
+//   writes its normalised output and lse to o_part / lse_part; combine_splits_kernel merges
+//   them in split order, weighting each by exp(lse_s - max lse). A decode step of the 8B
+//   layout (B 1, T 1, H 4, Hkv 1: one row tile) was 1 block for the whole GPU, walking all
+//   Nv keys alone; on an H100's 132 SMs it is 32 blocks at Nv 1024, 64 at Nv 4096.
+// * dK/dV: block (key tile, split) takes packed query rows [split * split_rows, +split_rows)
+//   into dk_part / dv_part; sum_dkdv_splits_kernel adds them in split order and casts. At
+//   B 1, T 8192, H 4, Hkv 1, Nv 2048: 320 blocks instead of 64, each 6,560 rows long.
+// Unsplit (1 split), the kernels write out/lse/dk/dv directly, with no workspace, as before.
 #include <cstdint>
 
 #include "cuda/compat.cuh"
@@ -28,6 +43,9 @@ constexpr int kKeys = 32;                         // one key per lane
 constexpr int kRowsPerWarp = 4;                   // forward / dQ rows per warp
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kRowsPerIter = 8;                   // dK/dV: rows staged per iteration
+// The host op plans splits (retrieval_split_plan, pvm_params.h) in these tiles.
+static_assert(kKeys == kRetrievalKeyTile && kRowsPerBlock == kRetrievalRowTile &&
+              kRowsPerIter == kRetrievalRowsPerIter, "split plan and kernel tiles disagree");
 constexpr int kDimsPerLane = kMaxHeadDim / 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -57,22 +75,30 @@ __device__ __forceinline__ bool key_valid(const RetrievalParams& p, int64_t b, i
 }
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Which (sample, KV head, tile) this block serves, and where the calling thread sits.
-// `tiles` is the number of row (or key) tiles per (sample, KV head). The launch keeps the
-// grid within gridDim.x (< 2^31), so the decomposition runs in 32-bit arithmetic: with
-// 64-bit divisions here the forward kernel needed 25 more registers and dQ spilled more.
+// Which (sample, KV head, split, tile) this block serves, and where the calling thread
+// sits. `tiles` is the number of row (or key) tiles per (sample, KV head), `splits` the
+// number of splits of each tile's loop (1: unsplit, folded away for dQ); blocks are ordered
+// tile fastest, then split, then (sample, KV head), so the blocks sharing one KV head run
+// side by side. The launch keeps the grid within gridDim.x (< 2^31), so the decomposition
+// runs in 32-bit arithmetic: with 64-bit divisions here the forward kernel needed 25 more
+// registers and dQ spilled more.
 struct BlockCoords {
   int64_t G, rows, b, tile;
-  int kvh, warp, lane;
+  int kvh, split, warp, lane;
 };
 
-__device__ __forceinline__ BlockCoords block_coords(const RetrievalParams& p, int64_t tiles) {
+__device__ __forceinline__ BlockCoords block_coords(const RetrievalParams& p, int64_t tiles,
+                                                    int64_t splits) {
   const int64_t G = p.H / p.Hkv;
   const unsigned n_tiles = static_cast<unsigned>(tiles), hkv = static_cast<unsigned>(p.Hkv);
-  const unsigned bh = blockIdx.x / n_tiles;
-  return {G, p.T * G, static_cast<int64_t>(bh / hkv), static_cast<int64_t>(blockIdx.x - bh * n_tiles),
-          static_cast<int>(bh % hkv), static_cast<int>(threadIdx.x >> 5), static_cast<int>(threadIdx.x & 31)};
+  const unsigned n_splits = static_cast<unsigned>(splits);
+  const unsigned rest = blockIdx.x / n_tiles;
+  const unsigned bh = rest / n_splits;
+  return {G, p.T * G, static_cast<int64_t>(bh / hkv), static_cast<int64_t>(blockIdx.x - rest * n_tiles),
+          static_cast<int>(bh % hkv), static_cast<int>(rest - bh * n_splits),
+          static_cast<int>(threadIdx.x >> 5), static_cast<int>(threadIdx.x & 31)};
 }
 
 __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
@@ -148,15 +174,19 @@ __device__ void stage_keys(const RetrievalParams& p, int64_t b, int kvh, int64_t
   }
 }
 
+// __launch_bounds__(128, 5): 5 blocks per SM is the 96 registers the kernel has always
+// used (and what its 41 KB of shared memory at hd 128 allows on an H100). Stated, it makes
+// ptxas fit the split path in them; left to its own heuristics it kept the split index in
+// 96 registers + 4-16 B of spill (bf16 and fp16, sm_90).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const RetrievalParams p) {
+__global__ void __launch_bounds__(kThreads, 5) retrieval_fwd_kernel(const RetrievalParams p) {
   PVM_DYNAMIC_SHARED(float, smem);
   PVM_SHARED(int, valid_s, [kKeys]);
   const int hd = static_cast<int>(p.hd), ld = hd + 1;
   float* k_s = smem;
   float* v_s = k_s + kKeys * ld;
   float* q_s = v_s + kKeys * ld;
-  const BlockCoords c = block_coords(p, ceil_div(p.T * (p.H / p.Hkv), kRowsPerBlock));
+  const BlockCoords c = block_coords(p, ceil_div(p.T * (p.H / p.Hkv), kRowsPerBlock), p.kv_splits);
   const int64_t G = c.G, rows = c.rows, b = c.b;
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t row0 = c.tile * kRowsPerBlock;
@@ -172,8 +202,12 @@ __global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const Retrieval
     for (int i = 0; i < kDimsPerLane; ++i) acc[rr][i] = 0.f;
   }
 
-  const int64_t n_end = key_end(p, b);
-  for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
+  // This split's keys (unsplit: one split reaching past every key). A split wholly past
+  // kv_len, or whose keys are all masked, sums nothing (l = 0) and writes output 0 and lse
+  // -inf, which the combine weighs 0.
+  const int64_t n_begin = c.split * p.split_keys;
+  const int64_t n_end = min64(key_end(p, b), n_begin + p.split_keys);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kKeys) {
     __syncthreads();  // every warp has read the previous tile (valid_s too) before it is restaged
     stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
     __syncthreads();  // the tile (K, V) is staged before any warp reads it
@@ -201,21 +235,101 @@ __global__ void __launch_bounds__(kThreads) retrieval_fwd_kernel(const Retrieval
     }
   }
 
+  // Each row's 1 / l and lse, in place of l and m (one division and log per row, shared by
+  // both stores below). Empty only when nothing was summed (l == 0, no valid key): 0 and
+  // -inf; a NaN l (bad inputs) propagates like the reference.
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const bool has = l[rr] != 0.f;
+    m[rr] = has ? (m[rr] + log2f(l[rr])) * kLn2 : -INFINITY;
+    l[rr] = has ? 1.f / l[rr] : 0.f;
+  }
+  // Unsplit: out and lse. Split: the same normalised output and lse in fp32 to this split's
+  // slice of o_part / lse_part, merged by combine_splits_kernel.
+  if (p.kv_splits > 1) {
+    const int64_t part0 = c.split * (p.B * p.H * p.T);
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int64_t r = row0 + warp * kRowsPerWarp + rr;
+      if (r >= rows) continue;
+      const int64_t part = part0 + stat_index(p, b, G, kvh, r);
+      float* o = p.o_part + part * hd;
+#pragma unroll
+      for (int i = 0; i < kDimsPerLane; ++i) {
+        const int d = lane + 32 * i;
+        if (d < hd) o[d] = acc[rr][i] * l[rr];
+      }
+      if (lane == 0) p.lse_part[part] = m[rr];
+    }
+    return;
+  }
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = row0 + warp * kRowsPerWarp + rr;
     if (r >= rows) continue;
-    const bool has = l[rr] != 0.f;  // NaN (bad inputs) propagates like the reference
-    const float inv = has ? 1.f / l[rr] : 0.f;
     const int64_t off = row_offset(p.o_stride, b, G, kvh, r);
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) {
       const int d = lane + 32 * i;
-      if (d < hd) out[off + d * p.o_stride[3]] = from_float<T>(acc[rr][i] * inv);
+      if (d < hd) out[off + d * p.o_stride[3]] = from_float<T>(acc[rr][i] * l[rr]);
     }
-    if (lane == 0) p.lse[stat_index(p, b, G, kvh, r)] = has ? (m[rr] + log2f(l[rr])) * kLn2 : -INFINITY;
+    if (lane == 0) p.lse[stat_index(p, b, G, kvh, r)] = m[rr];
   }
+}
+
+// The split reductions read their fp32 partials 4 floats (16 bytes) a thread when hd is a
+// multiple of 4 and the workspaces are 16-byte aligned (the host op's allocations are),
+// else one: the same rule on the host (grid size) and in the kernels. Uniform per launch.
+__host__ __device__ __forceinline__ int part_width(const RetrievalParams& p, const float* a, const float* b) {
+  const auto al = [](const float* x) { return (reinterpret_cast<uintptr_t>(x) & 15) == 0; };
+  return p.hd % 4 == 0 && al(a) && al(b) ? 4 : 1;
+}
+
+// `width` fp32 partials at x (one 16-byte load for 4), times w, added to acc.
+__device__ __forceinline__ void fma_part(const float* x, int width, float w, float* acc) {
+  if (width == 4) {
+    const Chunk<float> c = *reinterpret_cast<const Chunk<float>*>(x);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = fmaf(w, c.v[i], acc[i]);
+  } else {
+    acc[0] = fmaf(w, *x, acc[0]);
+  }
+}
+
+// The split forward's partials merged, one thread per (row, 4 dims) of out: with
+// w_s = exp(lse_s - max_s lse_s), out = sum_s w_s o_s / sum_s w_s and lse = max + log sum_s w_s,
+// the splits visited in order 0, 1, ... (the same bits on every run). A split that saw no
+// key has lse -inf, so w = 0 and its zeros add nothing; a row no split saw a key of stays 0
+// with lse -inf. NaN from any split reaches out and lse: fmaxf skips it in the max, but
+// its weight exp(NaN) is NaN.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_splits_kernel(const RetrievalParams p) {
+  const int width = part_width(p, p.o_part, p.o_part);
+  const int64_t n_stats = p.B * p.H * p.T, hd = p.hd, per_row = hd / width;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= n_stats * per_row) return;
+  const int64_t st = e / per_row;
+  const int64_t d0 = (e - st * per_row) * width;
+  const int splits = static_cast<int>(p.kv_splits);
+  float m = -INFINITY;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, p.lse_part[s * n_stats + st]);
+  const float m_safe = m == -INFINITY ? 0.f : m;
+  float l = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < splits; ++s) {
+    const int64_t part = s * n_stats + st;
+    const float w = exp2f((p.lse_part[part] - m_safe) * kLog2e);
+    l += w;
+    fma_part(p.o_part + part * hd + d0, width, w, acc);
+  }
+  const bool has = l != 0.f;
+  const float inv = has ? 1.f / l : 0.f;
+  const int64_t t = st % p.T, bh = st / p.T, h = bh % p.H, b = bh / p.H;
+  T* out = static_cast<T*>(p.out) + b * p.o_stride[0] + t * p.o_stride[1] + h * p.o_stride[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)  // unrolled to 4, not width: acc stays in registers
+    if (i < width) out[(d0 + i) * p.o_stride[3]] = from_float<T>(acc[i] * inv);
+  if (d0 == 0) p.lse[st] = has ? m_safe + logf(l) : -INFINITY;
 }
 
 template <typename T>
@@ -227,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const Retrie
   float* v_s = k_s + kKeys * ld;
   float* q_s = v_s + kKeys * ld;
   float* do_s = q_s + kRowsPerBlock * hd;
-  const BlockCoords c = block_coords(p, ceil_div(p.T * (p.H / p.Hkv), kRowsPerBlock));
+  const BlockCoords c = block_coords(p, ceil_div(p.T * (p.H / p.Hkv), kRowsPerBlock), 1);
   const int64_t G = c.G, rows = c.rows, b = c.b;
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t row0 = c.tile * kRowsPerBlock;
@@ -301,7 +415,7 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
   float* do_s = q_s + kRowsPerIter * hd;
   float* p_s = do_s + kRowsPerIter * hd;
   float* ds_s = p_s + kRowsPerIter * kKeys;
-  const BlockCoords c = block_coords(p, ceil_div(p.Nv, kKeys));
+  const BlockCoords c = block_coords(p, ceil_div(p.Nv, kKeys), p.row_splits);
   const int64_t G = c.G, rows = c.rows, b = c.b;
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t n0 = c.tile * kKeys;
@@ -313,9 +427,11 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
   stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
   for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) dk_s[e] = dv_s[e] = 0.f;
 
-  // A tile wholly past this sample's last valid key has zero gradient: skip the rows.
-  const int64_t rows_end = n0 < n_end ? rows : 0;
-  for (int64_t r0 = 0; r0 < rows_end; r0 += kRowsPerIter) {
+  // This split's rows (unsplit: split_rows >= T * G, all of them). A tile wholly past this
+  // sample's last valid key has zero gradient: skip the rows (its partials are zeros).
+  const int64_t r_begin = c.split * p.split_rows;
+  const int64_t rows_end = n0 < n_end ? min64(rows, r_begin + p.split_rows) : 0;
+  for (int64_t r0 = r_begin; r0 < rows_end; r0 += kRowsPerIter) {
     stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, q_s);
     stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, do_s);
     __syncthreads();  // the rows (q, dO), and the first time the keys (K, V), are staged before use
@@ -350,36 +466,114 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
     __syncthreads();  // the update has read q_s, dO_s, P, dS before the next rows overwrite them
   }
 
+  // Unsplit: dk and dv. Split: fp32 partials in this split's slice of dk_part / dv_part
+  // (contiguous [B, Nv, Hkv, hd] each), summed by sum_dkdv_splits_kernel.
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
+  const bool split = p.row_splits > 1;
+  const int64_t part0 = (c.split * p.B + b) * p.Nv;
   for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
     const int j = e / hd, d = e - j * hd;
     const int64_t n = n0 + j;
     if (n >= p.Nv) continue;
+    if (split) {
+      const int64_t off = ((part0 + n) * p.Hkv + kvh) * hd + d;
+      p.dk_part[off] = dk_s[e] * p.scale;
+      p.dv_part[off] = dv_s[e];
+      continue;
+    }
     const int64_t off = b * p.dkv_stride[0] + n * p.dkv_stride[1] + kvh * p.dkv_stride[2] + d * p.dkv_stride[3];
     dk[off] = from_float<T>(dk_s[e] * p.scale);
     dv[off] = from_float<T>(dv_s[e]);
   }
 }
 
+// dk and dv of a row-split backward: each element's partials summed in split order
+// 0, 1, ... (fixed, so the same bits on every run; no atomics), then cast. One thread per
+// 4 elements of [B, Nv, Hkv, hd] (one, if hd is not a multiple of 4): 4 consecutive dims
+// of one key.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sum_dkdv_splits_kernel(const RetrievalParams p) {
+  const int width = part_width(p, p.dk_part, p.dv_part);
+  const int64_t numel = p.B * p.Nv * p.Hkv * p.hd;
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * width;
+  if (e >= numel) return;
+  float dk[4] = {0.f, 0.f, 0.f, 0.f}, dv[4] = {0.f, 0.f, 0.f, 0.f};
+  const int splits = static_cast<int>(p.row_splits);
+  for (int s = 0; s < splits; ++s) {
+    fma_part(p.dk_part + s * numel + e, width, 1.f, dk);
+    fma_part(p.dv_part + s * numel + e, width, 1.f, dv);
+  }
+  const int64_t d = e % p.hd, key = e / p.hd, kvh = key % p.Hkv, bn = key / p.Hkv;
+  const int64_t n = bn % p.Nv, b = bn / p.Nv;
+  const int64_t off = b * p.dkv_stride[0] + n * p.dkv_stride[1] + kvh * p.dkv_stride[2] + d * p.dkv_stride[3];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // unrolled to 4, not width: dk and dv stay in registers
+    if (i >= width) break;
+    static_cast<T*>(p.dk)[off + i * p.dkv_stride[3]] = from_float<T>(dk[i]);
+    static_cast<T*>(p.dv)[off + i * p.dkv_stride[3]] = from_float<T>(dv[i]);
+  }
+}
+
 int64_t row_tiles(const RetrievalParams& p) { return ceil_div(p.T * (p.H / p.Hkv), kRowsPerBlock); }
 
-// One launch of `kernel` over tiles * B * Hkv blocks on gridDim.x. More than 2^31 - 1
-// blocks would need more memory than any GPU has (>= 2^36 query rows); refused rather
-// than wrapped.
-cudaError_t launch_tiles(void (*kernel)(RetrievalParams), int64_t tiles, size_t smem, cudaStream_t stream,
-                         const RetrievalParams& p) {
-  const int64_t blocks = tiles * p.B * p.Hkv;
+// One launch of `kernel` over `blocks` blocks on gridDim.x. More than 2^31 - 1 blocks would
+// need more memory than any GPU has (>= 2^36 query rows); refused rather than wrapped.
+cudaError_t launch_blocks(void (*kernel)(RetrievalParams), int64_t blocks, size_t smem, cudaStream_t stream,
+                          const RetrievalParams& p) {
   if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
   return launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), kThreads, smem, stream, p);
 }
 
+// A split plan the kernels can run: its splits cover the loop (splits x per-split >= the
+// items) with the workspaces given. Anything else (e.g. splits set without partials) is
+// refused before a launch rather than read as a null pointer.
+bool split_ok(int64_t splits, int64_t per_split, int64_t items, const float* a, const float* b) {
+  return splits <= kRetrievalMaxSplits && per_split > 0 && splits * per_split >= items && a && b;
+}
+
+// p with an unsplit forward (kv_splits <= 1) / dK/dV (row_splits <= 1) made explicit:
+// one split of every key / row. The unsplit forward's split ends past any key (2^62, not
+// Nv), so kv_len's clamp in key_end stays the only bound on the keys, as before splits.
+RetrievalParams normalised(const RetrievalParams& p) {
+  RetrievalParams q = p;
+  if (q.kv_splits <= 1) {
+    q.kv_splits = 1;
+    q.split_keys = int64_t{1} << 62;
+  }
+  if (q.row_splits <= 1) {
+    q.row_splits = 1;
+    q.split_rows = q.T * (q.H / q.Hkv);
+  }
+  return q;
+}
+
 }  // namespace
+
+RetrievalGrid retrieval_grid(const RetrievalParams& p) {
+  const RetrievalParams q = normalised(p);
+  const int64_t bh = q.B * q.Hkv;
+  RetrievalGrid g;
+  g.fwd = row_tiles(q) * q.kv_splits * bh;
+  const int64_t o_width = part_width(q, q.o_part, q.o_part), dkv_width = part_width(q, q.dk_part, q.dv_part);
+  g.combine = q.kv_splits > 1 ? ceil_div(q.B * q.H * q.T * (q.hd / o_width), kThreads) : 0;
+  g.dq = row_tiles(q) * bh;
+  g.dkdv = ceil_div(q.Nv, kKeys) * q.row_splits * bh;
+  g.dkdv_sum = q.row_splits > 1 ? ceil_div(q.B * q.Nv * q.Hkv * (q.hd / dkv_width), kThreads) : 0;
+  return g;
+}
 
 cudaError_t retrieval_fwd(const RetrievalParams& p, DType dtype, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (2 * kKeys * (p.hd + 1) + kRowsPerBlock * p.hd);
+  const RetrievalParams q = normalised(p);
+  if (q.kv_splits > 1 && !split_ok(q.kv_splits, q.split_keys, q.Nv, q.o_part, q.lse_part))
+    return cudaErrorInvalidValue;
+  const RetrievalGrid g = retrieval_grid(q);
   return dispatch_dtype(dtype, [&](auto tag) {
-    return launch_tiles(retrieval_fwd_kernel<decltype(tag)>, row_tiles(p), smem, stream, p);
+    using T = decltype(tag);
+    cudaError_t err = launch_blocks(retrieval_fwd_kernel<T>, g.fwd, smem, stream, q);
+    if (err != cudaSuccess || q.kv_splits == 1) return err;
+    return launch_blocks(combine_splits_kernel<T>, g.combine, 0, stream, q);
   });
 }
 
@@ -387,11 +581,17 @@ cudaError_t retrieval_bwd(const RetrievalParams& p, DType dtype, cudaStream_t st
   const size_t smem_dq = sizeof(float) * (2 * kKeys * (p.hd + 1) + 2 * kRowsPerBlock * p.hd);
   const size_t smem_dkdv = sizeof(float) * (2 * kKeys * (p.hd + 1) + 2 * kKeys * p.hd +
                                             2 * kRowsPerIter * p.hd + 2 * kRowsPerIter * kKeys);
+  const RetrievalParams q = normalised(p);
+  if (q.row_splits > 1 && !split_ok(q.row_splits, q.split_rows, q.T * (q.H / q.Hkv), q.dk_part, q.dv_part))
+    return cudaErrorInvalidValue;
+  const RetrievalGrid g = retrieval_grid(q);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    cudaError_t err = launch_tiles(retrieval_bwd_dq_kernel<T>, row_tiles(p), smem_dq, stream, p);
+    cudaError_t err = launch_blocks(retrieval_bwd_dq_kernel<T>, g.dq, smem_dq, stream, q);
     if (err != cudaSuccess) return err;
-    return launch_tiles(retrieval_bwd_dkdv_kernel<T>, ceil_div(p.Nv, kKeys), smem_dkdv, stream, p);
+    err = launch_blocks(retrieval_bwd_dkdv_kernel<T>, g.dkdv, smem_dkdv, stream, q);
+    if (err != cudaSuccess || q.row_splits == 1) return err;
+    return launch_blocks(sum_dkdv_splits_kernel<T>, g.dkdv_sum, 0, stream, q);
   });
 }
 

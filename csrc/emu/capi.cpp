@@ -75,6 +75,11 @@ PVM_EMU_API int pvm_emu_retrieval_fwd(const RetrievalParams* in, int dtype) {
   add_retrieval_inputs(b, p, es);
   b.add("out", p.out, extent({p.B, p.T, p.H, p.hd}, p.o_stride, es), true);
   b.add("lse", p.lse, static_cast<size_t>(p.B * p.H * p.T) * 4, true);
+  if (p.kv_splits > 1) {  // split-KV workspaces, exactly [splits, B * H * T, hd] / [splits, B * H * T]
+    const size_t rows = static_cast<size_t>(p.kv_splits * p.B * p.H * p.T);
+    b.add("o_part", p.o_part, rows * static_cast<size_t>(p.hd) * 4, false);
+    b.add("lse_part", p.lse_part, rows * 4, false);
+  }
   return finish(pvm::cuda::retrieval_fwd(p, static_cast<pvm::DType>(dtype), nullptr));
 }
 
@@ -90,6 +95,11 @@ PVM_EMU_API int pvm_emu_retrieval_bwd(const RetrievalParams* in, int dtype) {
   b.add("dq", p.dq, extent({p.B, p.T, p.H, p.hd}, p.dq_stride, es), true);
   b.add("dk", p.dk, extent({p.B, p.Nv, p.Hkv, p.hd}, p.dkv_stride, es), true);
   b.add("dv", p.dv, extent({p.B, p.Nv, p.Hkv, p.hd}, p.dkv_stride, es), true);
+  if (p.row_splits > 1) {  // row-split dK/dV workspaces, exactly [splits, B, Nv, Hkv, hd] each
+    const size_t n = static_cast<size_t>(p.row_splits * p.B * p.Nv * p.Hkv * p.hd) * 4;
+    b.add("dk_part", p.dk_part, n, false);
+    b.add("dv_part", p.dv_part, n, false);
+  }
   return finish(pvm::cuda::retrieval_bwd(p, static_cast<pvm::DType>(dtype), nullptr));
 }
 
@@ -135,6 +145,26 @@ PVM_EMU_API int pvm_emu_retrieval_fwd_dry(int64_t B, int64_t T, int64_t H, int64
   p.Nv = Nv;
   p.hd = hd;
   return finish(pvm::cuda::retrieval_fwd(p, pvm::DType::kFloat32, nullptr));
+}
+
+// The split plan the host op makes for these sizes on `sm_count` SMs (force > 0: that many
+// splits, as PVM_CUDA_SPLITS) and the blocks each launch then has: out = {kv_splits,
+// split_keys, forward blocks, combine blocks, row_splits, split_rows, dK/dV blocks, sum
+// blocks, dQ blocks}. No buffers, nothing launched.
+PVM_EMU_API void pvm_emu_retrieval_plan(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv, int64_t hd,
+                                        int64_t sm_count, int64_t force, int64_t* out) {
+  RetrievalParams p;
+  p.B = B;
+  p.T = T;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.Nv = Nv;
+  p.hd = hd;
+  pvm::retrieval_split_plan(p, sm_count, force);
+  const pvm::cuda::RetrievalGrid g = pvm::cuda::retrieval_grid(p);
+  const int64_t vals[] = {p.kv_splits, p.split_keys, g.fwd, g.combine, p.row_splits, p.split_rows,
+                          g.dkdv, g.dkdv_sum, g.dq};
+  for (int i = 0; i < 9; ++i) out[i] = vals[i];
 }
 
 PVM_EMU_API int pvm_emu_max_head_dim() { return pvm::cuda::kMaxHeadDim; }
