@@ -88,15 +88,37 @@ def launches(kl):
     return kl.stats()["launches"]
 
 
+# How the retrieval cases split their launches (retrieval_split_plan, csrc/pvm_params.h).
+# "plan": the host op's plan for the emulator's 132 SMs, under which these small shapes
+# split nearly every loop, mostly down to one tile a block (tests/test_cuda_split.py has
+# the split paths' own tests). "unsplit" (PVM_CUDA_SPLITS=1): one block walks every key
+# tile (forward, dQ) and every row step (dK/dV), restaging shared memory each time, so the
+# barriers that order restaging are exercised (under "plan" alone, deleting two of them
+# went unnoticed: tools/sync_mutations.py). Barriers do not depend on the dtype: unsplit
+# in float32 only.
+SPLIT_CASES = [("plan", torch.float32), ("plan", torch.bfloat16), ("plan", torch.float16),
+               ("unsplit", torch.float32)]
+
+
+def split_case_id(case):
+    return f"{case[0]}-{case[1]}"
+
+
+def use_splits(monkeypatch, mode):
+    if mode == "unsplit":
+        monkeypatch.setenv("PVM_CUDA_SPLITS", "1")
+
+
 # ---- retrieval: the other backends' cases ----------------------------------------------------
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=split_case_id)
 @pytest.mark.parametrize("shape", tr.SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_retrieval_matches_reference(seed, dtype, shape):
-    tr.test_retrieval_matches_reference(BACKEND, DEV, dtype, shape)
+def test_retrieval_matches_reference(seed, monkeypatch, case, shape):
+    use_splits(monkeypatch, case[0])
+    tr.test_retrieval_matches_reference(BACKEND, DEV, case[1], shape)
 
 
 # Head dims 8 to 256 (odd ones too), G = H / Hkv from 1 to 5, the 8B layout (H 4, Hkv 1,
@@ -115,10 +137,11 @@ HEAD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=split_case_id)
 @pytest.mark.parametrize("shape", HEAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_retrieval_head_dims_and_groups(seed, dtype, shape):
-    tr.test_retrieval_matches_reference(BACKEND, DEV, dtype, shape)
+def test_retrieval_head_dims_and_groups(seed, monkeypatch, case, shape):
+    use_splits(monkeypatch, case[0])
+    tr.test_retrieval_matches_reference(BACKEND, DEV, case[1], shape)
 
 
 def test_retrieval_non_contiguous_inputs(seed):
