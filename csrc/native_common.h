@@ -190,11 +190,20 @@ inline int64_t env_int(const char* name) {
   return env != nullptr && *env ? std::strtoll(env, nullptr, 10) : 0;
 }
 
-// Plans p's splits for `sm_count` SMs (0: the CPU backend, never split), overrides applied.
-inline void plan_retrieval_splits(RetrievalParams& p, int64_t sm_count) {
+// Plans p's splits for `sm_count` SMs (0: the CPU backend, never split), overrides applied,
+// in the tiles of the kernels that will run p in `dtype` (retrieval_tiles, pvm_params.h:
+// the tensor-core forward's 64 x 64 or the CUDA-core kernels'). Whether the forward takes
+// the tensor cores is decided here, once, on the tensors' own pointers, and carried in
+// p.tensor_cores, which the launcher obeys: the CUDA emulator's C API runs the launcher on
+// guarded copies of the buffers, whose alignment may differ from the tensors'.
+// PVM_CUDA_TENSOR_CORES=0 keeps the forward on the CUDA-core kernel (tests compare the
+// two; a fallback on a GPU).
+inline void plan_retrieval_splits(RetrievalParams& p, int64_t sm_count, DType dtype) {
   if (sm_count <= 0) return;
+  const char* tc = std::getenv("PVM_CUDA_TENSOR_CORES");
+  p.tensor_cores = !(tc != nullptr && std::strcmp(tc, "0") == 0) && retrieval_fwd_tensor_cores(p, dtype);
   const int64_t sms = env_int("PVM_CUDA_SM_COUNT");
-  retrieval_split_plan(p, sms > 0 ? sms : sm_count, env_int("PVM_CUDA_SPLITS"));
+  retrieval_split_plan(p, sms > 0 ? sms : sm_count, env_int("PVM_CUDA_SPLITS"), dtype);
 }
 
 // ---- op bodies shared by the CPU and CUDA implementations --------------------------------
@@ -215,7 +224,7 @@ std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, co
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   copy_strides(out, p.o_stride);
-  plan_retrieval_splits(p, sm_count);
+  plan_retrieval_splits(p, sm_count, dtype_code(q));
   p.row_splits = 1;  // the backward's split
   Tensor o_part, lse_part;  // split partials: [splits, B * H * T, hd] and [splits, B * H * T]
   if (p.kv_splits > 1) {
@@ -263,7 +272,7 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
   p.dv = dv.data_ptr();
   copy_strides(dq, p.dq_stride);
   copy_strides(dk, p.dkv_stride);
-  plan_retrieval_splits(p, sm_count);
+  plan_retrieval_splits(p, sm_count, dtype_code(q));
   p.kv_splits = 1;  // the forward's split
   Tensor dk_part, dv_part;  // split partials: [splits, B, Nv, Hkv, hd] each, contiguous
   if (p.row_splits > 1 && dk.numel() > 0) {

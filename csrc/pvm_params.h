@@ -53,6 +53,11 @@ struct RetrievalParams {
   float* dk_part = nullptr;
   float* dv_part = nullptr;
   int64_t row_splits = 1, split_rows = 0;
+
+  // The forward may run on the tensor cores (retrieval_fwd_tensor_cores below). The host op
+  // sets it to its own decision (the rule on the tensors' pointers, and not
+  // PVM_CUDA_TENSOR_CORES=0), which the launcher then obeys.
+  bool tensor_cores = true;
 };
 
 // Tiles of the CUDA retrieval kernels, which the split plan counts in.
@@ -68,6 +73,43 @@ constexpr int64_t kRetrievalMaxSplits = 64;
 // The SM count the CUDA emulator plans for: an H100's, so its tests take the split paths
 // a GPU takes (as the Triton launchers count 132 SMs for CPU tensors).
 constexpr int64_t kEmulatedSmCount = 132;
+
+// The tensor-core forward (csrc/cuda/retrieval_tc_fwd.cu): 64 packed query rows per block
+// (4 warps x one m16 tile), keys staged 64 at a time.
+constexpr int64_t kRetrievalTcRowTile = 64;
+constexpr int64_t kRetrievalTcKeyTile = 64;
+constexpr int64_t kRetrievalTcMaxHeadDim = 128;
+
+// Whether the CUDA retrieval forward of p runs on the tensor cores (retrieval_tc_fwd.cu)
+// rather than the CUDA-core kernel: bf16 or fp16; hd a multiple of 16 up to 128 (the
+// mma's k-step; above 128 the fp32 output and Q fragments no longer fit the registers);
+// q, k, v and out read / written as 16-byte rows: unit stride along hd, every other stride
+// a multiple of 8 elements and 16-byte aligned bases (the host op's contiguous tensors and
+// a VisualMemory's K / V are; a strided view is not). fp32 stays on the CUDA cores (the
+// mma would round it to tf32 or bf16: a change of results, not of speed). The host op's
+// split plan and the launcher both ask this, so the plan is made in the tiles of the
+// kernel that runs. Host code only (reads pointers' bits).
+inline bool retrieval_fwd_tensor_cores(const RetrievalParams& p, DType dtype) {
+  if (!p.tensor_cores || (dtype != DType::kBFloat16 && dtype != DType::kFloat16)) return false;
+  if (p.hd < 16 || p.hd > kRetrievalTcMaxHeadDim || p.hd % 16 != 0) return false;
+  const auto rows16 = [](const void* ptr, const int64_t* s) {
+    return ptr != nullptr && (reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && s[3] == 1 && s[0] % 8 == 0 &&
+           s[1] % 8 == 0 && s[2] % 8 == 0;
+  };
+  return rows16(p.q, p.q_stride) && rows16(p.k, p.k_stride) && rows16(p.v, p.v_stride) &&
+         rows16(p.out, p.o_stride);
+}
+
+// The tiles the split plan counts in, of the kernels that will run p in `dtype`.
+struct RetrievalTiles {
+  int64_t fwd_rows, fwd_keys;      // forward: packed query rows per block, keys per step
+  int64_t dkdv_keys, dkdv_rows;    // dK/dV: keys per block, packed query rows per step
+};
+inline RetrievalTiles retrieval_tiles(const RetrievalParams& p, DType dtype) {
+  if (retrieval_fwd_tensor_cores(p, dtype))
+    return {kRetrievalTcRowTile, kRetrievalTcKeyTile, kRetrievalKeyTile, kRetrievalRowsPerIter};
+  return {kRetrievalRowTile, kRetrievalKeyTile, kRetrievalKeyTile, kRetrievalRowsPerIter};
+}
 
 struct SplitLoop {
   int64_t splits = 1, per_split = 0;  // per_split: a multiple of the tile
@@ -99,12 +141,14 @@ inline SplitLoop split_loop(int64_t n_items, int64_t tile, int64_t blocks, int64
 // Fills the split fields of a retrieval launch's parameters (the workspace pointers stay
 // the caller's job): the forward splits the keys of each (row tile, sample, KV head) block,
 // the dK/dV backward the packed query rows of each (key tile, sample, KV head) block.
-inline void retrieval_split_plan(RetrievalParams& p, int64_t sm_count, int64_t force = 0) {
+inline void retrieval_split_plan(RetrievalParams& p, int64_t sm_count, int64_t force = 0,
+                                 DType dtype = DType::kFloat32) {
+  const RetrievalTiles tl = retrieval_tiles(p, dtype);
   const int64_t G = p.Hkv > 0 ? p.H / p.Hkv : 1, rows = p.T * G, bh = p.B * p.Hkv;
-  const int64_t row_tiles = (rows + kRetrievalRowTile - 1) / kRetrievalRowTile;
-  const int64_t key_tiles = (p.Nv + kRetrievalKeyTile - 1) / kRetrievalKeyTile;
-  const SplitLoop kv = split_loop(p.Nv, kRetrievalKeyTile, row_tiles * bh, sm_count, force);
-  const SplitLoop rw = split_loop(rows, kRetrievalRowsPerIter, key_tiles * bh, sm_count, force);
+  const int64_t row_tiles = (rows + tl.fwd_rows - 1) / tl.fwd_rows;
+  const int64_t key_tiles = (p.Nv + tl.dkdv_keys - 1) / tl.dkdv_keys;
+  const SplitLoop kv = split_loop(p.Nv, tl.fwd_keys, row_tiles * bh, sm_count, force);
+  const SplitLoop rw = split_loop(rows, tl.dkdv_rows, key_tiles * bh, sm_count, force);
   p.kv_splits = kv.splits;
   p.split_keys = kv.per_split;
   p.row_splits = rw.splits;

@@ -148,8 +148,10 @@ def test_cuda_retrieval_stages_keys_in_16_byte_chunks(arch):
     """Every CUDA retrieval kernel (forward, dQ, dK/dV; three dtypes) stages K and V with
     16-byte loads: what a decode step reads; the split-KV combine and the dK/dV partials'
     sum read their fp32 partials 16 bytes at a time. (Every kernel of
-    retrieval_kernels.cu matches: its anonymous namespace carries the file's name.)"""
-    kernels = _wide_accesses(arch, r"retrieval_\w+_kernel")
+    retrieval_kernels.cu matches: its anonymous namespace carries the file's name. The
+    tensor-core kernels, retrieval_tc_*.cu, stage with cp.async instead: LDGSTS, checked in
+    tests/test_cuda_tensor_cores.py.)"""
+    kernels = _wide_accesses(arch, r"retrieval_kernels_cu\w+_kernel")
     assert len(kernels) == 15, sorted(kernels)  # + combine_splits, sum_dkdv_splits
     for name, ops in kernels.items():
         assert "LDG.E.128" in ops, f"{name}: {sorted(ops)}"

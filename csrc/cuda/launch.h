@@ -22,7 +22,14 @@ constexpr int kMaxHeadDim = 256;
 struct RetrievalGrid {
   int64_t fwd = 0, combine = 0, dq = 0, dkdv = 0, dkdv_sum = 0;
 };
-RetrievalGrid retrieval_grid(const RetrievalParams& p);
+RetrievalGrid retrieval_grid(const RetrievalParams& p, DType dtype = DType::kFloat32);
+
+// The tensor-core forward (retrieval_tc_fwd.cu), which retrieval_fwd runs for p exactly when
+// retrieval_fwd_tensor_cores(p, dtype) (pvm_params.h) holds: its blocks (64-row tiles x
+// splits x B x Hkv) and its launch alone (no combine; cudaErrorInvalidValue for a p the
+// rule refuses). The split plan's tiles for (p, dtype): retrieval_tiles, pvm_params.h.
+int64_t retrieval_tc_fwd_blocks(const RetrievalParams& p);
+cudaError_t retrieval_tc_fwd(const RetrievalParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pvm

@@ -550,11 +550,11 @@ RetrievalParams normalised(const RetrievalParams& p) {
 
 }  // namespace
 
-RetrievalGrid retrieval_grid(const RetrievalParams& p) {
+RetrievalGrid retrieval_grid(const RetrievalParams& p, DType dtype) {
   const RetrievalParams q = normalised(p);
   const int64_t bh = q.B * q.Hkv;
   RetrievalGrid g;
-  g.fwd = row_tiles(q) * q.kv_splits * bh;
+  g.fwd = retrieval_fwd_tensor_cores(q, dtype) ? retrieval_tc_fwd_blocks(q) : row_tiles(q) * q.kv_splits * bh;
   const int64_t o_width = part_width(q, q.o_part, q.o_part), dkv_width = part_width(q, q.dk_part, q.dv_part);
   g.combine = q.kv_splits > 1 ? ceil_div(q.B * q.H * q.T * (q.hd / o_width), kThreads) : 0;
   g.dq = row_tiles(q) * bh;
@@ -568,10 +568,14 @@ cudaError_t retrieval_fwd(const RetrievalParams& p, DType dtype, cudaStream_t st
   const RetrievalParams q = normalised(p);
   if (q.kv_splits > 1 && !split_ok(q.kv_splits, q.split_keys, q.Nv, q.o_part, q.lse_part))
     return cudaErrorInvalidValue;
-  const RetrievalGrid g = retrieval_grid(q);
+  const RetrievalGrid g = retrieval_grid(q, dtype);
+  // bf16 / fp16 in 16-byte rows, hd a multiple of 16 up to 128: the tensor-core kernel
+  // (retrieval_tc_fwd.cu; the rule, retrieval_fwd_tensor_cores, is the split plan's too).
+  const bool tc = retrieval_fwd_tensor_cores(q, dtype);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    cudaError_t err = launch_blocks(retrieval_fwd_kernel<T>, g.fwd, smem, stream, q);
+    cudaError_t err = tc ? retrieval_tc_fwd(q, dtype, stream)
+                         : launch_blocks(retrieval_fwd_kernel<T>, g.fwd, smem, stream, q);
     if (err != cudaSuccess || q.kv_splits == 1) return err;
     return launch_blocks(combine_splits_kernel<T>, g.combine, 0, stream, q);
   });

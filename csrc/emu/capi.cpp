@@ -191,6 +191,14 @@ PVM_EMU_API void pvm_emu_stats(int64_t* launches, int64_t* blocks, int64_t* swit
   *switches = s.context_switches;
 }
 
+// Launches and blocks run from the launch sites in source file `file` (a file name, e.g.
+// "retrieval_tc_fwd.cu"), since the library was loaded.
+PVM_EMU_API void pvm_emu_site_stats(const char* file, int64_t* launches, int64_t* blocks) {
+  const cuemu::Stats s = cuemu::site_stats(file);
+  *launches = s.launches;
+  *blocks = s.blocks;
+}
+
 // ---- tensor-core wrappers (csrc/cuda/mma.cuh) ---------------------------------------------------
 // The emulator's m16n8k16 fragment layout of operand `which` (0: A, 1: B, 2: C/D): rows and
 // cols [32][n] with n = 8 for A, 4 otherwise (B: row = k, col = n).

@@ -205,6 +205,7 @@ Rng g_rng;
 Config g_config;
 std::unordered_map<const void*, KernelInfo> g_kernels;
 Stats g_stats;
+std::unordered_map<std::string, Stats> g_site_stats;  // by the launch site's file name
 std::string g_fail_message;
 cudaError_t g_fail_code = cudaErrorLaunchFailure;
 char g_fault_text[768];  // the fault handler's report, for cuemu_fault_recover
@@ -1061,6 +1062,8 @@ cudaError_t launch_raw(const void* kernel, dim3 grid, dim3 block, size_t smem, T
     if (!why.empty()) return set_error(cudaErrorInvalidValue, why + site);
   }
 
+  Stats& site_stats = g_site_stats[base_name(file)];
+  ++site_stats.launches;  // a launch that passed the checks above; its blocks as they run
   g_launch = LaunchState{kernel, thunk, args, file, line, grid, block, smem};
   g_grid_dim = grid;
   g_block_dim = block;
@@ -1093,6 +1096,7 @@ cudaError_t launch_raw(const void* kernel, dim3 grid, dim3 block, size_t smem, T
     g_block_idx = uint3{static_cast<unsigned>(id % grid.x), static_cast<unsigned>((id / grid.x) % grid.y),
                         static_cast<unsigned>(id / (static_cast<uint64_t>(grid.x) * grid.y))};
     run_block(ki);
+    ++site_stats.blocks;
     if (g_blk.failed) return set_error(g_fail_code, g_fail_message);
     const std::string why = check_shared(ki, smem);
     if (!why.empty()) return set_error(cudaErrorInvalidValue, why + site);
@@ -1151,6 +1155,12 @@ void clear_last_message() { t_message.clear(); }
 Stats stats() {
   std::lock_guard<std::recursive_mutex> lock(g_launch_mutex);
   return g_stats;
+}
+
+Stats site_stats(const char* file) {
+  std::lock_guard<std::recursive_mutex> lock(g_launch_mutex);
+  const auto it = g_site_stats.find(base_name(file));
+  return it == g_site_stats.end() ? Stats{} : it->second;
 }
 
 GuardedBuffer::GuardedBuffer(const char* name, void* host, size_t bytes, bool copy_back)

@@ -45,6 +45,10 @@ struct Stats {
   int64_t launches = 0, blocks = 0, context_switches = 0;
 };
 Stats stats();
+// The same counts for the launches made from one source file (launch_kernel's call site,
+// by file name, e.g. "retrieval_tc_fwd.cu"): launches that passed the launch checks and
+// blocks run (no context switches). Tests use it to tell which kernel a dispatch ran.
+Stats site_stats(const char* file);
 
 }  // namespace cuemu
 

@@ -147,6 +147,7 @@ class KernelLib:
                                       ctypes.c_void_p]
         d.pvm_emu_decode.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
         d.pvm_emu_retrieval_fwd_dry.argtypes = [ctypes.c_int64] * 6
+        d.pvm_emu_site_stats.argtypes = [ctypes.c_char_p] + [ctypes.POINTER(ctypes.c_int64)] * 2
 
     def configure(self, seed: int = 0, sample_blocks: int = 0, guard_mode: int = 0) -> None:
         """Scheduling seed (0, 1: fixed orders; more: random), block sampling (0 = all)
@@ -157,6 +158,13 @@ class KernelLib:
         vals = [ctypes.c_int64() for _ in range(3)]
         self.dll.pvm_emu_stats(*[ctypes.byref(v) for v in vals])
         return dict(zip(("launches", "blocks", "context_switches"), (v.value for v in vals)))
+
+    def site_stats(self, file: str) -> Dict[str, int]:
+        """Launches and blocks run from the launch sites in source file ``file`` (a file
+        name, e.g. "retrieval_tc_fwd.cu"): which kernel a dispatch really ran."""
+        vals = [ctypes.c_int64() for _ in range(2)]
+        self.dll.pvm_emu_site_stats(file.encode(), *[ctypes.byref(v) for v in vals])
+        return dict(zip(("launches", "blocks"), (v.value for v in vals)))
 
     def error_string(self, err: int) -> str:
         return self.dll.pvm_emu_error_string(err).decode()

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Do the tests of the tensor-core retrieval kernels bite? Break a kernel one way at a time
+(csrc/cuda/retrieval_tc_fwd.cu: a wrong ldmatrix address, a skipped cp_async_wait, a
+dropped rescale, a wrong quad reduction, a missing barrier, ...) and see which tests of
+tests/test_cuda_tensor_cores.py fail.
+
+Each mutant is a copy of csrc/ with one textual replacement, built into its own emulator
+kernel library and run through the test file via $PVM_CUDA_EMU_LIB (the SASS and resource
+tests, which read the CUDA extension, are left out). Prints the break and the tests that
+failed (none: the break survived).
+
+    python tools/tc_mutations.py                  # every mutant (~15 min here)
+    python tools/tc_mutations.py --only fwd_wait  # the mutants whose name contains this
+    python tools/tc_mutations.py --markdown out.md
+
+Exit status 1 if a mutant survives.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(REPO, "csrc")
+sys.path.insert(0, os.path.join(CSRC, "emu"))
+import emulator  # noqa: E402
+
+TEST_FILE = "tests/test_cuda_tensor_cores.py"
+
+FWD = "cuda/retrieval_tc_fwd.cu"
+FWD_TESTS = "tc_fwd and not sass and not resources"
+
+# name: (description, [(file under csrc, old, new)], -k filter of the tests to run)
+MUTANTS = {
+    "fwd_k_ldmatrix_address": ("forward: K's ldmatrix.x4 row / column halves swapped (lanes 8-15 and 16-23)", [
+        (FWD, "(16 * np + (lane & 7) + 8 * (lane >> 4)) * kLd + 16 * kk + 8 * ((lane >> 3) & 1)",
+         "(16 * np + (lane & 7) + 8 * ((lane >> 3) & 1)) * kLd + 16 * kk + 8 * (lane >> 4)")], FWD_TESTS),
+    "fwd_q_ldmatrix_address": ("forward: Q's ldmatrix.x4 reads the k-step's columns 8-15 for lanes 0-15", [
+        (FWD, "16 * kk + 8 * (lane >> 4));\n  __syncthreads();",
+         "16 * kk + 8 * (1 - (lane >> 4)));\n  __syncthreads();")], FWD_TESTS),
+    "fwd_v_not_transposed": ("forward: V's fragments loaded with ldmatrix.x4 (no .trans)", [
+        (FWD, "        ldmatrix_x4_trans(vb, ", "        ldmatrix_x4(vb, ")], FWD_TESTS),
+    "fwd_wait_skipped": ("forward: the key loop's cp_async_wait<1> deleted", [
+        (FWD, "    cp_async_wait<1>();  // tile j has landed (this thread's copies)\n", "")], FWD_TESTS),
+    "fwd_wait_too_lax": ("forward: the key loop waits with cp_async_wait<2> (tile j may be in flight)", [
+        (FWD, "    cp_async_wait<1>();  // tile j has landed", "    cp_async_wait<2>();  // tile j has landed")],
+        FWD_TESTS),
+    "fwd_barrier_after_wait_deleted": ("forward: the __syncthreads publishing tile j deleted", [
+        (FWD, "    __syncthreads();     // and every thread's copies and flags are visible to every warp\n", "")],
+        FWD_TESTS),
+    "fwd_barrier_after_q_deleted": ("forward: the __syncthreads before tile 1 overwrites Q's buffer deleted", [
+        (FWD, "  __syncthreads();  // every warp has its Q fragments before tile 1's copies overwrite the buffer\n",
+         "")], FWD_TESTS),
+    "fwd_trailing_barrier_deleted": ("forward: the __syncthreads closing each key tile deleted", [
+        (FWD, "    __syncthreads();  // every warp is done with this stage before iteration j + 1 refills it\n", "")],
+        FWD_TESTS),
+    "fwd_alpha_rescale_dropped": ("forward: O not rescaled by alpha when the running max grows", [
+        (FWD, "for (int i = 0; i < 4; ++i) o[nt][i] *= alpha[i >> 1];", "for (int i = 0; i < 4; ++i) (void)i;")],
+        FWD_TESTS),
+    "fwd_l_rescale_dropped": ("forward: the row sum l not rescaled by alpha", [
+        (FWD, "      l[h] *= alpha[h];\n", "")], FWD_TESTS),
+    "fwd_max_quad_wrong": ("forward: the row max's second quad shuffle crosses rows (xor 4, not 2)", [
+        (FWD, "mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));",
+         "mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 4));")], FWD_TESTS),
+    "fwd_max_quad_partial": ("forward: the row max reduced over 2 lanes of the quad, not 4", [
+        (FWD, "      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));\n", "")], FWD_TESTS),
+    "fwd_sum_quad_partial": ("forward: the final row sum reduced over 2 lanes of the quad, not 4", [
+        (FWD, "    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);\n", "")], FWD_TESTS),
+    "fwd_mask_ignored": ("forward: the validity flags not applied to the scores", [
+        (FWD, "s[nt][i] = ok_s[8 * nt + 2 * t + (i & 1)] ? x : -INFINITY;", "s[nt][i] = x;")], FWD_TESTS),
+    "fwd_padding_copied": ("forward: invalid keys' K / V rows copied (pred true) instead of zero-filled", [
+        (FWD, "    cp_async_16(k_s + j * kLd + c, ok ? k_col + n * p.k_stride[1] : k, ok);\n"
+              "    cp_async_16(v_s + j * kLd + c, ok ? v_col + n * p.v_stride[1] : v, ok);",
+         "    cp_async_16(k_s + j * kLd + c, n < p.Nv ? k_col + n * p.k_stride[1] : k, true);\n"
+         "    cp_async_16(v_s + j * kLd + c, n < p.Nv ? v_col + n * p.v_stride[1] : v, true);")], FWD_TESTS),
+    "fwd_p_fragment_order": ("forward: P's A fragment takes the key halves in the wrong registers", [
+        (FWD, "const float* c = s[2 * kk + (r >> 1)] + 2 * (r & 1);",
+         "const float* c = s[2 * kk + (r & 1)] + 2 * (r >> 1);")], FWD_TESTS),
+    "fwd_scale_not_log2": ("forward: scores scaled by scale, not scale * log2 e", [
+        (FWD, "const float scale_log2 = p.scale * kLog2e;", "const float scale_log2 = p.scale;")], FWD_TESTS),
+    "fwd_lse_log2": ("forward: lse left in log2 (no * ln 2)", [
+        (FWD, "m[h] = has ? (m[h] + log2f(l[h])) * kLn2 : -INFINITY;",
+         "m[h] = has ? (m[h] + log2f(l[h])) : -INFINITY;")], FWD_TESTS),
+    "fwd_empty_row_divides": ("forward: a row with no valid key divides by l = 0", [
+        (FWD, "l[h] = has ? 1.f / l[h] : 0.f;", "l[h] = 1.f / l[h];")], FWD_TESTS),
+    "fwd_gqa_head_wrong": ("forward: packed row r read from head kvh + r % G (not kvh * G + r % G)", [
+        (FWD, "  return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];",
+         "  return b * s[0] + (r / G) * s[1] + (kvh + r % G) * s[2];")], FWD_TESTS),
+    "fwd_tile_stride_wrong": ("forward: tile j + 1 staged from keys 32 (j + 1), not 64 (j + 1)", [
+        (FWD, "n_begin + int64_t{j + 1} * kKeys", "n_begin + int64_t{j + 1} * 32")], FWD_TESTS),
+    "fwd_split_slice_wrong": ("forward: every split writes split 0's slice of o_part / lse_part", [
+        (FWD, "const int64_t part = split * (p.B * p.H * p.T) + stat_index(p, b, G, kvh, r);",
+         "const int64_t part = 0 * split + stat_index(p, b, G, kvh, r);")], FWD_TESTS),
+    "fwd_out_halves_swapped": ("forward: the two dims of each output store swapped", [
+        (FWD, "pack2<T>(o[nt][2 * h] * l[h], o[nt][2 * h + 1] * l[h])",
+         "pack2<T>(o[nt][2 * h + 1] * l[h], o[nt][2 * h] * l[h])")], FWD_TESTS),
+}
+
+
+def build(name: str, edits) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = os.path.join(tmp, "csrc")
+        shutil.copytree(CSRC, dst)
+        for rel, old, new in edits:
+            path = os.path.join(dst, rel)
+            text = open(path).read()
+            assert text.count(old) == 1, f"{name}: {rel} has {text.count(old)} copies of {old!r}"
+            open(path, "w").write(text.replace(old, new))
+        return emulator.build_kernel_lib(csrc=dst, out_root=os.path.join(emulator.BUILD_ROOT, "tc_mutants"))
+
+
+def run_tests(lib: str, filt: str):
+    env = dict(os.environ, **{emulator.LIB_ENV: lib})
+    res = subprocess.run([sys.executable, "-m", "pytest", TEST_FILE, "-q", "-rf", "-p", "no:cacheprovider",
+                          "-k", filt], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    failed = re.findall(r"^FAILED (\S+)", res.stdout, re.M)
+    summary = (res.stdout.strip().splitlines() or ["?"])[-1]
+    return failed, summary, res.returncode
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", default=[], help="run the mutants whose name contains this")
+    ap.add_argument("--markdown", help="also write the table here")
+    args = ap.parse_args()
+    rows, survived = [], 0
+    for name, (what, edits, filt) in MUTANTS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        start = time.perf_counter()
+        lib = build(name, edits)
+        failed, summary, rc = run_tests(lib, filt)
+        tests = sorted({re.sub(r"\[.*", "", f.split("::")[-1]) for f in failed})
+        survived += rc == 0
+        rows.append((name, what, len(failed), tests))
+        print(f"{name}: {'CAUGHT' if rc else 'survived'} ({time.perf_counter() - start:.0f} s) {summary}", flush=True)
+        for t in tests:
+            print(f"    {t}", flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("| break | failing cases | failing tests |\n| --- | --- | --- |\n")
+            for name, what, n, tests in rows:
+                f.write(f"| {what} | {n} | {', '.join(f'`{t}`' for t in tests) or 'none'} |\n")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
