@@ -52,10 +52,12 @@ compile-gate: install
 	env -u TRITON_INTERPRET $(PYTHON) tools/compile_gate.py --markdown docs/kernel_resources.md --readme README.md
 
 # Delete each __syncthreads of the CUDA kernels in turn and run the emulator tests; then
-# break the tensor-core wrappers' emulation and layouts one way at a time (tests must fail).
+# break the tensor-core wrappers' emulation and layouts one way at a time, then the
+# tensor-core retrieval kernels (tests must fail).
 mutations: install
 	$(PYTHON) tools/sync_mutations.py
 	$(PYTHON) tools/mma_mutations.py
+	$(PYTHON) tools/tc_mutations.py
 
 # The dilution plot of the README: pvm-results/analyze.{json,png}.
 analyze: install

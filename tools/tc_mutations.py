@@ -73,7 +73,8 @@ MUTANTS = {
     "fwd_sum_quad_partial": ("forward: the final row sum reduced over 2 lanes of the quad, not 4", [
         (FWD, "    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);\n", "")], FWD_TESTS),
     "fwd_mask_ignored": ("forward: the validity flags not applied to the scores", [
-        (FWD, "s[nt][i] = ok_s[8 * nt + 2 * t + (i & 1)] ? x : -INFINITY;", "s[nt][i] = x;")], FWD_TESTS),
+        (FWD, "s[nt][i] = ok_s[8 * nt + 2 * t + (i & 1)] ? x : -INFINITY;",
+         "s[nt][i] = (ok_s[8 * nt + 2 * t + (i & 1)] || true) ? x : -INFINITY;")], FWD_TESTS),
     "fwd_padding_copied": ("forward: invalid keys' K / V rows copied (pred true) instead of zero-filled", [
         (FWD, "    cp_async_16(k_s + j * kLd + c, ok ? k_col + n * p.k_stride[1] : k, ok);\n"
               "    cp_async_16(v_s + j * kLd + c, ok ? v_col + n * p.v_stride[1] : v, ok);",
@@ -134,7 +135,11 @@ def main() -> int:
         if args.only and not any(o in name for o in args.only):
             continue
         start = time.perf_counter()
-        lib = build(name, edits)
+        try:
+            lib = build(name, edits)
+        except RuntimeError as e:  # a mutant that does not compile is a broken tool entry
+            print(f"{name}: BUILD FAILED\n{str(e)[:2000]}", flush=True)
+            return 2
         failed, summary, rc = run_tests(lib, filt)
         tests = sorted({re.sub(r"\[.*", "", f.split("::")[-1]) for f in failed})
         survived += rc == 0
