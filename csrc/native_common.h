@@ -192,16 +192,18 @@ inline int64_t env_int(const char* name) {
 
 // Plans p's splits for `sm_count` SMs (0: the CPU backend, never split), overrides applied,
 // in the tiles of the kernels that will run p in `dtype` (retrieval_tiles, pvm_params.h:
-// the tensor-core forward's 64 x 64 or the CUDA-core kernels'). Whether the forward takes
+// the tensor-core kernels' 64 x 64 or the CUDA-core kernels'). Whether the launch takes
 // the tensor cores is decided here, once, on the tensors' own pointers, and carried in
 // p.tensor_cores, which the launcher obeys: the CUDA emulator's C API runs the launcher on
-// guarded copies of the buffers, whose alignment may differ from the tensors'.
-// PVM_CUDA_TENSOR_CORES=0 keeps the forward on the CUDA-core kernel (tests compare the
-// two; a fallback on a GPU).
+// guarded copies of the buffers, whose alignment may differ from the tensors'. A forward's
+// parameters name no gradient and a backward's no output, so of the two rules only the
+// op's own can hold. PVM_CUDA_TENSOR_CORES=0 keeps the forward and the backward on the
+// CUDA-core kernels (tests compare the two; a fallback on a GPU).
 inline void plan_retrieval_splits(RetrievalParams& p, int64_t sm_count, DType dtype) {
   if (sm_count <= 0) return;
   const char* tc = std::getenv("PVM_CUDA_TENSOR_CORES");
-  p.tensor_cores = !(tc != nullptr && std::strcmp(tc, "0") == 0) && retrieval_fwd_tensor_cores(p, dtype);
+  p.tensor_cores = !(tc != nullptr && std::strcmp(tc, "0") == 0) &&
+                   (retrieval_fwd_tensor_cores(p, dtype) || retrieval_bwd_tensor_cores(p, dtype));
   const int64_t sms = env_int("PVM_CUDA_SM_COUNT");
   retrieval_split_plan(p, sms > 0 ? sms : sm_count, env_int("PVM_CUDA_SPLITS"), dtype);
 }

@@ -54,9 +54,10 @@ struct RetrievalParams {
   float* dv_part = nullptr;
   int64_t row_splits = 1, split_rows = 0;
 
-  // The forward may run on the tensor cores (retrieval_fwd_tensor_cores below). The host op
-  // sets it to its own decision (the rule on the tensors' pointers, and not
-  // PVM_CUDA_TENSOR_CORES=0), which the launcher then obeys.
+  // The launch may run on the tensor cores (retrieval_fwd_tensor_cores for a forward's
+  // parameters, retrieval_bwd_tensor_cores for a backward's, below). The host op sets it to
+  // its own decision (the rule on the tensors' pointers, and not PVM_CUDA_TENSOR_CORES=0),
+  // which the launcher then obeys.
   bool tensor_cores = true;
 };
 
@@ -75,7 +76,9 @@ constexpr int64_t kRetrievalMaxSplits = 64;
 constexpr int64_t kEmulatedSmCount = 132;
 
 // The tensor-core forward (csrc/cuda/retrieval_tc_fwd.cu): 64 packed query rows per block
-// (4 warps x one m16 tile), keys staged 64 at a time.
+// (4 warps x one m16 tile), keys staged 64 at a time. The tensor-core backward
+// (retrieval_tc_bwd.cu) has the same tiles: a dQ block owns 64 rows and walks the keys 64
+// at a time; a dK/dV block owns 64 keys and walks its rows 64 at a time.
 constexpr int64_t kRetrievalTcRowTile = 64;
 constexpr int64_t kRetrievalTcKeyTile = 64;
 constexpr int64_t kRetrievalTcMaxHeadDim = 128;
@@ -100,15 +103,35 @@ inline bool retrieval_fwd_tensor_cores(const RetrievalParams& p, DType dtype) {
          rows16(p.out, p.o_stride);
 }
 
+// Whether the CUDA retrieval backward of p runs on the tensor cores (retrieval_tc_bwd.cu:
+// dQ and dK/dV) rather than the CUDA-core kernels: the forward's rule (bf16 / fp16, hd a
+// multiple of 16 up to 128; above 128 a warp's dK and dV accumulators alone would take 256
+// registers a lane) with q, grad_out, k, v, dq, dk and dv in 16-byte rows, and fewer than
+// 2^31 packed rows per KV head (the kernels' row arithmetic is 32-bit). Decided by the host
+// op as the forward's is (plan_retrieval_splits, native_common.h). Host code only.
+inline bool retrieval_bwd_tensor_cores(const RetrievalParams& p, DType dtype) {
+  if (!p.tensor_cores || (dtype != DType::kBFloat16 && dtype != DType::kFloat16)) return false;
+  if (p.hd < 16 || p.hd > kRetrievalTcMaxHeadDim || p.hd % 16 != 0 || p.Hkv <= 0) return false;
+  if (p.T * (p.H / p.Hkv) >= (int64_t{1} << 31)) return false;
+  const auto rows16 = [](const void* ptr, const int64_t* s) {
+    return ptr != nullptr && (reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && s[3] == 1 && s[0] % 8 == 0 &&
+           s[1] % 8 == 0 && s[2] % 8 == 0;
+  };
+  return rows16(p.q, p.q_stride) && rows16(p.grad_out, p.o_stride) && rows16(p.k, p.k_stride) &&
+         rows16(p.v, p.v_stride) && rows16(p.dq, p.dq_stride) && rows16(p.dk, p.dkv_stride) &&
+         rows16(p.dv, p.dkv_stride);
+}
+
 // The tiles the split plan counts in, of the kernels that will run p in `dtype`.
 struct RetrievalTiles {
   int64_t fwd_rows, fwd_keys;      // forward: packed query rows per block, keys per step
   int64_t dkdv_keys, dkdv_rows;    // dK/dV: keys per block, packed query rows per step
 };
 inline RetrievalTiles retrieval_tiles(const RetrievalParams& p, DType dtype) {
-  if (retrieval_fwd_tensor_cores(p, dtype))
-    return {kRetrievalTcRowTile, kRetrievalTcKeyTile, kRetrievalKeyTile, kRetrievalRowsPerIter};
-  return {kRetrievalRowTile, kRetrievalKeyTile, kRetrievalKeyTile, kRetrievalRowsPerIter};
+  RetrievalTiles t{kRetrievalRowTile, kRetrievalKeyTile, kRetrievalKeyTile, kRetrievalRowsPerIter};
+  if (retrieval_fwd_tensor_cores(p, dtype)) t.fwd_rows = kRetrievalTcRowTile, t.fwd_keys = kRetrievalTcKeyTile;
+  if (retrieval_bwd_tensor_cores(p, dtype)) t.dkdv_keys = kRetrievalTcKeyTile, t.dkdv_rows = kRetrievalTcRowTile;
+  return t;
 }
 
 struct SplitLoop {

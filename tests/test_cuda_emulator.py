@@ -144,6 +144,16 @@ def test_retrieval_head_dims_and_groups(seed, monkeypatch, case, shape):
     tr.test_retrieval_matches_reference(BACKEND, DEV, case[1], shape)
 
 
+def test_retrieval_tensor_core_backward_turns_its_buffers_over(seed, monkeypatch):
+    """bf16 at hd 32 takes the tensor-core backward (retrieval_tc_bwd.cu); unsplit, one dK/dV
+    block walks 4 steps of 64 rows (200 packed rows) and a dQ block 3 tiles of 64 keys, so
+    each cp.async double buffer is refilled while in use, and the barriers ordering those
+    refills matter here (tools/sync_mutations.py runs this file only; the tensor-core
+    kernels' own tests are in tests/test_cuda_tensor_cores.py)."""
+    use_splits(monkeypatch, "unsplit")
+    tr.run_case(BACKEND, DEV, torch.bfloat16, 1, 50, 4, 1, 32, 150, tr.make_mask("holes", 1, 150))
+
+
 def test_retrieval_non_contiguous_inputs(seed):
     tr.test_retrieval_non_contiguous_inputs(BACKEND, DEV)
 

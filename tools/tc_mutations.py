@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Do the tests of the tensor-core retrieval kernels bite? Break a kernel one way at a time
 (csrc/cuda/retrieval_tc_fwd.cu: a wrong ldmatrix address, a skipped cp_async_wait, a
-dropped rescale, a wrong quad reduction, a missing barrier, ...) and see which tests of
-tests/test_cuda_tensor_cores.py fail.
+dropped rescale, a wrong quad reduction, a missing barrier, ...; retrieval_tc_bwd.cu: a
+missing .trans, a skipped wait, a dropped delta, a wrong split offset, ...) and see which
+tests of tests/test_cuda_tensor_cores.py fail.
 
 Each mutant is a copy of csrc/ with one textual replacement, built into its own emulator
 kernel library and run through the test file via $PVM_CUDA_EMU_LIB (the SASS and resource
@@ -35,6 +36,8 @@ TEST_FILE = "tests/test_cuda_tensor_cores.py"
 
 FWD = "cuda/retrieval_tc_fwd.cu"
 FWD_TESTS = "tc_fwd and not sass and not resources"
+BWD = "cuda/retrieval_tc_bwd.cu"
+BWD_TESTS = "tc_bwd and not sass and not resources"
 
 # name: (description, [(file under csrc, old, new)], -k filter of the tests to run)
 MUTANTS = {
@@ -101,6 +104,42 @@ MUTANTS = {
     "fwd_out_halves_swapped": ("forward: the two dims of each output store swapped", [
         (FWD, "pack2<T>(o[nt][2 * h] * l[h], o[nt][2 * h + 1] * l[h])",
          "pack2<T>(o[nt][2 * h + 1] * l[h], o[nt][2 * h] * l[h])")], FWD_TESTS),
+    # ---- backward: retrieval_tc_bwd.cu ----
+    "bwd_dv_operand_not_transposed": ("backward: dO's B fragments of dV += P^T dO loaded without .trans", [
+        (BWD, "ldmatrix_x4_trans(b, a_row(ot + r16 * kLd + 16 * h, kLd, lane));",
+         "ldmatrix_x4(b, a_row(ot + r16 * kLd + 16 * h, kLd, lane));")], BWD_TESTS),
+    "bwd_dq_operand_not_transposed": ("backward: K's B fragments of dQ += dS K loaded without .trans", [
+        (BWD, "ldmatrix_x4_trans(b, a_row(kt + k16 * kLd + 16 * h, kLd, lane));",
+         "ldmatrix_x4(b, a_row(kt + k16 * kLd + 16 * h, kLd, lane));")], BWD_TESTS),
+    "bwd_dkdv_wait_skipped": ("backward: dK/dV's cp_async_wait<1> for the row step deleted", [
+        (BWD, "      cp_async_wait<1>();  // this step's rows", "      /* wait deleted */  // this step's rows")],
+        BWD_TESTS),
+    "bwd_dq_wait_skipped": ("backward: dQ's cp_async_wait<1> for the key tile deleted", [
+        (BWD, "      cp_async_wait<1>();  // this step's keys have landed\n", "")], BWD_TESTS),
+    "bwd_dkdv_refill_barrier_deleted": ("backward: dK/dV's barrier before a row buffer is refilled deleted", [
+        (BWD, "      __syncthreads();  // every warp is done with buffer `buf` before step + 2 refills it\n"
+              "    }\n    cp_async_wait<0>();  // (only", "    }\n    cp_async_wait<0>();  // (only")], BWD_TESTS),
+    "bwd_dkdv_delta_dropped": ("backward: dS^T = P^T dP^T in dK/dV (delta dropped)", [
+        (BWD, "dp[j][i] = pv * (dp[j][i] - dls[col + i % 2]);", "dp[j][i] = pv * (dp[j][i] - 0.f * dls[col + i % 2]);")],
+        BWD_TESTS),
+    "bwd_dq_delta_dropped": ("backward: dS = P dP in dQ (delta dropped)", [
+        (BWD, "dp[j][i] = pv * (dp[j][i] - delta[i / 2]);", "dp[j][i] = pv * (dp[j][i] - 0.f * delta[i / 2]);")],
+        BWD_TESTS),
+    "bwd_ds_fragment_order": ("backward: dS^T's A fragment takes rows g + 8 and columns 8-15 in swapped registers", [
+        (BWD, "  a[1] = pack2<T>(c0[2], c0[3]);\n  a[2] = pack2<T>(c1[0], c1[1]);",
+         "  a[1] = pack2<T>(c1[0], c1[1]);\n  a[2] = pack2<T>(c0[2], c0[3]);")], BWD_TESTS),
+    "bwd_key_mask_ignored": ("backward: dK/dV's P^T not zeroed at invalid keys", [
+        (BWD, "const float pv = key_ok[i / 2] ? exp2f", "const float pv = (key_ok[i / 2] || true) ? exp2f")],
+        BWD_TESTS),
+    "bwd_padding_copied": ("backward: invalid keys' K / V rows copied (pred true) instead of zero-filled", [
+        (BWD, "const bool ok = d < hd && tc_key_valid(p, c.b, n, n_end);", "const bool ok = d < hd && n < p.Nv + 0 * n_end;")],
+        BWD_TESTS),
+    "bwd_split_slice_wrong": ("backward: dK/dV partials at [b][split] instead of [split][b]", [
+        (BWD, "const int64_t part0 = (c.split * p.B + c.b) * p.Nv;",
+         "const int64_t part0 = (c.b * p.row_splits + c.split) * p.Nv;")], BWD_TESTS),
+    "bwd_split_rows_offset": ("backward: every split after the first starts one 64-row step late", [
+        (BWD, "const int64_t r_begin = c.split * p.split_rows;",
+         "const int64_t r_begin = c.split * p.split_rows + (c.split > 0 ? kTcRows : 0);")], BWD_TESTS),
 }
 
 

@@ -31,5 +31,12 @@ RetrievalGrid retrieval_grid(const RetrievalParams& p, DType dtype = DType::kFlo
 int64_t retrieval_tc_fwd_blocks(const RetrievalParams& p);
 cudaError_t retrieval_tc_fwd(const RetrievalParams& p, DType dtype, cudaStream_t stream);
 
+// The tensor-core backward (retrieval_tc_bwd.cu), which retrieval_bwd runs for p exactly when
+// retrieval_bwd_tensor_cores(p, dtype) holds: the dQ and dK/dV launches of retrieval_grid(p,
+// dtype) (dK/dV into dk_part / dv_part when p.row_splits > 1: retrieval_bwd then launches
+// the partials' sum; cudaErrorInvalidValue for a p the rule refuses). p normalised
+// (unsplit: row_splits 1, split_rows covering every row).
+cudaError_t retrieval_bwd_tc(const RetrievalParams& p, DType dtype, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace pvm

@@ -557,8 +557,9 @@ RetrievalGrid retrieval_grid(const RetrievalParams& p, DType dtype) {
   g.fwd = retrieval_fwd_tensor_cores(q, dtype) ? retrieval_tc_fwd_blocks(q) : row_tiles(q) * q.kv_splits * bh;
   const int64_t o_width = part_width(q, q.o_part, q.o_part), dkv_width = part_width(q, q.dk_part, q.dv_part);
   g.combine = q.kv_splits > 1 ? ceil_div(q.B * q.H * q.T * (q.hd / o_width), kThreads) : 0;
-  g.dq = row_tiles(q) * bh;
-  g.dkdv = ceil_div(q.Nv, kKeys) * q.row_splits * bh;
+  const bool tc_bwd = retrieval_bwd_tensor_cores(q, dtype);  // retrieval_tc_bwd.cu's 64 x 64 blocks
+  g.dq = tc_bwd ? ceil_div(q.T * (q.H / q.Hkv), kRetrievalTcRowTile) * bh : row_tiles(q) * bh;
+  g.dkdv = ceil_div(q.Nv, tc_bwd ? kRetrievalTcKeyTile : kKeys) * q.row_splits * bh;
   g.dkdv_sum = q.row_splits > 1 ? ceil_div(q.B * q.Nv * q.Hkv * (q.hd / dkv_width), kThreads) : 0;
   return g;
 }
@@ -588,9 +589,18 @@ cudaError_t retrieval_bwd(const RetrievalParams& p, DType dtype, cudaStream_t st
   const RetrievalParams q = normalised(p);
   if (q.row_splits > 1 && !split_ok(q.row_splits, q.split_rows, q.T * (q.H / q.Hkv), q.dk_part, q.dv_part))
     return cudaErrorInvalidValue;
-  const RetrievalGrid g = retrieval_grid(q);
+  const RetrievalGrid g = retrieval_grid(q, dtype);
+  // bf16 / fp16 in 16-byte rows, hd a multiple of 16 up to 128: the tensor-core dQ and dK/dV
+  // (retrieval_tc_bwd.cu; the rule, retrieval_bwd_tensor_cores, is the split plan's too),
+  // with the same row-split partials, summed below.
+  const bool tc = retrieval_bwd_tensor_cores(q, dtype);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (tc) {
+      const cudaError_t err = retrieval_bwd_tc(q, dtype, stream);
+      if (err != cudaSuccess || q.row_splits == 1) return err;
+      return launch_blocks(sum_dkdv_splits_kernel<T>, g.dkdv_sum, 0, stream, q);
+    }
     cudaError_t err = launch_blocks(retrieval_bwd_dq_kernel<T>, g.dq, smem_dq, stream, q);
     if (err != cudaSuccess) return err;
     err = launch_blocks(retrieval_bwd_dkdv_kernel<T>, g.dkdv, smem_dkdv, stream, q);

@@ -167,6 +167,37 @@ PVM_EMU_API void pvm_emu_retrieval_plan(int64_t B, int64_t T, int64_t H, int64_t
   for (int i = 0; i < 9; ++i) out[i] = vals[i];
 }
 
+// As pvm_emu_retrieval_plan, for contiguous [B, T, H, hd] / [B, Nv, Hkv, hd] tensors of
+// `dtype` (pvm::DType's code) at 16-byte aligned addresses, as the host op plans them: in
+// the tiles of the kernels that run for that dtype (retrieval_tiles). out[0..8] as there,
+// out[9] = 1 if the forward and out[10] = 1 if the backward runs on the tensor cores.
+PVM_EMU_API void pvm_emu_retrieval_plan_dtype(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv,
+                                              int64_t hd, int dtype, int64_t sm_count, int64_t force,
+                                              int64_t* out) {
+  RetrievalParams p;
+  p.B = B;
+  p.T = T;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.Nv = Nv;
+  p.hd = hd;
+  const int64_t q_strides[4] = {T * H * hd, H * hd, hd, 1}, k_strides[4] = {Nv * Hkv * hd, Hkv * hd, hd, 1};
+  for (int i = 0; i < 4; ++i) {
+    p.q_stride[i] = p.o_stride[i] = p.dq_stride[i] = q_strides[i];
+    p.k_stride[i] = p.v_stride[i] = p.dkv_stride[i] = k_strides[i];
+  }
+  void* const aligned = reinterpret_cast<void*>(uintptr_t{256});  // never dereferenced
+  p.q = p.k = p.v = p.grad_out = aligned;
+  p.out = p.dq = p.dk = p.dv = aligned;
+  const auto dt = static_cast<pvm::DType>(dtype);
+  pvm::retrieval_split_plan(p, sm_count, force, dt);
+  const pvm::cuda::RetrievalGrid g = pvm::cuda::retrieval_grid(p, dt);
+  const int64_t vals[] = {p.kv_splits, p.split_keys, g.fwd, g.combine, p.row_splits, p.split_rows, g.dkdv,
+                          g.dkdv_sum, g.dq, pvm::retrieval_fwd_tensor_cores(p, dt),
+                          pvm::retrieval_bwd_tensor_cores(p, dt)};
+  for (int i = 0; i < 11; ++i) out[i] = vals[i];
+}
+
 PVM_EMU_API int pvm_emu_max_head_dim() { return pvm::cuda::kMaxHeadDim; }
 
 // ---- configuration and reports ------------------------------------------------------------
