@@ -185,12 +185,19 @@ inline Tensor as_rows(const Tensor& t) {
 // tests: PVM_CUDA_SPLITS=n asks for n splits of every split loop (1: never split; still at
 // most one per tile and 64), PVM_CUDA_SM_COUNT=n plans for n SMs.
 
+// What the CUDA kernels' launch plan needs of the device: its SM count (0, the CPU
+// backend's: never split) and whether it runs the tensor-core kernels (sm_80 and newer).
+struct CudaDevice {
+  int64_t sm_count = 0;
+  bool tensor_cores = false;
+};
+
 inline int64_t env_int(const char* name) {
   const char* env = std::getenv(name);
   return env != nullptr && *env ? std::strtoll(env, nullptr, 10) : 0;
 }
 
-// Plans p's splits for `sm_count` SMs (0: the CPU backend, never split), overrides applied,
+// Plans p's splits for the device's SMs (0: the CPU backend, never split), overrides applied,
 // in the tiles of the kernels that will run p in `dtype` (retrieval_tiles, pvm_params.h:
 // the tensor-core kernels' 64 x 64 or the CUDA-core kernels'). Whether the launch takes
 // the tensor cores is decided here, once, on the tensors' own pointers, and carried in
@@ -199,25 +206,27 @@ inline int64_t env_int(const char* name) {
 // parameters name no gradient and a backward's no output, so of the two rules only the
 // op's own can hold. PVM_CUDA_TENSOR_CORES=0 keeps the forward and the backward on the
 // CUDA-core kernels (tests compare the two; a fallback on a GPU).
-inline void plan_retrieval_splits(RetrievalParams& p, int64_t sm_count, DType dtype) {
-  if (sm_count <= 0) return;
+// CUDA devices below sm_80 have no bf16 mma.sync, ldmatrix or cp.async (the wrappers trap
+// there), so `device.tensor_cores` is false for them and they keep the CUDA-core kernels.
+inline void plan_retrieval_splits(RetrievalParams& p, const CudaDevice& device, DType dtype) {
+  if (device.sm_count <= 0) return;
   const char* tc = std::getenv("PVM_CUDA_TENSOR_CORES");
-  p.tensor_cores = !(tc != nullptr && std::strcmp(tc, "0") == 0) &&
+  p.tensor_cores = device.tensor_cores && !(tc != nullptr && std::strcmp(tc, "0") == 0) &&
                    (retrieval_fwd_tensor_cores(p, dtype) || retrieval_bwd_tensor_cores(p, dtype));
   const int64_t sms = env_int("PVM_CUDA_SM_COUNT");
-  retrieval_split_plan(p, sms > 0 ? sms : sm_count, env_int("PVM_CUDA_SPLITS"), dtype);
+  retrieval_split_plan(p, sms > 0 ? sms : device.sm_count, env_int("PVM_CUDA_SPLITS"), dtype);
 }
 
 // ---- op bodies shared by the CPU and CUDA implementations --------------------------------
 // Each checks, allocates the outputs, fills the parameter block and calls `launch(params)`,
-// the device-specific part (a CPU dtype dispatch or a checked CUDA launch). `sm_count`: the
-// device's SM count, for the CUDA kernels' split plan (0, the CPU's: no split).
+// the device-specific part (a CPU dtype dispatch or a checked CUDA launch). `device`: what
+// the CUDA kernels' plan needs (the CPU's default: no split, no tensor cores).
 
 template <typename Launch>
 std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const c10::optional<Tensor>& key_mask,
                                             const c10::optional<Tensor>& kv_len, double scale,
-                                            int64_t sm_count, Launch&& launch) {
+                                            const CudaDevice& device, Launch&& launch) {
   check_retrieval_args(q, k, v, key_mask, kv_len);
   Tensor out = new_output(q.sizes(), q.options());
   Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -226,7 +235,7 @@ std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, co
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   copy_strides(out, p.o_stride);
-  plan_retrieval_splits(p, sm_count, dtype_code(q));
+  plan_retrieval_splits(p, device, dtype_code(q));
   p.row_splits = 1;  // the backward's split
   Tensor o_part, lse_part;  // split partials: [splits, B * H * T, hd] and [splits, B * H * T]
   if (p.kv_splits > 1) {
@@ -245,14 +254,14 @@ std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, co
                                             const c10::optional<Tensor>& key_mask,
                                             const c10::optional<Tensor>& kv_len, double scale,
                                             Launch&& launch) {
-  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, 0, std::forward<Launch>(launch));
+  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, CudaDevice{}, std::forward<Launch>(launch));
 }
 
 template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, const c10::optional<Tensor>& key_mask, const c10::optional<Tensor>& kv_len,
-    double scale, int64_t sm_count, Launch&& launch) {
+    double scale, const CudaDevice& device, Launch&& launch) {
   check_retrieval_args(q, k, v, key_mask, kv_len);
   check_retrieval_bwd_args(grad_out, q, out, lse);
   Tensor dq = new_output(q.sizes(), q.options());
@@ -274,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
   p.dv = dv.data_ptr();
   copy_strides(dq, p.dq_stride);
   copy_strides(dk, p.dkv_stride);
-  plan_retrieval_splits(p, sm_count, dtype_code(q));
+  plan_retrieval_splits(p, device, dtype_code(q));
   p.kv_splits = 1;  // the forward's split
   Tensor dk_part, dv_part;  // split partials: [splits, B, Nv, Hkv, hd] each, contiguous
   if (p.row_splits > 1 && dk.numel() > 0) {
@@ -294,7 +303,7 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, const c10::optional<Tensor>& key_mask, const c10::optional<Tensor>& kv_len,
     double scale, Launch&& launch) {
-  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, 0,
+  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, CudaDevice{},
                           std::forward<Launch>(launch));
 }
 

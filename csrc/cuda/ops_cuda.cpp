@@ -41,19 +41,26 @@ void check_cuda_retrieval(const Tensor& q) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-// SMs of q's device, for the split plan of the retrieval launches (native_common.h): asked
-// of the driver once per device and process, then cached, so a decode step makes no
-// driver call for it. (Not ATen's getDeviceProperties: its header needs cusparse.h.)
-int64_t sm_count(const Tensor& q) {
+// q's device as the retrieval's launch plan sees it (native_common.h): its SM count and
+// whether it has the sm_80 tensor-core instructions. Asked of the driver once per device
+// and process, then cached, so a decode step makes no driver call for it. (Not ATen's
+// getDeviceProperties: its header needs cusparse.h.)
+CudaDevice cuda_device(const Tensor& q) {
   constexpr int kCached = 64;
-  static std::atomic<int> cache[kCached] = {};
+  static std::atomic<int> sms[kCached] = {}, major[kCached] = {};
   const int dev = q.device().index();
-  int n = dev >= 0 && dev < kCached ? cache[dev].load(std::memory_order_relaxed) : 0;
+  const bool cached = dev >= 0 && dev < kCached;
+  int n = cached ? sms[dev].load(std::memory_order_acquire) : 0;  // major is stored before
+  int m = cached ? major[dev].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
     PVM_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    if (dev >= 0 && dev < kCached) cache[dev].store(n, std::memory_order_relaxed);
+    PVM_CUDA_CHECK(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev));
+    if (cached) {
+      major[dev].store(m, std::memory_order_relaxed);
+      sms[dev].store(n, std::memory_order_release);
+    }
   }
-  return n;
+  return CudaDevice{n, m >= 8};
 }
 
 std::tuple<Tensor, Tensor> retrieval_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -61,7 +68,7 @@ std::tuple<Tensor, Tensor> retrieval_fwd_cuda(const Tensor& q, const Tensor& k, 
                                               const c10::optional<Tensor>& kv_len, double scale) {
   check_cuda_retrieval(q);
   const c10::cuda::CUDAGuard guard(q.device());
-  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, sm_count(q), [&](const RetrievalParams& p) {
+  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, cuda_device(q), [&](const RetrievalParams& p) {
     PVM_CUDA_CHECK(cuda::retrieval_fwd(p, dtype_code(q), stream()));
   });
 }
@@ -72,7 +79,7 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_cuda(
     double scale) {
   check_cuda_retrieval(q);
   const c10::cuda::CUDAGuard guard(q.device());
-  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, sm_count(q),
+  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, cuda_device(q),
                           [&](const RetrievalParams& p) {
     PVM_CUDA_CHECK(cuda::retrieval_bwd(p, dtype_code(q), stream()));
   });

@@ -17,6 +17,10 @@
 namespace pvm {
 namespace {
 
+// The device the emulator stands for: an H100's 132 SMs (its tests take the split paths a
+// GPU takes), with tensor cores.
+constexpr CudaDevice kEmulatedDevice{kEmulatedSmCount, true};
+
 struct EmuLib {
   std::string path;
   void* handle = nullptr;
@@ -79,7 +83,7 @@ std::tuple<Tensor, Tensor> retrieval_fwd_emu(const Tensor& q, const Tensor& k, c
   check_device(q);
   check_head_dim(q, l.max_head_dim(), "cuda");
   // Planned for an H100's 132 SMs, so the tests take the split paths a GPU takes.
-  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, kEmulatedSmCount, [&](const RetrievalParams& p) {
+  return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, kEmulatedDevice, [&](const RetrievalParams& p) {
     check_status(l, l.retrieval_fwd(&p, static_cast<int>(dtype_code(q))), "cuda::retrieval_fwd");
   });
 }
@@ -91,7 +95,7 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_emu(
   const EmuLib& l = lib();
   check_device(q);
   check_head_dim(q, l.max_head_dim(), "cuda");
-  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, kEmulatedSmCount,
+  return retrieval_bwd_op(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, kEmulatedDevice,
                           [&](const RetrievalParams& p) {
     check_status(l, l.retrieval_bwd(&p, static_cast<int>(dtype_code(q))), "cuda::retrieval_bwd");
   });
