@@ -41,3 +41,25 @@ def op_prefix(backend: str) -> str:
 def _seed_per_test(request):
     # Fresh random inputs per test case, reproducible from the test id.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---- the CUDA emulator (csrc/emu): for the modules that import tests/emu_support.py ----------
+
+@pytest.fixture(scope="module")
+def emulated_backend():
+    """Build (cached) and register the cuda_emulated backend for one module only: a module
+    asks for it with pytest.mark.usefixtures("emulated_backend") in its pytestmark."""
+    from emu_support import emulator
+    emulator.register_backend()
+    yield
+    emulator.unregister_backend()
+
+
+@pytest.fixture
+def lib():
+    """The emulator's kernel library's controls, reset to seed 0 / all blocks after each test."""
+    from emu_support import emulator
+    kl = emulator.kernel_lib()
+    kl.configure(0)
+    yield kl
+    kl.configure(0)

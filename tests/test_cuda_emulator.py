@@ -18,33 +18,24 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU_DIR = os.path.join(REPO, "csrc", "emu")
+from emu_support import BACKEND, REPO, emulator
 
-if sys.platform != "linux" or shutil.which(os.environ.get("CXX", "g++")) is None:
-    pytest.skip("the CUDA emulator needs g++ on Linux", allow_module_level=True)
+import test_merge as tm
+import test_retrieval as tr
+from pvm_kernels import pvm_retrieval
+from pvm_kernels.ops.registration import get_op
+from pvm_kernels.reference import retrieval_reference
+from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs, random_mask
 
-sys.path.insert(0, EMU_DIR)
-import emulator  # noqa: E402
-
-import test_merge as tm  # noqa: E402
-import test_retrieval as tr  # noqa: E402
-from pvm_kernels import pvm_retrieval  # noqa: E402
-from pvm_kernels.ops.registration import get_op  # noqa: E402
-from pvm_kernels.reference import retrieval_reference  # noqa: E402
-from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs, random_mask  # noqa: E402
-
-BACKEND = emulator.BACKEND
 DEV = "cpu"
 
 # CPU stand-ins for GPU runs: `make gpu-check` (-m "not cpu_verification") leaves them out.
-pytestmark = pytest.mark.cpu_verification
+pytestmark = [pytest.mark.cpu_verification, pytest.mark.usefixtures("emulated_backend")]
 
 
 def _seeds():
@@ -57,23 +48,6 @@ def _seeds():
 
 
 SEEDS = _seeds()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def emulated_backend():
-    """Build (cached) and register the cuda_emulated backend for this module only."""
-    emulator.register_backend()
-    yield
-    emulator.unregister_backend()
-
-
-@pytest.fixture
-def lib():
-    """The kernel library's controls, reset to seed 0 / all blocks after each test."""
-    kl = emulator.kernel_lib()
-    kl.configure(0)
-    yield kl
-    kl.configure(0)
 
 
 @pytest.fixture(params=SEEDS, ids=lambda s: f"seed{s}")

@@ -20,44 +20,16 @@ identical bits on every run, and NaN propagation through the combine.
 """
 import ctypes
 import math
-import os
-import shutil
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU_DIR = os.path.join(REPO, "csrc", "emu")
+from emu_support import BACKEND, SMS, emulator
 
-if sys.platform != "linux" or shutil.which(os.environ.get("CXX", "g++")) is None:
-    pytest.skip("the CUDA emulator needs g++ on Linux", allow_module_level=True)
+from pvm_kernels.ops.registration import get_op
+from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs, random_mask
 
-sys.path.insert(0, EMU_DIR)
-import emulator  # noqa: E402
-
-from pvm_kernels.ops.registration import get_op  # noqa: E402
-from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs, random_mask  # noqa: E402
-
-BACKEND = emulator.BACKEND
-SMS = 132  # what the emulator plans for (kEmulatedSmCount)
-
-pytestmark = pytest.mark.cpu_verification
-
-
-@pytest.fixture(scope="module", autouse=True)
-def emulated_backend():
-    emulator.register_backend()
-    yield
-    emulator.unregister_backend()
-
-
-@pytest.fixture
-def lib():
-    kl = emulator.kernel_lib()
-    kl.configure(0)
-    yield kl
-    kl.configure(0)
+pytestmark = [pytest.mark.cpu_verification, pytest.mark.usefixtures("emulated_backend")]
 
 
 PLAN_FIELDS = ("kv_splits", "split_keys", "fwd_blocks", "combine_blocks", "row_splits",

@@ -6,32 +6,17 @@ tiles masked, kv_len past Nv and negative, a scale other than hd^-1/2. Values an
 gradient; each case asserts that the tensor-core forward really ran (the emulator's
 launch-site counters), so a dispatch change cannot quietly test the CUDA-core kernel.
 """
-import os
-import shutil
-import sys
-
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if sys.platform != "linux" or shutil.which(os.environ.get("CXX", "g++")) is None:
-    pytest.skip("the CUDA emulator needs g++ on Linux", allow_module_level=True)
-sys.path.insert(0, os.path.join(REPO, "csrc", "emu"))
-import emulator  # noqa: E402
+from emu_support import emulator
 
-from pvm_kernels import pvm_retrieval  # noqa: E402
-from pvm_kernels.reference import retrieval_reference  # noqa: E402
-from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs  # noqa: E402
+from pvm_kernels import pvm_retrieval
+from pvm_kernels.reference import retrieval_reference
+from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs
 
-pytestmark = pytest.mark.cpu_verification
+pytestmark = [pytest.mark.cpu_verification, pytest.mark.usefixtures("emulated_backend")]
 TC_FWD = "retrieval_tc_fwd.cu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def emulated_backend():
-    emulator.register_backend()
-    yield
-    emulator.unregister_backend()
 
 
 def check(q, k, v, mask=None, kv_len=None, scale=None):

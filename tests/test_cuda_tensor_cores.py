@@ -8,47 +8,18 @@ ran (the emulator counts launches and blocks per launch-site file: KernelLib.sit
 a dispatch bug cannot silently test the CUDA-core kernel instead.
 """
 import math
-import os
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU_DIR = os.path.join(REPO, "csrc", "emu")
+from emu_support import BACKEND, MANGLED_DTYPE, SMS, TC_OPS, cuobjdump, emulator, sass_counts
 
-if sys.platform != "linux" or shutil.which(os.environ.get("CXX", "g++")) is None:
-    pytest.skip("the CUDA emulator needs g++ on Linux", allow_module_level=True)
-
-sys.path.insert(0, EMU_DIR)
-import emulator  # noqa: E402
-
-from pvm_kernels.ops.registration import get_op  # noqa: E402
-from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs, random_mask  # noqa: E402
-
-BACKEND = emulator.BACKEND
-SMS = 132  # what the emulator plans for (kEmulatedSmCount)
+from pvm_kernels.ops.registration import get_op
+from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs, random_mask
 
 # CPU stand-ins for GPU runs: `make gpu-check` (-m "not cpu_verification") leaves them out.
-pytestmark = pytest.mark.cpu_verification
-
-
-@pytest.fixture(scope="module", autouse=True)
-def emulated_backend():
-    emulator.register_backend()
-    yield
-    emulator.unregister_backend()
-
-
-@pytest.fixture
-def lib():
-    kl = emulator.kernel_lib()
-    kl.configure(0)
-    yield kl
-    kl.configure(0)
+pytestmark = [pytest.mark.cpu_verification, pytest.mark.usefixtures("emulated_backend")]
 
 
 # =============================================================================================
@@ -353,45 +324,12 @@ def test_tc_fwd_same_bits_on_every_run_and_schedule(lib, monkeypatch, mode):
 
 # ---- SASS and resources of the CUDA extension (sm_80, sm_90) ----------------------------------
 
-def _cuda_library():
-    import glob
-
-    import pvm_kernels
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_native import cuda_build_expected
-    if not cuda_build_expected():
-        pytest.skip("no CUDA toolchain here, so no CUDA extension is expected")
-    libs = glob.glob(os.path.join(os.path.dirname(pvm_kernels.__file__), "_C_cuda*.so"))
-    assert libs, "CUDA extension not built"
-    return libs[0]
-
-
-def _cuobjdump():
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        pytest.skip("triton's cuobjdump is not installed")
-    return tool
-
-
 TC_FWD_KERNEL = r"retrieval_tc_fwd_kernelI(13__nv_bfloat16|6__half)Li(\d+)E"
 
 
 def tc_fwd_sass(arch: str) -> dict:
     """{(dtype, hd): {instruction: count}} over the SASS of retrieval_tc_fwd_kernel<T, HD>."""
-    out = subprocess.run([_cuobjdump(), "-sass", "-arch", arch, _cuda_library()], capture_output=True,
-                         text=True, timeout=300).stdout
-    counts, current = {}, None
-    for line in out.splitlines():
-        if "Function :" in line:
-            m = re.search(TC_FWD_KERNEL, line)
-            current = ({"13__nv_bfloat16": "bf16", "6__half": "f16"}[m.group(1)], int(m.group(2))) if m else None
-            if current:
-                counts[current] = {}
-        elif current:
-            for op in re.findall(r"\b((?:HMMA|LDSM|LDGSTS|LDGDEPBAR|DEPBAR)(?:\.[A-Z0-9_]+)*)", line):
-                counts[current][op] = counts[current].get(op, 0) + 1
-    return counts
+    return sass_counts(arch, TC_FWD_KERNEL, lambda m: (MANGLED_DTYPE[m.group(1)], int(m.group(2))))
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -416,8 +354,7 @@ def test_tc_fwd_resources(arch):
     """No stack frame or local memory in any instance (the registers stay below 255: the
     K/V staging loop is not unrolled, or hd 128 spilled 68 B on sm_80), and 512 B of static
     shared memory (the validity flags; the tiles are dynamic)."""
-    out = subprocess.run([_cuobjdump(), "-res-usage", "-arch", arch, _cuda_library()], capture_output=True,
-                         text=True, timeout=300).stdout
+    out = cuobjdump("-res-usage", "-arch", arch)
     usage = re.findall(r"Function (\S*retrieval_tc_fwd_kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) "
                        r"LOCAL:(\d+)", out)
     assert len(usage) == 16, out[-2000:]
@@ -733,20 +670,8 @@ TC_BWD_KERNEL = r"retrieval_tc_bwd_(dq|dkdv)_kernelI(13__nv_bfloat16|6__half)Li(
 
 def tc_bwd_sass(arch: str) -> dict:
     """{(kernel, dtype, HD): {instruction: count}} over retrieval_tc_bwd_{dq,dkdv}_kernel<T, HD>."""
-    out = subprocess.run([_cuobjdump(), "-sass", "-arch", arch, _cuda_library()], capture_output=True,
-                         text=True, timeout=300).stdout
-    counts, current = {}, None
-    for line in out.splitlines():
-        if "Function :" in line:
-            m = re.search(TC_BWD_KERNEL, line)
-            current = (m.group(1), {"13__nv_bfloat16": "bf16", "6__half": "f16"}[m.group(2)],
-                       int(m.group(3))) if m else None
-            if current:
-                counts[current] = {}
-        elif current:
-            for op in re.findall(r"\b((?:HMMA|LDSM|LDGSTS|LDGDEPBAR|DEPBAR|LDL|STL)(?:\.[A-Z0-9_]+)*)", line):
-                counts[current][op] = counts[current].get(op, 0) + 1
-    return counts
+    return sass_counts(arch, TC_BWD_KERNEL, lambda m: (m.group(1), MANGLED_DTYPE[m.group(2)], int(m.group(3))),
+                       TC_OPS + ("LDL", "STL"))
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -776,8 +701,7 @@ def test_tc_bwd_resources(arch):
     on sm_80 / sm_90 under __launch_bounds__(128, 2); without the 2, ptxas capped HD 64 at 128
     registers and spilled 16 B on sm_90); dQ's only static shared memory is its 512 B of
     key-validity flags, dK/dV has none (the tiles are dynamic)."""
-    out = subprocess.run([_cuobjdump(), "-res-usage", "-arch", arch, _cuda_library()], capture_output=True,
-                         text=True, timeout=300).stdout
+    out = cuobjdump("-res-usage", "-arch", arch)
     usage = re.findall(r"Function (\S*retrieval_tc_bwd_(dq|dkdv)_kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) "
                        r"SHARED:(\d+) LOCAL:(\d+)", out)
     assert len(usage) == 16, out[-2000:]

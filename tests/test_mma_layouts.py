@@ -22,34 +22,18 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU_DIR = os.path.join(REPO, "csrc", "emu")
-
-if sys.platform != "linux" or shutil.which(os.environ.get("CXX", "g++")) is None:
-    pytest.skip("the CUDA emulator needs g++ on Linux", allow_module_level=True)
-
-sys.path.insert(0, EMU_DIR)
-import emulator  # noqa: E402
+from emu_support import MANGLED_DTYPE, REPO, cuobjdump, emulator, sass_counts
 
 # Verifications of GPU code on a CPU: `make gpu-check` leaves them out.
 pytestmark = pytest.mark.cpu_verification
 
 LAUNCH_FAILURE, ILLEGAL_ADDRESS = 719, 700
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
-
-
-@pytest.fixture
-def lib():
-    kl = emulator.kernel_lib()
-    kl.configure(0)
-    yield kl
-    kl.configure(0)
 
 
 # ---- the PTX ISA's layouts, transcribed ---------------------------------------------------------
@@ -455,42 +439,9 @@ def test_selftest_kernel_mutant_is_reported(old, new, match):
 
 # ---- SASS of the CUDA extension ----------------------------------------------------------------
 
-def _cuda_library():
-    import glob
-
-    import pvm_kernels
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_native import cuda_build_expected
-    if not cuda_build_expected():
-        pytest.skip("no CUDA toolchain here, so no CUDA extension is expected")
-    libs = glob.glob(os.path.join(os.path.dirname(pvm_kernels.__file__), "_C_cuda*.so"))
-    assert libs, "CUDA extension not built"
-    return libs[0]
-
-
-def _cuobjdump():
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        pytest.skip("triton's cuobjdump is not installed")
-    return tool
-
-
 def selftest_sass(arch: str) -> dict:
     """{dtype: {instruction: count}} over the SASS of mma_selftest_kernel<T>."""
-    out = subprocess.run([_cuobjdump(), "-sass", "-arch", arch, _cuda_library()], capture_output=True,
-                         text=True, timeout=300).stdout
-    counts, current = {}, None
-    for line in out.splitlines():
-        if "Function :" in line:
-            m = re.search(r"mma_selftest_kernelI(13__nv_bfloat16|6__half)E", line)
-            current = {"13__nv_bfloat16": "bf16", "6__half": "f16"}[m.group(1)] if m else None
-            if current:
-                counts[current] = {}
-        elif current:
-            for op in re.findall(r"\b((?:HMMA|LDSM|LDGSTS|LDGDEPBAR|DEPBAR)(?:\.[A-Z0-9_]+)*)", line):
-                counts[current][op] = counts[current].get(op, 0) + 1
-    return counts
+    return sass_counts(arch, r"mma_selftest_kernelI(13__nv_bfloat16|6__half)E", lambda m: MANGLED_DTYPE[m.group(1)])
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -513,8 +464,7 @@ def test_selftest_kernel_sass_uses_the_tensor_cores(arch):
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_selftest_kernel_does_not_spill(arch):
-    out = subprocess.run([_cuobjdump(), "-res-usage", "-arch", arch, _cuda_library()], capture_output=True,
-                         text=True, timeout=300).stdout
+    out = cuobjdump("-res-usage", "-arch", arch)
     usage = re.findall(r"Function (\S*mma_selftest_kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)",
                        out)
     assert len(usage) == 2, out[-2000:]
