@@ -148,29 +148,12 @@ PVM_EMU_API int pvm_emu_retrieval_fwd_dry(int64_t B, int64_t T, int64_t H, int64
 }
 
 // The split plan the host op makes for these sizes on `sm_count` SMs (force > 0: that many
-// splits, as PVM_CUDA_SPLITS) and the blocks each launch then has: out = {kv_splits,
-// split_keys, forward blocks, combine blocks, row_splits, split_rows, dK/dV blocks, sum
-// blocks, dQ blocks}. No buffers, nothing launched.
-PVM_EMU_API void pvm_emu_retrieval_plan(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv, int64_t hd,
-                                        int64_t sm_count, int64_t force, int64_t* out) {
-  RetrievalParams p;
-  p.B = B;
-  p.T = T;
-  p.H = H;
-  p.Hkv = Hkv;
-  p.Nv = Nv;
-  p.hd = hd;
-  pvm::retrieval_split_plan(p, sm_count, force);
-  const pvm::cuda::RetrievalGrid g = pvm::cuda::retrieval_grid(p);
-  const int64_t vals[] = {p.kv_splits, p.split_keys, g.fwd, g.combine, p.row_splits, p.split_rows,
-                          g.dkdv, g.dkdv_sum, g.dq};
-  for (int i = 0; i < 9; ++i) out[i] = vals[i];
-}
-
-// As pvm_emu_retrieval_plan, for contiguous [B, T, H, hd] / [B, Nv, Hkv, hd] tensors of
-// `dtype` (pvm::DType's code) at 16-byte aligned addresses, as the host op plans them: in
-// the tiles of the kernels that run for that dtype (retrieval_tiles). out[0..8] as there,
-// out[9] = 1 if the forward and out[10] = 1 if the backward runs on the tensor cores.
+// splits, as PVM_CUDA_SPLITS) and the blocks each launch then has, for contiguous
+// [B, T, H, hd] / [B, Nv, Hkv, hd] tensors of `dtype` (pvm::DType's code) at 16-byte aligned
+// addresses, as the host op plans them: in the tiles of the kernels that run for that dtype
+// (retrieval_tiles). out = {kv_splits, split_keys, forward blocks, combine blocks,
+// row_splits, split_rows, dK/dV blocks, sum blocks, dQ blocks, 1 if the forward and 1 if
+// the backward runs on the tensor cores}. No buffers, nothing launched.
 PVM_EMU_API void pvm_emu_retrieval_plan_dtype(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv,
                                               int64_t hd, int dtype, int64_t sm_count, int64_t force,
                                               int64_t* out) {
@@ -196,6 +179,15 @@ PVM_EMU_API void pvm_emu_retrieval_plan_dtype(int64_t B, int64_t T, int64_t H, i
                           g.dkdv_sum, g.dq, pvm::retrieval_fwd_tensor_cores(p, dt),
                           pvm::retrieval_bwd_tensor_cores(p, dt)};
   for (int i = 0; i < 11; ++i) out[i] = vals[i];
+}
+
+// pvm_emu_retrieval_plan_dtype's out[0..8] for fp32 (the CUDA-core kernels' tiles, which
+// no stride or address changes).
+PVM_EMU_API void pvm_emu_retrieval_plan(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv, int64_t hd,
+                                        int64_t sm_count, int64_t force, int64_t* out) {
+  int64_t all[11];
+  pvm_emu_retrieval_plan_dtype(B, T, H, Hkv, Nv, hd, static_cast<int>(pvm::DType::kFloat32), sm_count, force, all);
+  for (int i = 0; i < 9; ++i) out[i] = all[i];
 }
 
 PVM_EMU_API int pvm_emu_max_head_dim() { return pvm::cuda::kMaxHeadDim; }
