@@ -17,19 +17,10 @@ Exit status 1 if a mutant survives that is not marked as expected to.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(REPO, "csrc")
-sys.path.insert(0, os.path.join(CSRC, "emu"))
-import emulator  # noqa: E402
+import mutants
 
 TEST_FILE = "tests/test_mma_layouts.py"
 TEST_FILTER = "not sass and not spill and not mutant"
@@ -100,53 +91,23 @@ MUTANTS = {
 }
 
 
-def build(name: str, edits) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        dst = os.path.join(tmp, "csrc")
-        shutil.copytree(CSRC, dst)
-        for rel, old, new in edits:
-            path = os.path.join(dst, rel)
-            text = open(path).read()
-            assert text.count(old) == 1, f"{name}: {rel} has {text.count(old)} copies of {old!r}"
-            open(path, "w").write(text.replace(old, new))
-        return emulator.build_kernel_lib(csrc=dst, out_root=os.path.join(emulator.BUILD_ROOT, "mma_mutants"))
-
-
-def run_tests(lib: str):
-    env = dict(os.environ, **{emulator.LIB_ENV: lib})
-    res = subprocess.run([sys.executable, "-m", "pytest", TEST_FILE, "-q", "-rf", "-p", "no:cacheprovider",
-                          "-k", TEST_FILTER], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    failed = re.findall(r"^FAILED (\S+)", res.stdout, re.M)
-    summary = (res.stdout.strip().splitlines() or ["?"])[-1]
-    return failed, summary, res.returncode
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", default=[], help="run the mutants whose name contains this")
-    ap.add_argument("--markdown", help="also write the table here")
-    args = ap.parse_args()
+    args = mutants.parse_args(__doc__)
     rows, bad = [], 0
     for name, (what, edits, survives) in MUTANTS.items():
         if args.only and not any(o in name for o in args.only):
             continue
         start = time.perf_counter()
-        lib = build(name, edits)
-        failed, summary, rc = run_tests(lib)
-        tests = sorted({re.sub(r"\[.*", "", f.split("::")[-1]) for f in failed})
+        lib = mutants.build(name, edits, "mma_mutants")
+        failed, summary, rc = mutants.run_tests(lib, TEST_FILE, TEST_FILTER, timeout=1800)
+        tests = mutants.failing_tests(failed)
         caught = rc != 0
         if caught == survives:
             bad += 1
-        rows.append((name, what, len(failed), tests, summary))
-        print(f"{name}: {'CAUGHT' if caught else 'survived'} ({time.perf_counter() - start:.0f} s) {summary}",
-              flush=True)
-        for t in tests:
-            print(f"    {t}", flush=True)
+        rows.append((what, len(failed), tests))
+        mutants.report(name, caught, time.perf_counter() - start, summary, tests)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("| break | failing cases | failing tests |\n| --- | --- | --- |\n")
-            for name, what, n, tests, _ in rows:
-                f.write(f"| {what} | {n} | {', '.join(f'`{t}`' for t in tests) or 'none'} |\n")
+        mutants.write_markdown(args.markdown, rows)
     return 1 if bad else 0
 
 

@@ -18,19 +18,10 @@ Exit status 1 if a mutant survives.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(REPO, "csrc")
-sys.path.insert(0, os.path.join(CSRC, "emu"))
-import emulator  # noqa: E402
+import mutants
 
 TEST_FILE = "tests/test_cuda_tensor_cores.py"
 
@@ -143,54 +134,25 @@ MUTANTS = {
 }
 
 
-def build(name: str, edits) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        dst = os.path.join(tmp, "csrc")
-        shutil.copytree(CSRC, dst)
-        for rel, old, new in edits:
-            path = os.path.join(dst, rel)
-            text = open(path).read()
-            assert text.count(old) == 1, f"{name}: {rel} has {text.count(old)} copies of {old!r}"
-            open(path, "w").write(text.replace(old, new))
-        return emulator.build_kernel_lib(csrc=dst, out_root=os.path.join(emulator.BUILD_ROOT, "tc_mutants"))
-
-
-def run_tests(lib: str, filt: str):
-    env = dict(os.environ, **{emulator.LIB_ENV: lib})
-    res = subprocess.run([sys.executable, "-m", "pytest", TEST_FILE, "-q", "-rf", "-p", "no:cacheprovider",
-                          "-k", filt], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
-    failed = re.findall(r"^FAILED (\S+)", res.stdout, re.M)
-    summary = (res.stdout.strip().splitlines() or ["?"])[-1]
-    return failed, summary, res.returncode
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", default=[], help="run the mutants whose name contains this")
-    ap.add_argument("--markdown", help="also write the table here")
-    args = ap.parse_args()
+    args = mutants.parse_args(__doc__)
     rows, survived = [], 0
     for name, (what, edits, filt) in MUTANTS.items():
         if args.only and not any(o in name for o in args.only):
             continue
         start = time.perf_counter()
         try:
-            lib = build(name, edits)
+            lib = mutants.build(name, edits, "tc_mutants")
         except RuntimeError as e:  # a mutant that does not compile is a broken tool entry
             print(f"{name}: BUILD FAILED\n{str(e)[:2000]}", flush=True)
             return 2
-        failed, summary, rc = run_tests(lib, filt)
-        tests = sorted({re.sub(r"\[.*", "", f.split("::")[-1]) for f in failed})
+        failed, summary, rc = mutants.run_tests(lib, TEST_FILE, filt, timeout=3600)
+        tests = mutants.failing_tests(failed)
         survived += rc == 0
-        rows.append((name, what, len(failed), tests))
-        print(f"{name}: {'CAUGHT' if rc else 'survived'} ({time.perf_counter() - start:.0f} s) {summary}", flush=True)
-        for t in tests:
-            print(f"    {t}", flush=True)
+        rows.append((what, len(failed), tests))
+        mutants.report(name, rc != 0, time.perf_counter() - start, summary, tests)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("| break | failing cases | failing tests |\n| --- | --- | --- |\n")
-            for name, what, n, tests in rows:
-                f.write(f"| {what} | {n} | {', '.join(f'`{t}`' for t in tests) or 'none'} |\n")
+        mutants.write_markdown(args.markdown, rows)
     return 1 if survived else 0
 
 
