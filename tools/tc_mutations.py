@@ -28,6 +28,7 @@ TEST_FILE = "tests/test_cuda_tensor_cores.py"
 FWD = "cuda/retrieval_tc_fwd.cu"
 FWD_TESTS = "tc_fwd and not sass and not resources"
 BWD = "cuda/retrieval_tc_bwd.cu"
+COMMON = "cuda/retrieval_common.cuh"  # helpers shared with retrieval_kernels.cu
 BWD_TESTS = "tc_bwd and not sass and not resources"
 
 # name: (description, [(file under csrc, old, new)], -k filter of the tests to run)
@@ -85,7 +86,7 @@ MUTANTS = {
     "fwd_empty_row_divides": ("forward: a row with no valid key divides by l = 0", [
         (FWD, "l[h] = has ? 1.f / l[h] : 0.f;", "l[h] = 1.f / l[h];")], FWD_TESTS),
     "fwd_gqa_head_wrong": ("forward: packed row r read from head kvh + r % G (not kvh * G + r % G)", [
-        (FWD, "  return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];",
+        (COMMON, "  return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];",
          "  return b * s[0] + (r / G) * s[1] + (kvh + r % G) * s[2];")], FWD_TESTS),
     "fwd_tile_stride_wrong": ("forward: tile j + 1 staged from keys 32 (j + 1), not 64 (j + 1)", [
         (FWD, "n_begin + int64_t{j + 1} * kKeys", "n_begin + int64_t{j + 1} * 32")], FWD_TESTS),
@@ -123,7 +124,7 @@ MUTANTS = {
         (BWD, "const float pv = key_ok[i / 2] ? exp2f", "const float pv = (key_ok[i / 2] || true) ? exp2f")],
         BWD_TESTS),
     "bwd_padding_copied": ("backward: invalid keys' K / V rows copied (pred true) instead of zero-filled", [
-        (BWD, "const bool ok = d < hd && tc_key_valid(p, c.b, n, n_end);", "const bool ok = d < hd && n < p.Nv + 0 * n_end;")],
+        (BWD, "const bool ok = d < hd && key_valid(p, c.b, n, n_end);", "const bool ok = d < hd && n < p.Nv + 0 * n_end;")],
         BWD_TESTS),
     "bwd_split_slice_wrong": ("backward: dK/dV partials at [b][split] instead of [split][b]", [
         (BWD, "const int64_t part0 = (c.split * p.B + c.b) * p.Nv;",

@@ -68,6 +68,7 @@
 #include "cuda/dtype.cuh"
 #include "cuda/launch.h"
 #include "cuda/mma.cuh"
+#include "cuda/retrieval_common.cuh"
 
 namespace pvm {
 namespace cuda {
@@ -79,7 +80,6 @@ constexpr int kTcRows = kRetrievalTcRowTile;  // dK/dV: rows per step; dQ: rows 
 static_assert(kTcKeys == 16 * (kTcThreads / 32) && kTcRows == 16 * (kTcThreads / 32),
               "one 16-row (16-key) mma tile per warp");
 constexpr int kPad = 8;                       // elements of padding per shared-memory row
-constexpr float kTcLog2e = 1.4426950408889634f;
 
 // Dynamic shared memory in 16-byte units (cp.async and ldmatrix rows are 16-byte aligned),
 // and two fp32 partials for one 8-byte store.
@@ -89,19 +89,6 @@ struct alignas(16) SmemChunk {
 struct alignas(8) Float2 {
   float x, y;
 };
-
-__device__ __forceinline__ int64_t tc_min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// As retrieval_kernels.cu: kv_len[b] clamped to [0, Nv].
-__device__ __forceinline__ int64_t tc_key_end(const RetrievalParams& p, int64_t b) {
-  if (!p.kv_len) return p.Nv;
-  const int64_t n = p.kv_len[b];
-  return n < 0 ? 0 : (n > p.Nv ? p.Nv : n);
-}
-
-__device__ __forceinline__ bool tc_key_valid(const RetrievalParams& p, int64_t b, int64_t n, int64_t n_end) {
-  return n < n_end && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);
-}
 
 // Where packed row r of (b, kvh) starts in a [B, T, H, hd] tensor with strides s. The
 // dispatch rule keeps T * G below 2^31, so r / G and r % G run in 32 bits.
@@ -172,7 +159,7 @@ __device__ __forceinline__ void stage_keys_async(const RetrievalParams& p, const
   for (int i = threadIdx.x; i < kTcKeys * kChunks; i += kTcThreads) {
     const int j = i / kChunks, d = (i - j * kChunks) * 8;
     const int64_t n = n0 + j;
-    const bool ok = d < hd && tc_key_valid(p, c.b, n, n_end);
+    const bool ok = d < hd && key_valid(p, c.b, n, n_end);
     int64_t ok_off = 0, ov_off = 0;
     if (ok) {
       ok_off = c.b * p.k_stride[0] + n * p.k_stride[1] + c.kvh * p.k_stride[2] + d;
@@ -230,9 +217,9 @@ __global__ void __launch_bounds__(kTcThreads, 2) retrieval_tc_bwd_dkdv_kernel(co
   const int64_t key_tiles = (p.Nv + kTcKeys - 1) / kTcKeys;
   const TcCoords c = tc_coords(p, key_tiles, p.row_splits);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t n0 = c.tile * kTcKeys, n_end = tc_key_end(p, c.b);
+  const int64_t n0 = c.tile * kTcKeys, n_end = key_end(p, c.b);
   const int64_t rows = p.T * static_cast<int64_t>(c.G);
-  const float scale_log2 = p.scale * kTcLog2e;
+  const float scale_log2 = p.scale * kLog2e;
 
   // dK, dV of this warp's keys n0 + 16 warp + {g, g + 8}, columns 8 j + 2t, + 1.
   float dk[kNt][4], dv[kNt][4];
@@ -244,10 +231,10 @@ __global__ void __launch_bounds__(kTcThreads, 2) retrieval_tc_bwd_dkdv_kernel(co
   // This split's rows; none for a tile wholly past the sample's last valid key (its
   // gradient, or its partials, are zeros).
   const int64_t r_begin = c.split * p.split_rows;
-  const int64_t r_end = n0 < n_end ? tc_min64(rows, r_begin + p.split_rows) : 0;
+  const int64_t r_end = n0 < n_end ? min64(rows, r_begin + p.split_rows) : 0;
   if (r_begin < r_end) {
-    const bool key_ok[2] = {tc_key_valid(p, c.b, n0 + 16 * warp + g, n_end),
-                            tc_key_valid(p, c.b, n0 + 16 * warp + g + 8, n_end)};
+    const bool key_ok[2] = {key_valid(p, c.b, n0 + 16 * warp + g, n_end),
+                            key_valid(p, c.b, n0 + 16 * warp + g + 8, n_end)};
     const int64_t n_steps = (r_end - r_begin + kTcRows - 1) / kTcRows;
 
     // lse (log2 units) and delta of the 64 rows of step `step` into buffer `buf`: rows
@@ -259,7 +246,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) retrieval_tc_bwd_dkdv_kernel(co
         float l2 = INFINITY, dl = 0.f;
         if (r < r_end) {
           const int64_t st = tc_stat_index(p, c.b, c.G, c.kvh, static_cast<unsigned>(r));
-          l2 = p.lse[st] * kTcLog2e;
+          l2 = p.lse[st] * kLog2e;
           dl = p.delta[st];
         }
         lse_s[buf * kTcRows + threadIdx.x] = l2;
@@ -392,9 +379,9 @@ __global__ void __launch_bounds__(kTcThreads) retrieval_tc_bwd_dq_kernel(const R
   const TcCoords c = tc_coords(p, (rows + kTcRows - 1) / kTcRows, 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t row0 = c.tile * kTcRows;
-  const int64_t n_end = tc_key_end(p, c.b);
+  const int64_t n_end = key_end(p, c.b);
   const int64_t n_steps = (n_end + kTcKeys - 1) / kTcKeys;
-  const float scale_log2 = p.scale * kTcLog2e;
+  const float scale_log2 = p.scale * kLog2e;
 
   // lse (log2 units) and delta of this lane's rows row0 + 16 warp + {g, g + 8}; rows past
   // the last compute finite garbage that is never stored.
@@ -406,7 +393,7 @@ __global__ void __launch_bounds__(kTcThreads) retrieval_tc_bwd_dq_kernel(const R
     delta[h] = 0.f;
     if (r < rows) {
       const int64_t st = tc_stat_index(p, c.b, c.G, c.kvh, static_cast<unsigned>(r));
-      lse2[h] = p.lse[st] * kTcLog2e;
+      lse2[h] = p.lse[st] * kLog2e;
       delta[h] = p.delta[st];
     }
   }
@@ -419,7 +406,7 @@ __global__ void __launch_bounds__(kTcThreads) retrieval_tc_bwd_dq_kernel(const R
   if (n_steps > 0) {
     const auto stage_valid = [&](int64_t step, int buf) {
       if (threadIdx.x < kTcKeys)
-        valid_s[buf * kTcKeys + threadIdx.x] = tc_key_valid(p, c.b, step * kTcKeys + threadIdx.x, n_end);
+        valid_s[buf * kTcKeys + threadIdx.x] = key_valid(p, c.b, step * kTcKeys + threadIdx.x, n_end);
     };
     stage_rows_async<T, HD>(p, c, row0, rows, q_s, do_s);
     cp_async_commit();

@@ -66,6 +66,7 @@
 #include "cuda/dtype.cuh"
 #include "cuda/launch.h"
 #include "cuda/mma.cuh"
+#include "cuda/retrieval_common.cuh"
 
 namespace pvm {
 namespace cuda {
@@ -81,32 +82,6 @@ static_assert(kRows == kRetrievalTcRowTile && kKeys == kRetrievalTcKeyTile,
 struct alignas(16) SharedChunk {
   uint32_t w[4];
 };
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegBig = -1.0e30f;       // finite running-max start: no inf - inf
-
-// As in retrieval_kernels.cu: where packed row r of sample b, KV head kvh lives, and its
-// lse / partial index ((b * H + head) * T + t).
-__device__ __forceinline__ int64_t row_offset(const int64_t* s, int64_t b, int64_t G, int kvh, int64_t r) {
-  return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];
-}
-
-__device__ __forceinline__ int64_t stat_index(const RetrievalParams& p, int64_t b, int64_t G, int kvh,
-                                              int64_t r) {
-  return (b * p.H + kvh * G + r % G) * p.T + r / G;
-}
-
-// One past the last key of sample b: kv_len[b] clamped to [0, Nv].
-__device__ __forceinline__ int64_t key_end(const RetrievalParams& p, int64_t b) {
-  if (!p.kv_len) return p.Nv;
-  const int64_t n = p.kv_len[b];
-  return n < 0 ? 0 : (n > p.Nv ? p.Nv : n);
-}
-
-__device__ __forceinline__ bool key_valid(const RetrievalParams& p, int64_t b, int64_t n, int64_t n_end) {
-  return n < n_end && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);
-}
-
 // Stages one 64-key tile starting at n0 (K and V rows of hd elements, row stride HD + kPad
 // in shared memory) with one cp.async per 16 bytes, and the keys' validity flags. Invalid
 // keys are zero-filled (pred false: nothing is read, the source is only a valid address).
