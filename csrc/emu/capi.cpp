@@ -132,11 +132,8 @@ PVM_EMU_API int pvm_emu_merge_bwd(const MergeParams* in, int dtype) {
   return finish(pvm::cuda::merge_bwd(p, static_cast<pvm::DType>(dtype), nullptr));
 }
 
-// The launch status of a retrieval forward over the given sizes, with no buffers: for the
-// grid-limit checks, which must refuse before any block runs.
-PVM_EMU_API int pvm_emu_retrieval_fwd_dry(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv,
-                                          int64_t hd) {
-  cuemu::clear_last_message();
+// Retrieval parameters with the sizes set and nothing else (no buffers, no strides).
+static RetrievalParams sizes_only(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv, int64_t hd) {
   RetrievalParams p;
   p.B = B;
   p.T = T;
@@ -144,6 +141,15 @@ PVM_EMU_API int pvm_emu_retrieval_fwd_dry(int64_t B, int64_t T, int64_t H, int64
   p.Hkv = Hkv;
   p.Nv = Nv;
   p.hd = hd;
+  return p;
+}
+
+// The launch status of a retrieval forward over the given sizes, with no buffers: for the
+// grid-limit checks, which must refuse before any block runs.
+PVM_EMU_API int pvm_emu_retrieval_fwd_dry(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv,
+                                          int64_t hd) {
+  cuemu::clear_last_message();
+  const RetrievalParams p = sizes_only(B, T, H, Hkv, Nv, hd);
   return finish(pvm::cuda::retrieval_fwd(p, pvm::DType::kFloat32, nullptr));
 }
 
@@ -157,13 +163,7 @@ PVM_EMU_API int pvm_emu_retrieval_fwd_dry(int64_t B, int64_t T, int64_t H, int64
 PVM_EMU_API void pvm_emu_retrieval_plan_dtype(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t Nv,
                                               int64_t hd, int dtype, int64_t sm_count, int64_t force,
                                               int64_t* out) {
-  RetrievalParams p;
-  p.B = B;
-  p.T = T;
-  p.H = H;
-  p.Hkv = Hkv;
-  p.Nv = Nv;
-  p.hd = hd;
+  RetrievalParams p = sizes_only(B, T, H, Hkv, Nv, hd);
   const int64_t q_strides[4] = {T * H * hd, H * hd, hd, 1}, k_strides[4] = {Nv * Hkv * hd, Hkv * hd, hd, 1};
   for (int i = 0; i < 4; ++i) {
     p.q_stride[i] = p.o_stride[i] = p.dq_stride[i] = q_strides[i];
