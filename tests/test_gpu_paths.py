@@ -145,3 +145,54 @@ def test_triton_launch_grids_are_one_dimensional_within_the_x_limit(monkeypatch)
     assert grids["retrieval_bwd_dq_kernel"] == (-(-T * G // rows) * B * Hkv,)
     assert grids["retrieval_bwd_dkdv_kernel"] == (-(-Nv // keys) * B * Hkv,)
     assert all(len(g) == 1 and g[0] > 65_535 for g in grids.values())
+
+
+def _edge_cases_16bit(backend, device, dtype, hd):
+    """bf16 / fp16 at the head dims the tensor-core kernels take: NaN and inf in padded K/V
+    stay out, a sample with no visual token gets exactly 0 (and zero gradients), kv_len past
+    Nv and negative are clamped, a NaN query row is NaN and poisons nothing else."""
+    torch.manual_seed(hd)
+    B, T, H, Hkv, Nv = 3, 20, 4, 1, 130
+    q, k, v = (torch.randn(B, n, h, hd, dtype=torch.float64) for n, h in ((T, H), (Nv, Hkv), (Nv, Hkv)))
+    mask = torch.ones(B, Nv, dtype=torch.bool)
+    mask[0, 100:] = False
+    mask[1] = False                                    # no visual token
+    kv_len = torch.tensor([10**6, 7, -5], dtype=torch.int32)  # sample 2: no key either
+    k[0, 100:] = float("nan")
+    v[0, 100:] = float("inf")
+    q[0, 3, 1] = float("nan")                          # one NaN query row
+    qd, kd, vd = (t.to(dtype).to(device).requires_grad_() for t in (q, k, v))
+    out = pvm_retrieval(qd, kd, vd, mask.to(device), kv_len.to(device), backend=backend)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = out.detach().cpu().double()
+    assert torch.isnan(got[0, 3, 1]).all()
+    nan_row = torch.zeros_like(got, dtype=torch.bool)
+    nan_row[0, 3, 1] = True
+    assert not torch.isnan(got[~nan_row]).any()
+    assert (got[1:] == 0).all() and (kd.grad.cpu()[1:] == 0).all() and (vd.grad.cpu()[1:] == 0).all()
+    # sample 0 without its NaN row, against float64 on its 100 valid keys
+    q0 = q[0:1].clone()
+    q0[0, 3, 1] = 0
+    qr = q0.to(dtype).double().requires_grad_()
+    kr, vr = (t[0:1, :100].to(dtype).double().requires_grad_() for t in (k, v))
+    ref = retrieval_reference(qr, kr, vr)
+    keep = ~nan_row[0:1]
+    assert max_rel_err(got[0:1][keep], ref.detach()[keep]) < 2e-2
+
+
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,device", kernel_backend_params(("cuda",)))
+def test_16bit_edge_cases_on_the_gpu(backend, device, dtype, hd):
+    """On a GPU these run the tensor-core CUDA kernels and the 16-bit Triton tiles, whose
+    edge cases the rest of the suite checks on the GPU only in fp32."""
+    _edge_cases_16bit(backend, device, dtype, hd)
+
+
+def test_16bit_edge_cases_run_in_the_emulator(request):
+    """The same checks on the emulated CUDA kernels (CPU), so CI exercises the test code."""
+    request.getfixturevalue("emulated_backend")
+    from emu_support import BACKEND
+    for dtype in (torch.bfloat16, torch.float16):
+        _edge_cases_16bit(BACKEND, "cpu", dtype, 64)
