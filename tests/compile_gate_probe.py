@@ -63,22 +63,12 @@ def table_entry(key, fields):
     """Replace one retrieval table entry, compile its problem for both targets and return
     the gate's failures for it."""
     import compile_gate as gate
-    from pvm_kernels import pvm_retrieval
     from pvm_kernels.triton_ops import retrieval as R
     kernel, dc, bd, rc = key
     for arch in ("sm80", "sm90"):
         R.CONFIGS[(arch, kernel, dc, bd, rc)] = R.TileConfig(**fields)
-    dtype = torch.float32 if dc == "fp32" else torch.bfloat16
-    T, H, Hkv = (1, 4, 1) if rc == "decode" else (37, 4, 2)
-    records = []
-    for cap in (80, 90):
-        with gate.CompileSession(cap) as s:
-            s.context["config"] = lambda k: ("retrieval", R.config_key(
-                k, dtype, T * H // Hkv, bd, torch.device("cpu")))
-            q = torch.randn(2, T, H, bd, dtype=dtype, requires_grad=True)
-            kv = torch.randn(2, 77, Hkv, bd, dtype=dtype, requires_grad=True)
-            pvm_retrieval(q, kv, kv, None, None, backend="triton").sum().backward()
-        records += [vars(r) for r in s.records.values()]
+    records = [vars(r) for cap in (80, 90)
+               for r in gate.compile_entry_problem(cap, dc, bd, rc).records.values()]
     return {"failures": [f for f in gate.check(records, [80, 90], only="retrieval")
                          if "never compiled" not in f]}
 

@@ -276,6 +276,25 @@ class CompileSession:
             rec.problems.append(self.context["problem"])
 
 
+def compile_entry_problem(cap: int, dc: str, bd: int, rc: str) -> "CompileSession":
+    """Compile, for sm_<cap>, the forward + backward of the one small retrieval problem
+    that lands in table bucket (dtype class ``dc``, BLOCK_D ``bd``, row class ``rc``), with
+    whatever the table holds now; the session's records. For tools that try one entry
+    (tools/tile_sweep.py, tests/compile_gate_probe.py)."""
+    import torch
+    from pvm_kernels import pvm_retrieval
+    from pvm_kernels.triton_ops import retrieval as R
+    dtype = torch.float32 if dc == "fp32" else torch.bfloat16
+    T, H, Hkv = (1, 4, 1) if rc == "decode" else (37, 4, 2)
+    with CompileSession(cap) as s:
+        s.context["config"] = lambda k: ("retrieval", R.config_key(
+            k, dtype, T * H // Hkv, bd, torch.device("cpu")))
+        q = torch.randn(2, T, H, bd, dtype=dtype, requires_grad=True)
+        kv = torch.randn(2, 77, Hkv, bd, dtype=dtype, requires_grad=True)
+        pvm_retrieval(q, kv, kv, None, None, backend="triton").sum().backward()
+    return s
+
+
 def run_target(cap: int, progress: bool, only: Optional[str] = None) -> List[dict]:
     """Compile every specialisation for sm_<cap>; returns Compiled records as dicts."""
     with CompileSession(cap, progress, only) as session:

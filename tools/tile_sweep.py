@@ -47,24 +47,14 @@ _KERNEL_NAME = {"fwd": "retrieval_fwd_kernel", "dq": "retrieval_bwd_dq_kernel",
 def compile_candidate(cap: int, key: tuple, cand) -> dict:
     """Compile ``key``'s problem for sm_<cap> with the entry set to ``cand``; the verdict
     on the kernel that entry launches."""
-    import torch
-
     import compile_gate as gate
-    from pvm_kernels import pvm_retrieval
     from pvm_kernels.triton_ops import retrieval as R
 
     arch, kernel, dc, bd, rc = key
     previous = R.CONFIGS[key]
     R.CONFIGS[key] = cand
-    dtype = torch.float32 if dc == "fp32" else torch.bfloat16
-    T, H, Hkv = (1, 4, 1) if rc == "decode" else (37, 4, 2)
     try:
-        with gate.CompileSession(cap) as s:
-            s.context["config"] = lambda k: ("retrieval", R.config_key(
-                k, dtype, T * H // Hkv, bd, torch.device("cpu")))
-            q = torch.randn(2, T, H, bd, dtype=dtype, requires_grad=True)
-            kv = torch.randn(2, 77, Hkv, bd, dtype=dtype, requires_grad=True)
-            pvm_retrieval(q, kv, kv, None, None, backend="triton").sum().backward()
+        s = gate.compile_entry_problem(cap, dc, bd, rc)
     finally:
         R.CONFIGS[key] = previous
     recs = [r for r in s.records.values() if r.kernel == _KERNEL_NAME[kernel]]
