@@ -59,6 +59,20 @@ def test_extensions_use_the_shared_libstdcxx():
                        for line in symbols.splitlines()), f"{lib} carries its own libstdc++"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="needs Linux and readelf")
+def test_cpu_extension_runs_parallel_for_on_threads():
+    """at::parallel_for is a header template: built without -fopenmp its `omp parallel`
+    vanishes and every CPU kernel runs on one thread (found on the 2-core CI machine: no
+    speed-up from a second thread). Compiled with OpenMP, the library calls GOMP_parallel."""
+    cpu_libs = [p for p in _built_extensions() if os.path.basename(p).startswith("_C.")]
+    if not cpu_libs:
+        pytest.skip("no CPU extension built")
+    symbols = subprocess.run(["readelf", "-W", "--dyn-syms", cpu_libs[0]], capture_output=True,
+                             text=True).stdout
+    assert "GOMP_parallel" in symbols, f"{cpu_libs[0]} was compiled without OpenMP"
+
+
 @pytest.mark.parametrize("op", sorted(registration.SCHEMAS))
 def test_native_schema_matches_the_shared_schema(op):
     """csrc/ops.cpp must declare exactly the schemas the Python fakes and autograd assume."""
