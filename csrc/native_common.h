@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -147,6 +148,66 @@ inline Tensor softmax_bwd_delta(const Tensor& grad_out, const Tensor& out) {
   return grad_out.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1).transpose(1, 2).contiguous();
 }
 
+// ---- varlen (packed) retrieval: flash-attention's cu_seqlens layout ------------------------
+// q [total_q, H, hd]; k, v [total_k, Hkv, hd]; cu_seqlens_q / cu_seqlens_k int32 [N + 1],
+// contiguous, on q's device. Their values are not read here (that would sync a GPU): the
+// kernels clamp every bound (pvm_params.h, seq_*), and the Python op validates them on CPU.
+inline void check_cu_seqlens(const Tensor& cu, const char* name, const Tensor& q, int64_t n_plus_1) {
+  TORCH_CHECK(cu.defined() && cu.dim() == 1, name, " must be a 1-D int32 tensor [N + 1], got shape ",
+              cu.defined() ? cu.sizes() : at::IntArrayRef{});
+  check_tensor(cu, name, q, "q", at::kInt, {n_plus_1 < 0 ? cu.size(0) : n_plus_1});
+  TORCH_CHECK(cu.size(0) >= 1, name, " must hold at least one entry (N + 1 with N >= 0)");
+  TORCH_CHECK(cu.is_contiguous(), name, " must be contiguous, got strides ", cu.strides());
+}
+
+inline void check_retrieval_varlen_args(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                        int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  TORCH_CHECK(q.defined() && q.dim() == 3, "q must be 3-D [total_q, H, hd], got shape ",
+              q.defined() ? q.sizes() : at::IntArrayRef{});
+  check_float_dtype(q, "q");
+  TORCH_CHECK(k.defined() && k.dim() == 3, "k must be 3-D [total_k, Hkv, hd], got shape ",
+              k.defined() ? k.sizes() : at::IntArrayRef{});
+  const int64_t H = q.size(1), hd = q.size(2), total_k = k.size(0), Hkv = k.size(1);
+  check_tensor(k, "k", q, "q", q.scalar_type(), {total_k, Hkv, hd});
+  check_tensor(v, "v", q, "q", q.scalar_type(), {total_k, Hkv, hd});
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "q heads must be a multiple of k heads: ", H, " vs ", Hkv);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, -1);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, cu_seqlens_q.size(0));
+  TORCH_CHECK(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
+}
+
+// Varlen parameters: 3-D strides stored as {0, row, head, dim} (pvm_params.h).
+inline void copy_varlen_strides(const Tensor& t, int64_t* dst) {
+  dst[0] = 0;
+  for (int i = 0; i < 3; ++i) dst[i + 1] = t.stride(i);
+}
+
+inline RetrievalParams retrieval_varlen_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  RetrievalParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  copy_varlen_strides(q, p.q_stride);
+  copy_varlen_strides(k, p.k_stride);
+  copy_varlen_strides(v, p.v_stride);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  p.B = cu_seqlens_q.size(0) - 1;
+  p.T = max_seqlen_q;
+  p.H = q.size(1);
+  p.hd = q.size(2);
+  p.Nv = max_seqlen_k;
+  p.Hkv = k.size(1);
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
 inline void check_merge_args(const Tensor& e, const Tensor& gate,
                              const c10::optional<Tensor>& keep,
                              const c10::optional<Tensor>& ffn) {
@@ -222,6 +283,31 @@ inline void plan_retrieval_splits(RetrievalParams& p, const CudaDevice& device, 
 // the device-specific part (a CPU dtype dispatch or a checked CUDA launch). `device`: what
 // the CUDA kernels' plan needs (the CPU's default: no split, no tensor cores).
 
+// The forward after the checks, for either layout: p filled but for its outputs; out like q
+// and lse [B, H, T] or [H, total_q] already allocated.
+template <typename Launch>
+void launch_retrieval_fwd(RetrievalParams& p, const Tensor& q, const Tensor& out, const Tensor& lse,
+                          const CudaDevice& device, Launch&& launch) {
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  if (is_varlen(p)) {
+    copy_varlen_strides(out, p.o_stride);
+  } else {
+    copy_strides(out, p.o_stride);
+  }
+  plan_retrieval_splits(p, device, dtype_code(q));
+  p.row_splits = 1;  // the backward's split
+  Tensor o_part, lse_part;  // split partials: [splits, stat_rows, hd] and [splits, stat_rows]
+  if (p.kv_splits > 1) {
+    const int64_t n_stats = stat_rows(p);
+    o_part = new_output({p.kv_splits, n_stats, p.hd}, q.options().dtype(at::kFloat));
+    lse_part = new_output({p.kv_splits, n_stats}, q.options().dtype(at::kFloat));
+    p.o_part = o_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  launch(p);
+}
+
 template <typename Launch>
 std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const c10::optional<Tensor>& key_mask,
@@ -232,20 +318,25 @@ std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, co
   Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
   RetrievalParams p = retrieval_params(q, k, v, key_mask, kv_len, scale);
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  copy_strides(out, p.o_stride);
-  plan_retrieval_splits(p, device, dtype_code(q));
-  p.row_splits = 1;  // the backward's split
-  Tensor o_part, lse_part;  // split partials: [splits, B * H * T, hd] and [splits, B * H * T]
-  if (p.kv_splits > 1) {
-    const int64_t n_stats = p.B * p.H * p.T;
-    o_part = new_output({p.kv_splits, n_stats, p.hd}, q.options().dtype(at::kFloat));
-    lse_part = new_output({p.kv_splits, n_stats}, q.options().dtype(at::kFloat));
-    p.o_part = o_part.data_ptr<float>();
-    p.lse_part = lse_part.data_ptr<float>();
-  }
-  launch(p);
+  launch_retrieval_fwd(p, q, out, lse, device, std::forward<Launch>(launch));
+  return {out, lse};
+}
+
+// Varlen forward: out [total_q, H, hd] like q, lse [H, total_q] float32.
+template <typename Launch>
+std::tuple<Tensor, Tensor> retrieval_varlen_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                   int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                                   const CudaDevice& device, Launch&& launch) {
+  check_retrieval_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  // Rows no sequence owns (past cu_seqlens_q[N], as a serving engine's padded batch has) are
+  // never visited by a kernel: they stay 0. lse rows there are unspecified and never read.
+  Tensor out = at::zeros(q.sizes(), q.options());
+  Tensor lse = new_output({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0 || cu_seqlens_q.size(0) < 2) return {out, lse};
+  RetrievalParams p = retrieval_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                              max_seqlen_k, scale);
+  launch_retrieval_fwd(p, q, out, lse, device, std::forward<Launch>(launch));
   return {out, lse};
 }
 
@@ -255,6 +346,41 @@ std::tuple<Tensor, Tensor> retrieval_fwd_op(const Tensor& q, const Tensor& k, co
                                             const c10::optional<Tensor>& kv_len, double scale,
                                             Launch&& launch) {
   return retrieval_fwd_op(q, k, v, key_mask, kv_len, scale, CudaDevice{}, std::forward<Launch>(launch));
+}
+
+// The backward after the checks, for either layout: p filled with the forward's inputs;
+// dq, dk, dv allocated; delta laid out like lse.
+template <typename Launch>
+void launch_retrieval_bwd(RetrievalParams& p, const Tensor& grad_out, const Tensor& q, const Tensor& lse,
+                          const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                          const CudaDevice& device, Launch&& launch) {
+  p.grad_out = grad_out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  if (is_varlen(p)) {
+    copy_varlen_strides(grad_out, p.o_stride);
+    copy_varlen_strides(dq, p.dq_stride);
+    copy_varlen_strides(dk, p.dkv_stride);
+  } else {
+    copy_strides(grad_out, p.o_stride);
+    copy_strides(dq, p.dq_stride);
+    copy_strides(dk, p.dkv_stride);
+  }
+  plan_retrieval_splits(p, device, dtype_code(q));
+  p.kv_splits = 1;  // the forward's split
+  Tensor dk_part, dv_part;  // split partials: [splits, key_rows, Hkv, hd] each, contiguous
+  if (p.row_splits > 1 && dk.numel() > 0) {
+    dk_part = new_output({p.row_splits, key_rows(p), p.Hkv, p.hd}, q.options().dtype(at::kFloat));
+    dv_part = new_output({p.row_splits, key_rows(p), p.Hkv, p.hd}, q.options().dtype(at::kFloat));
+    p.dk_part = dk_part.data_ptr<float>();
+    p.dv_part = dv_part.data_ptr<float>();
+  } else {
+    p.row_splits = 1;
+  }
+  launch(p);
 }
 
 template <typename Launch>
@@ -274,27 +400,32 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_op(
   }
   const Tensor delta = softmax_bwd_delta(grad_out, out);
   RetrievalParams p = retrieval_params(q, k, v, key_mask, kv_len, scale);
-  p.grad_out = grad_out.data_ptr();
-  copy_strides(grad_out, p.o_stride);
-  p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  copy_strides(dq, p.dq_stride);
-  copy_strides(dk, p.dkv_stride);
-  plan_retrieval_splits(p, device, dtype_code(q));
-  p.kv_splits = 1;  // the forward's split
-  Tensor dk_part, dv_part;  // split partials: [splits, B, Nv, Hkv, hd] each, contiguous
-  if (p.row_splits > 1 && dk.numel() > 0) {
-    dk_part = new_output({p.row_splits, p.B, p.Nv, p.Hkv, p.hd}, q.options().dtype(at::kFloat));
-    dv_part = new_output({p.row_splits, p.B, p.Nv, p.Hkv, p.hd}, q.options().dtype(at::kFloat));
-    p.dk_part = dk_part.data_ptr<float>();
-    p.dv_part = dv_part.data_ptr<float>();
-  } else {
-    p.row_splits = 1;
-  }
-  launch(p);
+  launch_retrieval_bwd(p, grad_out, q, lse, delta, dq, dk, dv, device, std::forward<Launch>(launch));
+  return {dq, dk, dv};
+}
+
+// Varlen backward: grad_out and out like q, lse [H, total_q] float32 contiguous. Keys of no
+// sequence (outside every [cu_seqlens_k[b], cu_seqlens_k[b + 1])) get exactly 0 gradient.
+template <typename Launch>
+std::tuple<Tensor, Tensor, Tensor> retrieval_varlen_bwd_op(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, const CudaDevice& device, Launch&& launch) {
+  check_retrieval_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_tensor(grad_out, "grad_out", q, "q", q.scalar_type(), q.sizes());
+  check_tensor(out, "out", q, "q", q.scalar_type(), q.sizes());
+  check_tensor(lse, "lse", q, "q", at::kFloat, {q.size(1), q.size(0)});
+  TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous, got strides ", lse.strides());
+  // Rows and keys no sequence owns are never visited by a kernel: their gradients stay 0.
+  Tensor dq = at::zeros(q.sizes(), q.options());
+  Tensor dk = at::zeros(k.sizes(), k.options());
+  Tensor dv = at::zeros(v.sizes(), v.options());
+  if (q.numel() == 0 || cu_seqlens_q.size(0) < 2) return {dq, dk, dv};
+  // delta[h, i] = <grad_out[i, h], out[i, h]>: [H, total_q], laid out like lse.
+  const Tensor delta = grad_out.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1).t().contiguous();
+  RetrievalParams p = retrieval_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                              max_seqlen_k, scale);
+  launch_retrieval_bwd(p, grad_out, q, lse, delta, dq, dk, dv, device, std::forward<Launch>(launch));
   return {dq, dk, dv};
 }
 

@@ -21,6 +21,11 @@ TORCH_LIBRARY_FRAGMENT(pvm_kernels, m) {
         "float scale) -> (Tensor, Tensor)");
   m.def("native_retrieval_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, Tensor? key_mask, Tensor? kv_len, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("native_retrieval_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale) -> (Tensor, Tensor)");
+  m.def("native_retrieval_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
   m.def("native_merge_fwd(Tensor expanded, Tensor gate, Tensor? keep, Tensor? ffn_output, "
         "float eps) -> (Tensor, Tensor)");
   m.def("native_merge_bwd(Tensor grad_out, Tensor expanded, Tensor gate, Tensor? keep, "

@@ -59,7 +59,85 @@ struct RetrievalParams {
   // its own decision (the rule on the tensors' pointers, and not PVM_CUDA_TENSOR_CORES=0),
   // which the launcher then obeys.
   bool tensor_cores = true;
+
+  // Varlen (packed) layout, flash-attention's flash_attn_varlen_func convention: set when
+  // cu_seqlens_q is non-null (cu_seqlens_k then too; key_mask and kv_len are null). q, out,
+  // grad_out and dq are then [total_q, H, hd] and k, v, dk, dv [total_k, Hkv, hd], stored
+  // in the 4-entry stride arrays as {0, row, head, dim} (entry 0 unused); B is the number of
+  // sequences, T = max_seqlen_q and Nv = max_seqlen_k bound the launch grids, and sequence
+  // b owns query rows [q_begin, q_begin + q_len) and keys [k_begin, k_begin + k_len) (the
+  // clamped accessors below). lse / delta are [H, total_q] float32 (flash-attention's
+  // varlen lse); the split partials are indexed like them (o_part [kv_splits, H * total_q,
+  // hd]) and dk_part / dv_part are [row_splits, total_k, Hkv, hd]. Use the accessors
+  // (seq_*, row_base, key_base, stat_row, key_row) in every kernel, never b * stride[0],
+  // so one kernel body serves both layouts.
+  const int32_t* cu_seqlens_q = nullptr;  // [B + 1] int32, nullable
+  const int32_t* cu_seqlens_k = nullptr;  // [B + 1] int32, nullable
+  int64_t total_q = 0, total_k = 0;       // rows of the packed q and k (varlen only)
 };
+
+// Host and device under nvcc; plain inline in the CPU build and the CUDA emulator (host code).
+#if defined(__CUDACC__)
+#define PVM_HD __host__ __device__ __forceinline__
+#else
+#define PVM_HD inline
+#endif
+
+// ---- where a sequence lives: one set of accessors for the padded and the varlen layout ----
+// Every varlen bound is clamped, as kv_len is: whatever cu_seqlens holds (unsorted, negative,
+// past the end, longer than max_seqlen), no kernel reads or writes outside the packed
+// tensors. q_begin(b) = clamp(cu[b], 0, total); q_len(b) = clamp(cu[b + 1], q_begin, total)
+// - q_begin, at most T (max_seqlen_q). Inputs the op layer validates (CPU) are exact.
+PVM_HD bool is_varlen(const RetrievalParams& p) { return p.cu_seqlens_q != nullptr; }
+
+PVM_HD int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+PVM_HD int64_t seq_q_begin(const RetrievalParams& p, int64_t b) {
+  return is_varlen(p) ? clamp64(p.cu_seqlens_q[b], 0, p.total_q) : 0;
+}
+// Query tokens of sequence b (padded: T).
+PVM_HD int64_t seq_q_len(const RetrievalParams& p, int64_t b) {
+  if (!is_varlen(p)) return p.T;
+  const int64_t begin = seq_q_begin(p, b);
+  return clamp64(clamp64(p.cu_seqlens_q[b + 1], begin, p.total_q) - begin, 0, p.T);
+}
+PVM_HD int64_t seq_k_begin(const RetrievalParams& p, int64_t b) {
+  return is_varlen(p) ? clamp64(p.cu_seqlens_k[b], 0, p.total_k) : 0;
+}
+// One past the last key of sequence b: varlen, its key count (at most Nv = max_seqlen_k);
+// padded, kv_len[b] clamped to [0, Nv] (above Nv means every key, 0 or below none), or Nv.
+PVM_HD int64_t seq_k_len(const RetrievalParams& p, int64_t b) {
+  if (is_varlen(p)) {
+    const int64_t begin = seq_k_begin(p, b);
+    return clamp64(clamp64(p.cu_seqlens_k[b + 1], begin, p.total_k) - begin, 0, p.Nv);
+  }
+  return p.kv_len ? clamp64(p.kv_len[b], 0, p.Nv) : p.Nv;
+}
+// Element offset of token t = 0 of sequence b in a q-like tensor with strides s (q, out,
+// grad_out, dq): add t * s[1] + head * s[2] + d * s[3].
+PVM_HD int64_t row_base(const RetrievalParams& p, const int64_t* s, int64_t b) {
+  return is_varlen(p) ? seq_q_begin(p, b) * s[1] : b * s[0];
+}
+// Element offset of key n = 0 of sequence b in a k-like tensor with strides s (k, v, dk, dv).
+PVM_HD int64_t key_base(const RetrievalParams& p, const int64_t* s, int64_t b) {
+  return is_varlen(p) ? seq_k_begin(p, b) * s[1] : b * s[0];
+}
+// Index of (sequence b, query head h, token t) in lse / delta / the forward's partials:
+// padded (b * H + h) * T + t ([B, H, T]); varlen h * total_q + q_begin(b) + t ([H, total_q]).
+PVM_HD int64_t stat_row(const RetrievalParams& p, int64_t b, int64_t h, int64_t t) {
+  return is_varlen(p) ? h * p.total_q + seq_q_begin(p, b) + t : (b * p.H + h) * p.T + t;
+}
+// Rows of lse / delta (and of one forward partial): B * H * T, or H * total_q.
+PVM_HD int64_t stat_rows(const RetrievalParams& p) {
+  return is_varlen(p) ? p.H * p.total_q : p.B * p.H * p.T;
+}
+// Index of key n of sequence b among the key rows of dk_part / dv_part ([.., B * Nv, ..] or
+// [.., total_k, ..]); times Hkv * hd for the element offset of KV head 0.
+PVM_HD int64_t key_row(const RetrievalParams& p, int64_t b, int64_t n) {
+  return is_varlen(p) ? seq_k_begin(p, b) + n : b * p.Nv + n;
+}
+// Key rows of one dK/dV partial: B * Nv, or total_k.
+PVM_HD int64_t key_rows(const RetrievalParams& p) { return is_varlen(p) ? p.total_k : p.B * p.Nv; }
 
 // Tiles of the CUDA retrieval kernels, which the split plan counts in.
 constexpr int64_t kRetrievalKeyTile = 32;      // keys staged per step: one per lane

@@ -1,13 +1,14 @@
 """pvm-kernels: fused kernels and modules for Persistent Visual Memory (arXiv 2605.00814).
 
 Public API: ``FusedPVM``, ``PVMConfig``, ``VisualMemory``, ``available_backends``, the
-functional ops ``pvm_retrieval`` / ``pvm_merge``, and the Qwen3-VL integration
+functional ops ``pvm_retrieval`` / ``pvm_retrieval_varlen`` / ``pvm_merge``, and the Qwen3-VL integration
 ``apply_pvm_to_qwen3_vl`` / ``load_pvm_qwen3_vl`` (transformers imported only when called).
 """
 from .config import PVMConfig, PVMDims
-from .memory import VisualMemory
+from .memory import PackedVisualMemory, VisualMemory
 from .modules import FusedPVM
-from .ops import available_backends, backend_status, pvm_merge, pvm_retrieval
+from .ops import (available_backends, backend_status, cu_seqlens_from_lengths, pvm_merge,
+                  pvm_retrieval, pvm_retrieval_varlen)
 
 
 def apply_pvm_to_qwen3_vl(model, layers=None, pvm_hidden_size=None, backend=None):
@@ -24,6 +25,7 @@ def load_pvm_qwen3_vl(path, **from_pretrained_kwargs):
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedPVM", "PVMConfig", "PVMDims", "VisualMemory", "available_backends",
-           "backend_status", "pvm_retrieval", "pvm_merge", "apply_pvm_to_qwen3_vl", "load_pvm_qwen3_vl",
+__all__ = ["FusedPVM", "PVMConfig", "PVMDims", "VisualMemory", "PackedVisualMemory", "available_backends",
+           "backend_status", "pvm_retrieval", "pvm_retrieval_varlen", "cu_seqlens_from_lengths",
+           "pvm_merge", "apply_pvm_to_qwen3_vl", "load_pvm_qwen3_vl",
            "__version__"]

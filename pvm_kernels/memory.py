@@ -57,3 +57,36 @@ class VisualMemory:
         pick = lambda t: None if t is None else t.index_select(0, batch_index)  # noqa: E731
         return VisualMemory(pick(self.key), pick(self.value), pick(self.key_mask),
                             pick(self.kv_len), pick(self.has_visual))
+
+
+@dataclass(frozen=True)
+class PackedVisualMemory:
+    """Visual keys/values of N packed sequences (varlen layout, flash-attention's cu_seqlens).
+
+    Built by ``FusedPVM.encode_visual_varlen``; passed as ``visual`` to
+    ``FusedPVM.forward_varlen``. Sequence b's visual tokens are rows
+    ``cu_seqlens[b]:cu_seqlens[b + 1]``; a sequence with none has no row at all.
+
+    Attributes:
+        key:        [total_k, Hkv, hd] k-normed visual keys (dtype of the block).
+        value:      [total_k, Hkv, hd] visual values.
+        cu_seqlens: [N + 1] int32 cumulative visual-token counts.
+        max_seqlen: the most visual tokens of one sequence (a Python int: sizes grids).
+        has_visual: [N] bool, the sequence has at least one visual token.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    has_visual: torch.Tensor
+
+    @classmethod
+    def from_kv(cls, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int) -> "PackedVisualMemory":
+        """Wrap packed keys/values; has_visual from the lengths on device (no host sync)."""
+        return cls(key, value, cu_seqlens, int(max_seqlen), cu_seqlens[1:] > cu_seqlens[:-1])
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.shape[0] - 1

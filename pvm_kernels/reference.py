@@ -74,6 +74,28 @@ def retrieval_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.einsum("bhtn,bnhd->bthd", p, vx).to(q.dtype)
 
 
+def retrieval_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                               scale: Optional[float] = None) -> torch.Tensor:
+    """The packed (varlen) retrieval, one sequence at a time through ``retrieval_reference``.
+
+    q [total_q, H, hd]; k, v [total_k, Hkv, hd]; cu_seqlens_q / cu_seqlens_k int32 [N + 1]
+    (flash-attention's cumulative lengths). Query rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]
+    attend to keys cu_seqlens_k[b]:cu_seqlens_k[b + 1] only; a sequence with no key, and
+    rows of no sequence, give exactly 0. Returns [total_q, H, hd] in q.dtype. Reads the
+    lengths on the host (a device sync): a specification, not a kernel.
+    """
+    # Zeros that still belong to q's graph (zero gradient, NaN-safe): rows no sequence owns.
+    out = torch.where(torch.zeros_like(q, dtype=torch.bool), q, 0.0)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        if q1 > q0 and k1 > k0:
+            out[q0:q1] = retrieval_reference(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                                             None, scale)[0]
+    return out
+
+
 def merge_reference(expanded: torch.Tensor, gate: torch.Tensor,
                     keep: Optional[torch.Tensor] = None,
                     ffn_output: Optional[torch.Tensor] = None,

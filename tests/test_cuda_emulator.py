@@ -464,14 +464,14 @@ def test_selftest_dynamic_shared_memory_overflow_faults(lib):
 def test_selftest_fault_in_a_real_kernel_fails_the_op(lib):
     """An out-of-bounds access in one of the project's kernels reaches Python as the CUDA
     backend's RuntimeError, with the emulator's report (here: a kernel library built with
-    key_end ignoring Nv, i.e. without the kv_len clamp; key_end lives in retrieval_common.cuh)."""
-    src = open(os.path.join(REPO, "csrc", "cuda", "retrieval_common.cuh")).read()
-    clamp = "return n < 0 ? 0 : (n > p.Nv ? p.Nv : n);"
+    seq_k_len ignoring Nv, i.e. without the kv_len clamp; seq_k_len lives in pvm_params.h)."""
+    src = open(os.path.join(REPO, "csrc", "pvm_params.h")).read()
+    clamp = "return p.kv_len ? clamp64(p.kv_len[b], 0, p.Nv) : p.Nv;"
     assert clamp in src
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(os.path.join(REPO, "csrc"), os.path.join(tmp, "csrc"))
-        path = os.path.join(tmp, "csrc", "cuda", "retrieval_common.cuh")
-        open(path, "w").write(src.replace(clamp, "return n;"))
+        path = os.path.join(tmp, "csrc", "pvm_params.h")
+        open(path, "w").write(src.replace(clamp, "return p.kv_len ? p.kv_len[b] : p.Nv;"))
         unclamped = emulator.build_kernel_lib(csrc=os.path.join(tmp, "csrc"))
     old = os.environ[emulator.LIB_ENV]
     os.environ[emulator.LIB_ENV] = unclamped

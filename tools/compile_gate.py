@@ -3,16 +3,17 @@ compiled for sm_80 (A100) and sm_90 (H100/H200) on a machine with no GPU.
 
 Triton's CPU interpreter runs kernels as Python and accepts code the GPU compiler rejects;
 this gate runs the GPU compiler. It drives the real launchers through the public ops
-(``pvm_retrieval``, ``pvm_merge``, forward and backward) on CPU tensors, with Triton's
-driver replaced by a stand-in that names the target GPU and every launch turned into
-``warmup`` (compile, never run). The problems come from the launchers' own configuration
+(``pvm_retrieval``, ``pvm_retrieval_varlen``, ``pvm_merge``, forward and backward) on CPU
+tensors, with Triton's driver replaced by a stand-in that names the target GPU and every
+launch turned into ``warmup`` (compile, never run). The problems come from the launchers' own configuration
 tables (``triton_ops/retrieval.py:CONFIGS``, ``triton_ops/merge.py:CONFIGS``) times the
 dtypes and flags the launchers can pass, so a new table entry cannot escape the gate.
 
 For each compiled kernel it reads registers, shared memory and local memory (spills) from
 the cubin with the ``cuobjdump`` Triton ships, and fails on: a compile error, shared memory
-above the target's per-block limit, any spill, a table entry no launch reached, or one table
-entry compiling to more than one specialisation (the launchers promise a closed set).
+above the target's per-block limit, any spill, a table entry no launch reached (a retrieval
+entry: in either layout, padded or varlen), or one table entry compiling to more than one
+specialisation per layout (the launchers promise a closed set).
 
     python tools/compile_gate.py                      # both targets, 2 processes
     python tools/compile_gate.py --markdown docs/kernel_resources.md --json out.json
@@ -61,6 +62,7 @@ class Compiled:
     error: Optional[str] = None
     launches: int = 0
     problems: List[str] = field(default_factory=list)
+    layout: str = ""            # retrieval: "padded" or "varlen" (VARLEN); merge: ""
 
 
 def blocks_per_sm(c: Compiled) -> int:
@@ -134,9 +136,11 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
             continue
         for dtype in dtypes[dc]:
             # The bucket's own head dim without masks, then its smallest with masks, kv_len
-            # past Nv and transposed storage: all must compile to the same variant.
-            problems.append(("retrieval", dtype, bd, rc, False))
-            problems.append(("retrieval", dtype, bd, rc, True))
+            # past Nv and transposed storage: all must compile to the same variant. The
+            # same twice packed (varlen): own head dim, then smallest with transposed storage.
+            for varlen in (False, True):
+                problems.append(("retrieval", dtype, bd, rc, False, varlen))
+                problems.append(("retrieval", dtype, bd, rc, True, varlen))
     for (kernel, dc, bd) in sorted(merge_mod.CONFIGS):
         if kernel != "fwd":  # the backward of each forward reaches the bwd entry
             continue
@@ -152,8 +156,15 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
               dynamic_ncols=True) as bar:
         for prob in problems:
             context["problem"] = f"{prob[0]} {prob[1:]}"
-            if prob[0] == "retrieval":
-                _, dtype, bd, rc, varied = prob
+            if prob[0] == "retrieval" and prob[5]:
+                _, dtype, bd, rc, varied, _ = prob
+                T, H, Hkv = rows_for[rc]
+                hd = (bd // 2 + 8 if bd > 16 else 8) if varied else bd
+                context["config"] = lambda kernel, rows=T * (H // Hkv), hd=hd, dtype=dtype: (
+                    "retrieval", retr_mod.config_key(kernel, dtype, rows, hd, torch.device("cpu")))
+                run_varlen_problem(dtype, T, H, Hkv, hd, transposed=varied)
+            elif prob[0] == "retrieval":
+                _, dtype, bd, rc, varied, _ = prob
                 T, H, Hkv = rows_for[rc]
                 B, Nv = 2, 77
                 hd = (bd // 2 + 8 if bd > 16 else 8) if varied else bd  # 8, 24, 40, 72, 136
@@ -224,7 +235,8 @@ class CompileSession:
         register_backend(Backend("triton", self._real.retrieval, self._real.merge,
                                  check=lambda _: None, default_rank=self._real.default_rank,
                                  dtypes=self._real.dtypes,
-                                 head_dim_check=self._real.head_dim_check))
+                                 head_dim_check=self._real.head_dim_check,
+                                 retrieval_varlen=self._real.retrieval_varlen))
         self._original_run = JITFunction.run
         session = self
 
@@ -251,7 +263,7 @@ class CompileSession:
         _, _, _, _, binder = fn.device_caches[0]
         bound, specialization, _ = binder(*args, **kwargs)
         constexprs = {k: v for k, v in bound.items() if isinstance(v, (bool, int))
-                      and k.startswith(("BLOCK", "HAS", "ALIGNED", "FP32", "UPCAST"))}
+                      and k.startswith(("BLOCK", "HAS", "ALIGNED", "FP32", "UPCAST", "VARLEN"))}
         dtype = str(bound[next(iter(bound))].dtype).replace("torch.", "")
         sig = repr(specialization) + repr(sorted(kwargs.items()))
         table, entry = self.context["config"](_KERNEL_TABLE_NAME[name])
@@ -259,7 +271,8 @@ class CompileSession:
         if rec is None:
             cfg = TABLES[table]()[entry]
             rec = self.records[(name, sig)] = Compiled(
-                kernel=name, target=self.cap, table=table, entries=[], config=repr(cfg),
+                kernel=name, target=self.cap, table=table, entries=[],
+                layout=_layout(table, constexprs), config=repr(cfg),
                 dtype=dtype, constexprs=constexprs, signature=sig,
                 num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
             try:
@@ -276,11 +289,33 @@ class CompileSession:
             rec.problems.append(self.context["problem"])
 
 
+def run_varlen_problem(dtype, T: int, H: int, Hkv: int, hd: int, transposed: bool = False,
+                       Nv: int = 77) -> None:
+    """Forward + backward of the varlen (packed) retrieval on the triton backend for CPU
+    tensors: two sequences, the longer of T query tokens and Nv keys (max_seqlen_q /
+    max_seqlen_k, as a padded problem's T and Nv), then rows and keys of no sequence;
+    ``transposed``: q stored head-major (a strided view)."""
+    import torch
+    from pvm_kernels import pvm_retrieval_varlen
+    q_lens, k_lens = (T, max(T // 2, 1)), (Nv, Nv // 2 + 2)
+    total_q, total_k = sum(q_lens) + 3, sum(k_lens) + 5
+    q = torch.randn(H, total_q, hd, dtype=dtype).transpose(0, 1) if transposed else \
+        torch.randn(total_q, H, hd, dtype=dtype)
+    q.requires_grad_()
+    k = torch.randn(total_k, Hkv, hd, dtype=dtype, requires_grad=True)
+    v = torch.randn(total_k, Hkv, hd, dtype=dtype, requires_grad=True)
+    cu_q = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32)
+    cu_k = torch.tensor([0, k_lens[0], sum(k_lens)], dtype=torch.int32)
+    out = pvm_retrieval_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), backend="triton")
+    out.backward(torch.randn_like(out))
+
+
 def compile_entry_problem(cap: int, dc: str, bd: int, rc: str) -> "CompileSession":
     """Compile, for sm_<cap>, the forward + backward of the one small retrieval problem
-    that lands in table bucket (dtype class ``dc``, BLOCK_D ``bd``, row class ``rc``), with
-    whatever the table holds now; the session's records. For tools that try one entry
-    (tools/tile_sweep.py, tests/compile_gate_probe.py)."""
+    that lands in table bucket (dtype class ``dc``, BLOCK_D ``bd``, row class ``rc``), in
+    both layouts (padded, then varlen), with whatever the table holds now; the session's
+    records. For tools that try one entry (tools/tile_sweep.py,
+    tests/compile_gate_probe.py)."""
     import torch
     from pvm_kernels import pvm_retrieval
     from pvm_kernels.triton_ops import retrieval as R
@@ -292,6 +327,7 @@ def compile_entry_problem(cap: int, dc: str, bd: int, rc: str) -> "CompileSessio
         q = torch.randn(2, T, H, bd, dtype=dtype, requires_grad=True)
         kv = torch.randn(2, 77, Hkv, bd, dtype=dtype, requires_grad=True)
         pvm_retrieval(q, kv, kv, None, None, backend="triton").sum().backward()
+        run_varlen_problem(dtype, T, H, Hkv, bd)
     return s
 
 
@@ -329,12 +365,24 @@ def _dtype_class(table: str, key: tuple) -> str:
     return key[2] if table == "retrieval" else key[1]
 
 
+#: The layouts each table's launchers compile: the retrieval's padded and varlen (packed,
+#: VARLEN=True) kernels; the merge has one.
+LAYOUTS = {"retrieval": ("padded", "varlen"), "merge": ("",)}
+
+
+def _layout(table: str, constexprs: Dict[str, object]) -> str:
+    if table != "retrieval":
+        return ""
+    return "varlen" if constexprs.get("VARLEN") else "padded"
+
+
 def expected_entries(cap: int) -> set:
-    """(table, entry, dtype) that target sm_<cap> must have compiled: read from the tables
-    (its own architecture's retrieval entries, every merge entry)."""
-    return {(table, repr(key), dt) for table, get in TABLES.items() for key in get()
+    """(table, entry, dtype, layout) that target sm_<cap> must have compiled: read from the
+    tables (its own architecture's retrieval entries in both layouts, every merge entry)."""
+    return {(table, repr(key), dt, layout) for table, get in TABLES.items() for key in get()
             if _table_arch(table, key) in (None, cap)
-            for dt in DTYPES_OF_CLASS[_dtype_class(table, key)]}
+            for dt in DTYPES_OF_CLASS[_dtype_class(table, key)]
+            for layout in LAYOUTS[table]}
 
 
 def uncovered_inputs() -> List[str]:
@@ -360,7 +408,8 @@ def uncovered_inputs() -> List[str]:
 
 
 def _entries(rec: dict) -> List[tuple]:
-    return [(rec["table"], entry, rec["dtype"]) for entry in rec["entries"]]
+    layout = rec.get("layout", _layout(rec["table"], rec["constexprs"]))
+    return [(rec["table"], entry, rec["dtype"], layout) for entry in rec["entries"]]
 
 
 def check(records: List[dict], targets: List[int], only: Optional[str] = None) -> List[str]:
@@ -406,7 +455,7 @@ def _rows(records: List[dict]) -> Dict[tuple, Dict[int, dict]]:
             continue
         c = r["constexprs"]
         tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in c)
-        flags = ",".join(k.lower() for k in ("HAS_FFN", "ALIGNED") if c.get(k))
+        flags = ",".join(k.lower() for k in ("HAS_FFN", "ALIGNED", "VARLEN") if c.get(k))
         key = (r["kernel"], r["dtype"], tile, flags, r["num_warps"], r["num_stages"])
         cell = rows[key].get(r["target"])
         # Several specialisations may share a row (merge: gate dtype): show the worst.
@@ -453,7 +502,8 @@ def markdown(records: List[dict]) -> Tuple[str, str]:
            made + ": every specialisation the launchers can produce, compiled ahead of time "
            "for sm_90 (H100) and sm_80 (A100) on a machine with no GPU. Registers and local "
            "memory (spill) per thread, shared memory per block, resident blocks per SM from "
-           "registers, shared memory and threads. Merge rows differ in flags (has_ffn: the "
+           "registers, shared memory and threads. Retrieval rows flagged varlen are the packed "
+           "(cu_seqlens) kernels. Merge rows differ in flags (has_ffn: the "
            "FFN output is fused; aligned: 16-byte vector loads); of a row's gate dtypes the "
            "worst is shown.", ""] + _table(rows)
     readme = [README_BEGIN, "", made + "; the 8B shapes (head dim 128, D 4096), every row "

@@ -86,12 +86,12 @@ MUTANTS = {
     "fwd_empty_row_divides": ("forward: a row with no valid key divides by l = 0", [
         (FWD, "l[h] = has ? 1.f / l[h] : 0.f;", "l[h] = 1.f / l[h];")], FWD_TESTS),
     "fwd_gqa_head_wrong": ("forward: packed row r read from head kvh + r % G (not kvh * G + r % G)", [
-        (COMMON, "  return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];",
-         "  return b * s[0] + (r / G) * s[1] + (kvh + r % G) * s[2];")], FWD_TESTS),
+        (COMMON, "  return base + (r / G) * s[1] + (kvh * G + r % G) * s[2];",
+         "  return base + (r / G) * s[1] + (kvh + r % G) * s[2];")], FWD_TESTS),
     "fwd_tile_stride_wrong": ("forward: tile j + 1 staged from keys 32 (j + 1), not 64 (j + 1)", [
         (FWD, "n_begin + int64_t{j + 1} * kKeys", "n_begin + int64_t{j + 1} * 32")], FWD_TESTS),
     "fwd_split_slice_wrong": ("forward: every split writes split 0's slice of o_part / lse_part", [
-        (FWD, "const int64_t part = split * (p.B * p.H * p.T) + stat_index(p, b, G, kvh, r);",
+        (FWD, "const int64_t part = split * stat_rows(p) + stat_index(p, b, G, kvh, r);",
          "const int64_t part = 0 * split + stat_index(p, b, G, kvh, r);")], FWD_TESTS),
     "fwd_out_halves_swapped": ("forward: the two dims of each output store swapped", [
         (FWD, "pack2<T>(o[nt][2 * h] * l[h], o[nt][2 * h + 1] * l[h])",
@@ -127,7 +127,7 @@ MUTANTS = {
         (BWD, "const bool ok = d < hd && key_valid(p, c.b, n, n_end);", "const bool ok = d < hd && n < p.Nv + 0 * n_end;")],
         BWD_TESTS),
     "bwd_split_slice_wrong": ("backward: dK/dV partials at [b][split] instead of [split][b]", [
-        (BWD, "const int64_t part0 = (c.split * p.B + c.b) * p.Nv;",
+        (BWD, "const int64_t part0 = c.split * key_rows(p) + key_row(p, c.b, 0);",
          "const int64_t part0 = (c.b * p.row_splits + c.split) * p.Nv;")], BWD_TESTS),
     "bwd_split_rows_offset": ("backward: every split after the first starts one 64-row step late", [
         (BWD, "const int64_t r_begin = c.split * p.split_rows;",

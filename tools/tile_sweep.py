@@ -60,7 +60,8 @@ def compile_candidate(cap: int, key: tuple, cand) -> dict:
     recs = [r for r in s.records.values() if r.kernel == _KERNEL_NAME[kernel]]
     if not recs:
         return dict(ok=False, why="no launch reached the entry")
-    r = recs[0]
+    # The worst of its layouts (padded, varlen): every one must pass.
+    r = max(recs, key=lambda r: (r.error is not None, r.local, r.shared, r.registers))
     limit = gate.TARGETS[cap]["smem_block"]
     why = ("compile error: " + r.error.splitlines()[0]) if r.error else \
         f"spill {r.local} B" if r.local else \

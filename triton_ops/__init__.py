@@ -4,6 +4,7 @@ Kernel files know nothing of autograd, modules or transformers; ``pvm_kernels.op
 them. Import this package only after deciding on ``TRITON_INTERPRET`` (it imports triton).
 """
 from .merge import merge_bwd, merge_fwd
-from .retrieval import retrieval_bwd, retrieval_fwd
+from .retrieval import retrieval_bwd, retrieval_fwd, retrieval_varlen_bwd, retrieval_varlen_fwd
 
-__all__ = ["retrieval_fwd", "retrieval_bwd", "merge_fwd", "merge_bwd"]
+__all__ = ["retrieval_fwd", "retrieval_bwd", "retrieval_varlen_fwd", "retrieval_varlen_bwd",
+           "merge_fwd", "merge_bwd"]

@@ -13,6 +13,18 @@ Layouts: q/out [B, T, H, hd]; k/v [B, Nv, Hkv, hd]; lse [B, H, T] float32 (natur
 -inf for a row with no valid key); key_mask [B, Nv] (nonzero = valid); kv_len [B] int32,
 clamped to [0, Nv] in the kernels (above Nv: every key; 0 or below: none).
 
+Varlen (packed, flash-attention's cu_seqlens; ``VARLEN=True``, csrc/pvm_params.h's
+contract): q/out [total_q, H, hd]; k/v [total_k, Hkv, hd]; N sequences, sequence b owning
+query rows [cu_q[b], cu_q[b + 1]) and keys [cu_k[b], cu_k[b + 1]), every bound clamped
+into [0, total] and to at most max_seqlen_q / max_seqlen_k rows; lse [H, total_q]; no
+key_mask or kv_len. The same kernel bodies serve both layouts: where a sequence lives
+(its base offsets, row count, key end, statistics index) comes from small helpers with a
+constexpr branch, and T / NV are max_seqlen_q / max_seqlen_k, which size the grids.
+Programs whose block starts past their sequence's rows (or keys) do nothing: the forward
+returns at once, the others loop over nothing with every access masked off (_none_past:
+an early return made ptxas spill there); rows and keys of no sequence are never visited
+(the launchers allocate those outputs zeroed).
+
 Specialisation is closed: every runtime integer is passed unspecialised (sizes int32,
 strides int64), so the compiled variants are exactly the constexpr combinations of
 ``CONFIGS`` x dtype, a finite set the ahead-of-time compile gate (tools/compile_gate.py)
@@ -52,7 +64,12 @@ DECODE_ROWS = 16
 # Runtime integers: never specialised (see the module docstring).
 _RUNTIME_INTS = ["sqb", "sqt", "sqh", "skb", "skn", "skh", "svb", "svn", "svh", "sob", "sot",
                  "soh", "smb", "smn", "slb", "sgb", "sgn", "sgh", "sgt", "T", "G", "NV", "HD",
-                 "HKV", "H", "SPLITS", "SPLIT_KEYS", "SPLIT_ROWS", "N_STATS", "PART_STRIDE"]
+                 "HKV", "H", "SPLITS", "SPLIT_KEYS", "SPLIT_ROWS", "N_STATS", "PART_STRIDE",
+                 "TOTAL_Q", "TOTAL_K"]
+# The varlen cumulative lengths are read as scalars: their alignment buys nothing, and not
+# specialising on it keeps the set of compiled variants closed (a cu_seqlens view at any
+# offset compiles to the same kernel).
+_UNALIGNED = ["CU_Q", "CU_K"]
 
 
 @dataclass(frozen=True)
@@ -191,18 +208,95 @@ def head_dim_unsupported(hd: int, dtype: torch.dtype) -> Optional[str]:
 # ---- kernels -----------------------------------------------------------------------------
 
 @triton.jit
-def _row_offsets(b, rows, kvh, G, sb, st, sh):
-    """Element offsets of packed rows r = t * G + g (token t, head kvh * G + g) in a
-    [B, T, H, hd] tensor; multiples of 8 by the launcher's layout guarantee."""
-    t = (rows // G).to(tl.int64)
-    h = (kvh * G + rows % G).to(tl.int64)
-    return tl.multiple_of(b * sb + t * st + h * sh, 8)
+def _clamped_range(CU, b, TOTAL, LONGEST, VOLATILE: tl.constexpr):
+    """(begin, length) of sequence b in cumulative lengths CU: begin = cu[b] clamped to
+    [0, TOTAL], end = cu[b + 1] clamped to [begin, TOTAL], length = end - begin at most
+    LONGEST (csrc/pvm_params.h: seq_q_begin / seq_q_len, seq_k_begin / seq_k_len).
+    VOLATILE: a read never merged with an earlier one (_reread_seq_q)."""
+    begin = tl.minimum(tl.maximum(tl.load(CU + b, volatile=VOLATILE).to(tl.int64), 0), TOTAL)
+    end = tl.minimum(tl.maximum(tl.load(CU + b + 1, volatile=VOLATILE).to(tl.int64), begin),
+                     TOTAL)
+    return begin, tl.minimum(end - begin, LONGEST).to(tl.int32)
 
 
 @triton.jit
-def _key_offsets(b, kvh, n, sb, sn, sh):
-    """Element offsets of keys n of KV head kvh in a [B, Nv, Hkv, hd] tensor (multiples of 8)."""
-    return tl.multiple_of(b * sb + kvh * sh + n.to(tl.int64) * sn, 8)
+def _seq_q(CU_Q, b, TOTAL_Q, T, VARLEN: tl.constexpr):
+    """(first query row, query tokens) of sample b: (0, T) padded; varlen, its clamped
+    range in the packed q."""
+    if VARLEN:
+        return _clamped_range(CU_Q, b, TOTAL_Q, T, False)
+    else:
+        return 0, T
+
+
+@triton.jit
+def _reread_seq_q(CU_Q, b, TOTAL_Q, T, q_begin, q_len, VARLEN: tl.constexpr):
+    """Varlen: sample b's query range read again (volatile, so never merged with the first
+    read) for the forward's epilogue, whose q_begin then need not stay live across the key
+    loop: kept live, ptxas capped the sm_80 forward's 64 x 64 x 32 tile at 128 registers
+    and spilled 16 B (compile gate, triton 3.6 and 3.8); re-read, it takes 138-143 as the
+    padded one does. (Re-reading q_len too made other tiles spill.) Padded: (q_begin,
+    q_len) as they are."""
+    if VARLEN:
+        return _clamped_range(CU_Q, b, TOTAL_Q, T, True)
+    else:
+        return q_begin, q_len
+
+
+@triton.jit
+def _seq_k(CU_K, KV_LEN, b, slb, TOTAL_K, NV, VARLEN: tl.constexpr):
+    """(first key row, one past the last key to visit) of sample b: padded (0, kv_len
+    clamped to [0, Nv]); varlen, its clamped key range in the packed k (key_end <= NV =
+    max_seqlen_k)."""
+    if VARLEN:
+        return _clamped_range(CU_K, b, TOTAL_K, NV, False)
+    else:
+        return 0, _kv_end(KV_LEN, b, slb, NV)
+
+
+@triton.jit
+def _none_past(end, first, count, VARLEN: tl.constexpr):
+    """The main loop's end for a program whose block starts at row ``first`` of its
+    sample's ``count``: varlen, 0 when the block starts past a short sequence's rows, so
+    the loop runs no step and every load and store is masked off (the program does
+    nothing). The dQ and combine kernels' "return at once" (the forward has an early
+    `return`): with one there, ptxas spilled where the padded kernel does not (compile
+    gate, sm_80: dQ fp32 at 255 registers + 16-64 B, the combine 8 B of stack), while the
+    zero-trip loop compiles as the padded kernel does. The forward is the other way round
+    (64 x 64 x 32 on sm_80: 8-16 B of spill with the zero-trip loop under triton 3.6 or
+    3.8, none with the return and _reread_seq_q)."""
+    if VARLEN:
+        return tl.where(first < count, end, 0)
+    else:
+        return end
+
+
+@triton.jit
+def _base(b, begin, sb, sr, VARLEN: tl.constexpr):
+    """Element offset of row 0 of sample b: b * sb padded ([B, rows, heads, hd]); varlen,
+    its first packed row begin * sr ([total, heads, hd]) (pvm_params.h: row_base /
+    key_base)."""
+    if VARLEN:
+        return begin * sr
+    else:
+        return b * sb
+
+
+@triton.jit
+def _row_offsets(base, rows, kvh, G, st, sh):
+    """Element offsets of packed rows r = t * G + g (token t, head kvh * G + g) of a sample
+    starting at element base of a q-like tensor; multiples of 8 by the launcher's layout
+    guarantee."""
+    t = (rows // G).to(tl.int64)
+    h = (kvh * G + rows % G).to(tl.int64)
+    return tl.multiple_of(base + t * st + h * sh, 8)
+
+
+@triton.jit
+def _key_offsets(base, kvh, n, sn, sh):
+    """Element offsets of keys n of KV head kvh of a sample starting at element base of a
+    k-like tensor (multiples of 8)."""
+    return tl.multiple_of(base + kvh * sh + n.to(tl.int64) * sn, 8)
 
 
 @triton.jit
@@ -221,8 +315,35 @@ def _kv_end(KV_LEN, b, slb, NV):
 
 @triton.jit
 def _key_valid(KEY_MASK, b, n, n_end, smb, smn):
+    """Keys n of sample b to attend to: below n_end and set in key_mask. Varlen has no
+    key_mask: the launcher passes the always-True stand-in, read as in a padded launch
+    without one. Not a constexpr branch to the bare `n < n_end`: with that mask the
+    compiler laid the loads out differently and spilled (compile gate, sm_90: the forward
+    at 64 x 64 x 256 took 255 registers + 16-80 B, 246 with the mask read)."""
     ok = n < n_end
     return ok & (tl.load(KEY_MASK + b * smb + n.to(tl.int64) * smn, mask=ok, other=0) != 0)
+
+
+@triton.jit
+def _mask_row(b, VARLEN: tl.constexpr):
+    """The key_mask row the forward reads for sample b: varlen's stand-in (stride 0) at row
+    0, so no b * smb stays live across the key loop (ptxas capped the sm_80 forward's
+    64 x 64 x 16 tile at 96 registers and spilled 8 B with it, triton 3.6)."""
+    if VARLEN:
+        return 0
+    else:
+        return b
+
+
+@triton.jit
+def _stored_keys(NV, n_end, VARLEN: tl.constexpr):
+    """Keys below this get their dK/dV stored: padded every key of the sample (zeros past
+    kv_len, NV); varlen its own keys only (n_end), the packed k's next rows being another
+    sequence's."""
+    if VARLEN:
+        return n_end
+    else:
+        return NV
 
 
 @triton.jit
@@ -248,17 +369,23 @@ def _program_split(HKV, n_items, BLOCK: tl.constexpr, SPLITS):
 
 
 @triton.jit
-def _stat_index(b, rows, kvh, T, G, HKV):
-    """Index of packed rows' statistics (lse, delta), stored [B, H, T] contiguous."""
+def _stat_index(b, q_begin, rows, kvh, T, G, HKV, TOTAL_Q, VARLEN: tl.constexpr):
+    """Index of packed rows' statistics (lse, delta, the forward's partials): [B, H, T]
+    contiguous, (b * H + h) * T + t; varlen [H, total_q], h * total_q + q_begin + t
+    (pvm_params.h: stat_row)."""
     t = (rows // G).to(tl.int64)
     h = (kvh * G + rows % G).to(tl.int64)
-    return (b * HKV * G + h) * T + t
+    if VARLEN:
+        return h * TOTAL_Q + q_begin + t
+    else:
+        return (b * HKV * G + h) * T + t
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV):
+def _row_stats(LSE, DELTA, b, q_begin, rows, row_ok, kvh, T, G, HKV, TOTAL_Q,
+               VARLEN: tl.constexpr):
     """log2-domain lse and delta of packed rows."""
-    stat = _stat_index(b, rows, kvh, T, G, HKV)
+    stat = _stat_index(b, q_begin, rows, kvh, T, G, HKV, TOTAL_Q, VARLEN)
     lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     return lse2, tl.load(DELTA + stat, mask=row_ok, other=0.0)
 
@@ -281,9 +408,9 @@ def _chunked_dot(A, a_off, a_ok, B, b_off, b_ok, HD, BLOCK_M: tl.constexpr,
     return acc
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def retrieval_fwd_kernel(
-    Q, K, V, O, LSE, KEY_MASK, KV_LEN, O_PART, LSE_PART,
+    Q, K, V, O, LSE, KEY_MASK, KV_LEN, O_PART, LSE_PART, CU_Q, CU_K,
     sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
     skb: tl.int64, skn: tl.int64, skh: tl.int64,
     svb: tl.int64, svn: tl.int64, svh: tl.int64,
@@ -291,23 +418,31 @@ def retrieval_fwd_kernel(
     smb: tl.int64, smn: tl.int64, slb: tl.int64,
     T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2,
     SPLITS: tl.int32, SPLIT_KEYS: tl.int32, N_STATS: tl.int64,
+    TOTAL_Q: tl.int64, TOTAL_K: tl.int64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, FP32: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One program per (row block, key split, sample, KV head). With SPLITS == 1 it writes
     out and lse; otherwise its split's normalised partial output and lse go to O_PART
-    [SPLITS, B, H, T, hd] / LSE_PART [SPLITS, B, H, T] (fp32) for retrieval_combine_kernel.
-    Splitting the keys is what fills the GPU at decode: B x Hkv programs alone are 1 at
-    batch 1 (of 132 SMs), each walking all Nv keys in sequence."""
+    [SPLITS, N_STATS, hd] / LSE_PART [SPLITS, N_STATS] (fp32, indexed like lse) for
+    retrieval_combine_kernel. Splitting the keys is what fills the GPU at decode: B x Hkv
+    programs alone are 1 at batch 1 (of 132 SMs), each walking all Nv keys in sequence."""
     rb, split, b, kvh = _program_split(HKV, T * G, BLOCK_M, SPLITS)
+    q_begin, q_len = _seq_q(CU_Q, b, TOTAL_Q, T, VARLEN)
+    if VARLEN:
+        if rb * BLOCK_M >= q_len * G:  # past a short sequence's rows: nothing to do
+            return
+    k_begin, kv_end = _seq_k(CU_K, KV_LEN, b, slb, TOTAL_K, NV, VARLEN)
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T * G
+    row_ok = rows < q_len * G
     d, d_ok = _dims(HD, BLOCK_D)
     rd_ok = row_ok[:, None] & d_ok[None, :]
-    q_off = _row_offsets(b, rows, kvh, G, sqb, sqt, sqh)
+    q_off = _row_offsets(_base(b, q_begin, sqb, sqt, VARLEN), rows, kvh, G, sqt, sqh)
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
+    k_base = _base(b, k_begin, skb, skn, VARLEN)
+    v_base = _base(b, k_begin, svb, svn, VARLEN)
     n_start = split * SPLIT_KEYS
-    n_end = tl.minimum(_kv_end(KV_LEN, b, slb, NV), n_start + SPLIT_KEYS)
+    n_end = tl.minimum(kv_end, n_start + SPLIT_KEYS)
 
     # Finite start for the running max: an all-masked block then gives exp2(-inf) = 0
     # and a rescale factor of exactly 1 instead of NaN from (-inf) - (-inf).
@@ -316,13 +451,13 @@ def retrieval_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
+        n_ok = _key_valid(KEY_MASK, _mask_row(b, VARLEN), n, n_end, smb, smn)
         # Invalid keys are never read: padding may hold anything, and 0 * NaN would leak
         # into valid rows through the dot. A masked load (zero fill) instead of a
         # tl.where on the tile also lets the compiler stream K and V straight to shared
         # memory (cp.async): the where kept V in registers, 40-408 B of spill at 64x64x128.
         nd_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + _key_offsets(b, kvh, n, skb, skn, skh)[:, None] + d[None, :],
+        k = tl.load(K + _key_offsets(k_base, kvh, n, skn, skh)[:, None] + d[None, :],
                     mask=nd_ok, other=0.0)
         s = mma(q, tl.trans(k), UPCAST, FP32) * qk_scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -330,7 +465,7 @@ def retrieval_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + _key_offsets(b, kvh, n, svb, svn, svh)[:, None] + d[None, :],
+        v = tl.load(V + _key_offsets(v_base, kvh, n, svn, svh)[:, None] + d[None, :],
                     mask=nd_ok, other=0.0)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, FP32)
         m_i = m_new
@@ -341,9 +476,10 @@ def retrieval_fwd_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    stat = _stat_index(b, rows, kvh, T, G, HKV)
+    q_begin, _ = _reread_seq_q(CU_Q, b, TOTAL_Q, T, q_begin, q_len, VARLEN)  # see there
+    stat = _stat_index(b, q_begin, rows, kvh, T, G, HKV, TOTAL_Q, VARLEN)
     if SPLITS == 1:
-        o_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
+        o_off = _row_offsets(_base(b, q_begin, sob, sot, VARLEN), rows, kvh, G, sot, soh)
         tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=rd_ok)
         tl.store(LSE + stat, lse, mask=row_ok)
     else:
@@ -352,26 +488,56 @@ def retrieval_fwd_kernel(
         tl.store(LSE_PART + part, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit
+def _combine_rows(CU_Q, T, H, TOTAL_Q, N_STATS, sob, sot, soh, BLOCK_M: tl.constexpr,
+                  VARLEN: tl.constexpr):
+    """This combine program's rows: (their statistics index, in range, their element
+    offsets in out, the first row's position and the count it is checked against).
+    Padded: BLOCK_M consecutive indices of [B, H, T] of the N_STATS. Varlen: a program per
+    (block of (token, head) rows r = t * H + h, sequence b), its rows those of b's own
+    tokens only (the rows of no sequence were never computed)."""
+    pid = tl.program_id(0)
+    if VARLEN:
+        n_blocks = (T * H + BLOCK_M - 1) // BLOCK_M
+        b = pid // n_blocks
+        first = (pid % n_blocks) * BLOCK_M
+        q_begin, q_len = _clamped_range(CU_Q, b, TOTAL_Q, T, False)
+        r = first + tl.arange(0, BLOCK_M)
+        t = q_begin + (r // H).to(tl.int64)
+        h = (r % H).to(tl.int64)
+        ok = r < q_len * H
+        return h * TOTAL_Q + t, ok, tl.multiple_of(t * sot + h * soh, 8), first, q_len * H
+    else:
+        stat = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = stat % T
+        h = (stat // T) % H
+        b = stat // (T * H)
+        o_off = tl.multiple_of(b * sob + t * sot + h * soh, 8)
+        return stat, stat < N_STATS, o_off, 0, 1
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def retrieval_combine_kernel(
-    O, LSE, O_PART, LSE_PART,
+    O, LSE, O_PART, LSE_PART, CU_Q,
     sob: tl.int64, sot: tl.int64, soh: tl.int64,
     T: tl.int32, H: tl.int32, HD: tl.int32, SPLITS: tl.int32, N_STATS: tl.int64,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOTAL_Q: tl.int64,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse), lse = log sum exp:
     the split forward's partials merged, for BLOCK_M (sample, head, token) rows a program.
     A row no split saw a key of stays 0 with lse -inf; a NaN partial stays NaN."""
-    stat = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = stat < N_STATS
+    stat, ok, o_off, first, count = _combine_rows(CU_Q, T, H, TOTAL_Q, N_STATS, sob, sot, soh,
+                                                  BLOCK_M, VARLEN)
+    splits = _none_past(SPLITS, first, count, VARLEN)
     d, d_ok = _dims(HD, BLOCK_D)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(0, SPLITS):
+    for s in range(0, splits):
         m = tl.maximum(m, tl.load(LSE_PART + s * N_STATS + stat, mask=ok, other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(0, SPLITS):
+    for s in range(0, splits):
         part = s * N_STATS + stat
         w = tl.exp(tl.load(LSE_PART + part, mask=ok, other=float("-inf")) - m_safe)
         o = tl.load(O_PART + tl.multiple_of(part * HD, 8)[:, None] + d[None, :],
@@ -381,18 +547,14 @@ def retrieval_combine_kernel(
     has = l_sum != 0.0
     l_safe = tl.where(has, l_sum, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
-    t = stat % T
-    h = (stat // T) % H
-    b = stat // (T * H)
-    o_off = tl.multiple_of(b * sob + t * sot + h * soh, 8)
     tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty),
              mask=ok[:, None] & d_ok[None, :])
     tl.store(LSE + stat, tl.where(has, m_safe + tl.log(l_safe), float("-inf")), mask=ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def retrieval_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KEY_MASK, KV_LEN, DK_PART, DV_PART,
+    Q, K, V, DO, LSE, DELTA, KEY_MASK, KV_LEN, DK_PART, DV_PART, CU_Q, CU_K,
     sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
     skb: tl.int64, skn: tl.int64, skh: tl.int64,
     svb: tl.int64, svn: tl.int64, svh: tl.int64,
@@ -401,8 +563,9 @@ def retrieval_bwd_dkdv_kernel(
     sgb: tl.int64, sgn: tl.int64, sgh: tl.int64,
     T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2, scale,
     SPLITS: tl.int32, SPLIT_ROWS: tl.int32, PART_STRIDE: tl.int64,
+    TOTAL_Q: tl.int64, TOTAL_K: tl.int64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, FP32: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One program per (key block, row split, sample, KV head): sums over its split's
     packed query rows into fp32 partials at split * PART_STRIDE of DK_PART / DV_PART
@@ -410,17 +573,22 @@ def retrieval_bwd_dkdv_kernel(
     no atomics. Without splits a batch-1 backward had Nv / BLOCK_N programs (32 at Nv
     2048, of 132 SMs) each walking all T * G rows. One fp32 epilogue, not a branch between
     it and a dk-dtype store: the branch cost 200-280 B of spill at hd 256 (compile gate).
-    do's strides are the so*/sot/soh slots (grad_out plays out's role)."""
+    do's strides are the so*/sot/soh slots (grad_out plays out's role). Varlen: a program
+    whose key block starts past its sequence's keys stores nothing, one whose row split
+    starts past its rows loops over none (as padded: row_end), and only the sequence's own
+    keys are stored (the next sequence's follow in the packed k; the launcher zeroes the
+    partials, so keys of no sequence sum to 0)."""
     kb, split, b, kvh = _program_split(HKV, NV, BLOCK_N, SPLITS)
-    n_end = _kv_end(KV_LEN, b, slb, NV)
+    q_begin, q_len = _seq_q(CU_Q, b, TOTAL_Q, T, VARLEN)
+    k_begin, n_end = _seq_k(CU_K, KV_LEN, b, slb, TOTAL_K, NV, VARLEN)
     n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = n < NV
+    n_in = n < _stored_keys(NV, n_end, VARLEN)
     n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
     d, d_ok = _dims(HD, BLOCK_D)
     nd_ok = n_in[:, None] & d_ok[None, :]
     valid_nd = n_ok[:, None] & d_ok[None, :]
-    k_off = _key_offsets(b, kvh, n, skb, skn, skh)
-    v_off = _key_offsets(b, kvh, n, svb, svn, svh)
+    k_off = _key_offsets(_base(b, k_begin, skb, skn, VARLEN), kvh, n, skn, skh)
+    v_off = _key_offsets(_base(b, k_begin, svb, svn, VARLEN), kvh, n, svn, svh)
     if not FP32:
         k = tl.load(K + k_off[:, None] + d[None, :], mask=valid_nd, other=0.0)
         v = tl.load(V + v_off[:, None] + d[None, :], mask=valid_nd, other=0.0)
@@ -429,16 +597,19 @@ def retrieval_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # A key block wholly past this sample's last valid key has zero gradient: skip the loop.
     row_start = split * SPLIT_ROWS
-    row_end = tl.where(kb * BLOCK_N < n_end, tl.minimum(T * G, row_start + SPLIT_ROWS), 0)
+    q_base = _base(b, q_begin, sqb, sqt, VARLEN)
+    do_base = _base(b, q_begin, sob, sot, VARLEN)
+    row_end = tl.where(kb * BLOCK_N < n_end, tl.minimum(q_len * G, row_start + SPLIT_ROWS), 0)
     for r0 in range(row_start, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < T * G
+        row_ok = rows < q_len * G
         rd_ok = row_ok[:, None] & d_ok[None, :]
-        q_off = _row_offsets(b, rows, kvh, G, sqb, sqt, sqh)
-        do_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
+        q_off = _row_offsets(q_base, rows, kvh, G, sqt, sqh)
+        do_off = _row_offsets(do_base, rows, kvh, G, sot, soh)
         q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
         do = tl.load(DO + do_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
-        lse2, delta = _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV)
+        lse2, delta = _row_stats(LSE, DELTA, b, q_begin, rows, row_ok, kvh, T, G, HKV, TOTAL_Q,
+                                 VARLEN)
         if FP32:
             # As in the dQ kernel: K and V re-read 32 dims at a time instead of held whole
             # (with tf32x3 splits they spilled at hd 256 even on 16 x 16 tiles).
@@ -457,15 +628,16 @@ def retrieval_bwd_dkdv_kernel(
 
     dk = dk * scale
     # dk and dv (and their partials) are allocated alike (contiguous): shared strides sg*.
-    g_off = _key_offsets(b, kvh, n, sgb, sgn, sgh)[:, None] + d[None, :]
+    g_off = _key_offsets(_base(b, k_begin, sgb, sgn, VARLEN), kvh, n, sgn, sgh)[:, None] + \
+        d[None, :]
     p_off = split * PART_STRIDE + g_off
     tl.store(DK_PART + p_off, dk, mask=nd_ok)
     tl.store(DV_PART + p_off, dv, mask=nd_ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def retrieval_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK, KV_LEN,
+    Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK, KV_LEN, CU_Q, CU_K,
     sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
     skb: tl.int64, skn: tl.int64, skh: tl.int64,
     svb: tl.int64, svn: tl.int64, svh: tl.int64,
@@ -473,32 +645,38 @@ def retrieval_bwd_dq_kernel(
     smb: tl.int64, smn: tl.int64, slb: tl.int64,
     sgb: tl.int64, sgt: tl.int64, sgh: tl.int64,
     T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2, scale,
+    TOTAL_Q: tl.int64, TOTAL_K: tl.int64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, FP32: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One program per (row block, sample, KV head): loops over the valid keys.
 
     Split from dK/dV so that neither needs atomics: results are deterministic.
     """
     rb, b, kvh = _program(T, G, HKV, T * G, BLOCK_M)
+    q_begin, q_len = _seq_q(CU_Q, b, TOTAL_Q, T, VARLEN)
+    k_begin, n_end = _seq_k(CU_K, KV_LEN, b, slb, TOTAL_K, NV, VARLEN)
+    n_end = _none_past(n_end, rb * BLOCK_M, q_len * G, VARLEN)
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T * G
+    row_ok = rows < q_len * G
     d, d_ok = _dims(HD, BLOCK_D)
     rd_ok = row_ok[:, None] & d_ok[None, :]
-    q_off = _row_offsets(b, rows, kvh, G, sqb, sqt, sqh)
-    do_off = _row_offsets(b, rows, kvh, G, sob, sot, soh)
+    q_off = _row_offsets(_base(b, q_begin, sqb, sqt, VARLEN), rows, kvh, G, sqt, sqh)
+    do_off = _row_offsets(_base(b, q_begin, sob, sot, VARLEN), rows, kvh, G, sot, soh)
     if not FP32:
         q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
         do = tl.load(DO + do_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
-    lse2, delta = _row_stats(LSE, DELTA, b, rows, row_ok, kvh, T, G, HKV)
-    n_end = _kv_end(KV_LEN, b, slb, NV)
+    lse2, delta = _row_stats(LSE, DELTA, b, q_begin, rows, row_ok, kvh, T, G, HKV, TOTAL_Q,
+                             VARLEN)
+    k_base = _base(b, k_begin, skb, skn, VARLEN)
+    v_base = _base(b, k_begin, svb, svn, VARLEN)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
         nd_ok = n_ok[:, None] & d_ok[None, :]
-        k_off = _key_offsets(b, kvh, n, skb, skn, skh)
-        v_off = _key_offsets(b, kvh, n, svb, svn, svh)
+        k_off = _key_offsets(k_base, kvh, n, skn, skh)
+        v_off = _key_offsets(v_base, kvh, n, svn, svh)
         k = tl.load(K + k_off[:, None] + d[None, :], mask=nd_ok, other=0.0)
         if FP32:
             # Every row of an MMA's A operand lives in every warp, and tf32x3 holds each
@@ -518,15 +696,37 @@ def retrieval_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(k.dtype), k, UPCAST, FP32)
     dq = dq * scale
-    g_off = _row_offsets(b, rows, kvh, G, sgb, sgt, sgh)
+    g_off = _row_offsets(_base(b, q_begin, sgb, sgt, VARLEN), rows, kvh, G, sgt, sgh)
     tl.store(DQ + g_off[:, None] + d[None, :], dq.to(DQ.dtype.element_ty), mask=rd_ok)
 
 
 # ---- launchers ---------------------------------------------------------------------------
 
 def _strides3(t: torch.Tensor) -> Tuple[int, int, int]:
-    """The three outer strides of a 4-D tensor whose last stride is 1."""
+    """The three outer strides (sample, row, head) of a 4-D tensor whose last stride is 1;
+    of a packed (varlen) 3-D one (0, row, head), as csrc/pvm_params.h stores them."""
+    if t.dim() == 3:
+        return 0, t.stride(0), t.stride(1)
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a launch's samples live, as the kernels take it: n samples (varlen: sequences)
+    of t query tokens and nv keys (varlen: max_seqlen_q / max_seqlen_k, which size the
+    grids); varlen's int32 cumulative lengths (padded: a never-read stand-in) and the
+    packed tensors' rows (padded: 0, unused)."""
+    varlen: bool
+    n: int
+    t: int
+    nv: int
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    total_q: int = 0
+    total_k: int = 0
+
+    def args(self, with_k: bool = True) -> tuple:
+        return (self.total_q, self.total_k) if with_k else (self.total_q,)
 
 
 def _masks(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor],
@@ -586,15 +786,87 @@ def split_loop(n_items: int, block: int, programs: int, device: torch.device) ->
 
 
 def _launch(kernel, cfg: TileConfig, programs: int, q: torch.Tensor, args, hd: int,
-            tile: bool = True) -> None:
+            varlen: bool, tile: bool = True) -> None:
     """Launch ``programs`` programs of a tile kernel (BLOCK_M/N/D and the dot flags), or with
-    ``tile=False`` of a row kernel (BLOCK_M and BLOCK_D only: the combine)."""
+    ``tile=False`` of a row kernel (BLOCK_M and BLOCK_D only: the combine), for the padded
+    or the varlen layout."""
     grid = (programs,)
     check_grid(grid)
     meta = dict(BLOCK_N=cfg.block_n, **dot_flags(q.dtype)) if tile else {}
     with launch_guard(q):
         kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_D=block_d_for(hd), **meta,
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                     VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _padded_layout(q: torch.Tensor, k: torch.Tensor) -> _Layout:
+    stand_in = unlimited_kv_len(q.device)  # CU_Q / CU_K: never read without VARLEN
+    return _Layout(False, q.shape[0], q.shape[1], k.shape[1], stand_in, stand_in)
+
+
+def _forward(q, k, v, out, lse, mask, lens, lay: _Layout, scale: float) -> None:
+    """The forward's launches (q, k, v in the kernels' vector layout; out and lse
+    allocated), for either layout: the table entry by rows = T * G (varlen: max_seqlen_q
+    * G), the key split planned over Nv (varlen: max_seqlen_k)."""
+    H, hd = q.shape[-2], q.shape[-1]
+    Hkv = k.shape[-2]
+    G = H // Hkv
+    rows = lay.t * G
+    cfg = select_config("fwd", q.dtype, rows, hd, q.device)
+    programs = triton.cdiv(rows, cfg.block_m) * lay.n * Hkv
+    splits, split_keys = split_loop(lay.nv, cfg.block_n, programs, q.device)
+    n_stats = lse.numel()  # B * H * T, or H * total_q
+    if splits > 1:
+        o_part = torch.empty((splits, n_stats, hd), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, n_stats), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = never_read_f32(q.device)
+    args = (q, k, v, out, lse, mask, lens, o_part, lse_part, lay.cu_q, lay.cu_k,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mask.stride(),
+            lens.stride(0), lay.t, G, lay.nv, hd, Hkv, scale * LOG2E, splits, split_keys,
+            n_stats, *lay.args())
+    _launch(retrieval_fwd_kernel, cfg, programs * splits, q, args, hd, lay.varlen)
+    if splits > 1:
+        comb = select_config("combine", q.dtype, rows, hd, q.device)
+        # Padded: blocks of the N_STATS rows; varlen: blocks of each sequence's own
+        # (token, head) rows, per sequence (the rows of no sequence have no partials).
+        comb_programs = (triton.cdiv(lay.t * H, comb.block_m) * lay.n if lay.varlen
+                         else triton.cdiv(n_stats, comb.block_m))
+        _launch(retrieval_combine_kernel, comb, comb_programs, q,
+                (out, lse, o_part, lse_part, lay.cu_q, *_strides3(out), lay.t, H, hd, splits,
+                 n_stats, *lay.args(with_k=False)), hd, lay.varlen, tile=False)
+
+
+def _backward(grad_out, q, k, v, lse, delta, dq, dk, dv, mask, lens, lay: _Layout,
+              scale: float) -> None:
+    """The backward's launches (inputs in the kernels' vector layout, delta laid out like
+    lse, dq / dk / dv allocated), for either layout."""
+    H, hd = q.shape[-2], q.shape[-1]
+    Hkv = k.shape[-2]
+    G = H // Hkv
+    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
+              *mask.stride(), lens.stride(0))
+    sizes = (lay.t, G, lay.nv, hd, Hkv, scale * LOG2E, scale)
+    rows = lay.t * G
+    cfg = select_config("dkdv", q.dtype, rows, hd, q.device)
+    programs = triton.cdiv(lay.nv, cfg.block_n) * lay.n * Hkv
+    splits, split_rows = split_loop(rows, cfg.block_m, programs, q.device)
+    # Contiguous like dk, so dk's strides address the partials too. Padded: keys past a
+    # sample's kv_len still get their zeros written by the kernel (it stores whole key
+    # blocks). Varlen: keys of no sequence are never visited, so the partials start zeroed.
+    alloc = torch.zeros if lay.varlen else torch.empty
+    dk_part = alloc((splits, *dk.shape), dtype=torch.float32, device=q.device)
+    dv_part = alloc((splits, *dk.shape), dtype=torch.float32, device=q.device)
+    _launch(retrieval_bwd_dkdv_kernel, cfg, programs * splits, q,
+            (q, k, v, grad_out, lse, delta, mask, lens, dk_part, dv_part, lay.cu_q, lay.cu_k,
+             *common, *_strides3(dk), *sizes, splits, split_rows, dk.numel(), *lay.args()),
+            hd, lay.varlen)
+    # Summed in split order by one reduction each (the same bits on every run), then cast.
+    for grad, part in ((dk, dk_part), (dv, dv_part)):
+        grad.copy_(part[0] if splits == 1 else part.sum(0))
+    cfg = select_config("dq", q.dtype, rows, hd, q.device)
+    _launch(retrieval_bwd_dq_kernel, cfg, triton.cdiv(rows, cfg.block_m) * lay.n * Hkv, q,
+            (q, k, v, grad_out, lse, delta, dq, mask, lens, lay.cu_q, lay.cu_k, *common,
+             *_strides3(dq), *sizes, *lay.args()), hd, lay.varlen)
 
 
 def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -608,7 +880,6 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     at batch 1), the keys are split among programs (split-KV) and a second kernel merges
     the splits' fp32 partials by their log-sum-exp."""
     B, T, H, hd = q.shape
-    Nv, Hkv = k.shape[1], k.shape[2]
     _check_head_dim(hd, q.dtype)
     out = new_output((B, T, H, hd), q.dtype, q.device)
     lse = new_output((B, H, T), torch.float32, q.device)
@@ -616,26 +887,7 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = (with_vector_layout(t) for t in (q, k, v))
     mask, lens = _masks(q, k, key_mask, kv_len)
-    G = H // Hkv
-    rows = T * G
-    cfg = select_config("fwd", q.dtype, rows, hd, q.device)
-    programs = triton.cdiv(rows, cfg.block_m) * B * Hkv
-    splits, split_keys = split_loop(Nv, cfg.block_n, programs, q.device)
-    n_stats = B * H * T
-    if splits > 1:
-        o_part = torch.empty((splits, n_stats, hd), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((splits, n_stats), dtype=torch.float32, device=q.device)
-    else:
-        o_part = lse_part = never_read_f32(q.device)
-    args = (q, k, v, out, lse, mask, lens, o_part, lse_part, *_strides3(q), *_strides3(k),
-            *_strides3(v), *_strides3(out), *mask.stride(), lens.stride(0), T, G, Nv, hd, Hkv,
-            scale * LOG2E, splits, split_keys, n_stats)
-    _launch(retrieval_fwd_kernel, cfg, programs * splits, q, args, hd)
-    if splits > 1:
-        comb = select_config("combine", q.dtype, rows, hd, q.device)
-        _launch(retrieval_combine_kernel, comb, triton.cdiv(n_stats, comb.block_m), q,
-                (out, lse, o_part, lse_part, *_strides3(out), T, H, hd, splits, n_stats), hd,
-                tile=False)
+    _forward(q, k, v, out, lse, mask, lens, _padded_layout(q, k), scale)
     return out, lse
 
 
@@ -646,8 +898,7 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """Launch the backward. grad_out/out like q, lse [B, H, T] float32 contiguous (from the
     forward). Returns dq, dk, dv with the shapes and dtypes of q, k, v."""
     B, T, H, hd = q.shape
-    Nv, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
+    Nv = k.shape[1]
     _check_head_dim(hd, q.dtype)
     for name, t in (("grad_out", grad_out), ("out", out)):
         expect(name, t, q.shape, q.dtype, q.device)
@@ -662,25 +913,90 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     q, k, v, grad_out = (with_vector_layout(t) for t in (q, k, v, grad_out))
     mask, lens = _masks(q, k, key_mask, kv_len)
-    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
-              *mask.stride(), lens.stride(0))
-    sizes = (T, G, Nv, hd, Hkv, scale * LOG2E, scale)
-    rows = T * G
-    cfg = select_config("dkdv", q.dtype, rows, hd, q.device)
-    programs = triton.cdiv(Nv, cfg.block_n) * B * Hkv
-    splits, split_rows = split_loop(rows, cfg.block_m, programs, q.device)
-    # Contiguous like dk, so dk's strides address the partials too; keys past a sample's
-    # kv_len still get their zeros written by the kernel (it stores whole key blocks).
-    dk_part = torch.empty((splits, *dk.shape), dtype=torch.float32, device=q.device)
-    dv_part = torch.empty_like(dk_part)
-    _launch(retrieval_bwd_dkdv_kernel, cfg, programs * splits, q,
-            (q, k, v, grad_out, lse, delta, mask, lens, dk_part, dv_part, *common,
-             *_strides3(dk), *sizes, splits, split_rows, dk.numel()), hd)
-    # Summed in split order by one reduction each (the same bits on every run), then cast.
-    for grad, part in ((dk, dk_part), (dv, dv_part)):
-        grad.copy_(part[0] if splits == 1 else part.sum(0))
-    cfg = select_config("dq", q.dtype, rows, hd, q.device)
-    _launch(retrieval_bwd_dq_kernel, cfg, triton.cdiv(rows, cfg.block_m) * B * Hkv, q,
-            (q, k, v, grad_out, lse, delta, dq, mask, lens, *common, *_strides3(dq), *sizes),
-            hd)
+    _backward(grad_out, q, k, v, lse, delta, dq, dk, dv, mask, lens, _padded_layout(q, k),
+              scale)
+    return dq, dk, dv
+
+
+# ---- varlen (packed, flash-attention's cu_seqlens) ----------------------------------------
+
+def _varlen_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int
+                   ) -> _Layout:
+    """The varlen launches' layout after the launcher's own checks: q [total_q, H, hd], k/v
+    [total_k, Hkv, hd], cu_seqlens_q / cu_seqlens_k int32 [N + 1] on q's device. The
+    lengths' values are not read here (no device sync): the kernels clamp every bound."""
+    for name, t, shape in (("q", q, "[total_q, H, hd]"), ("k", k, "[total_k, Hkv, hd]")):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be {shape}, got shape {tuple(t.shape)}")
+    total_q, H, hd = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    expect("k", k, (total_k, Hkv, hd), q.dtype, q.device)
+    expect("v", v, (total_k, Hkv, hd), q.dtype, q.device)
+    if Hkv <= 0 or H % Hkv:
+        raise ValueError(f"q heads H={H} must be a multiple of k heads Hkv={Hkv}")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
+        raise ValueError(f"cu_seqlens_q must be 1-D [N + 1], got shape "
+                         f"{tuple(cu_seqlens_q.shape)}")
+    n = cu_seqlens_q.shape[0] - 1
+    expect("cu_seqlens_q", cu_seqlens_q, (n + 1,), torch.int32, q.device)
+    expect("cu_seqlens_k", cu_seqlens_k, (n + 1,), torch.int32, q.device)
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not 0 <= value < 2**31:
+            raise ValueError(f"{name} must be in [0, 2^31), got {value}")
+    return _Layout(True, n, int(max_seqlen_q), int(max_seqlen_k), cu_seqlens_q.contiguous(),
+                   cu_seqlens_k.contiguous(), total_q, total_k)
+
+
+def retrieval_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, scale: float
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the varlen forward (csrc/pvm_params.h's contract). q [total_q, H, hd], k/v
+    [total_k, Hkv, hd], cu_seqlens_q / cu_seqlens_k int32 [N + 1]; sequence b's query rows
+    [cu_q[b], cu_q[b + 1]) attend to its keys [cu_k[b], cu_k[b + 1]) only (bounds clamped
+    into the tensors and to max_seqlen_q / max_seqlen_k rows). Returns out [total_q, H, hd]
+    (q.dtype; 0 in rows of no sequence and of a sequence with no key) and lse [H, total_q]
+    float32 (-inf for a row with no key; unspecified in rows of no sequence). The grids,
+    the table entry (rows = max_seqlen_q * G) and the key split are those of a padded
+    launch of N samples of max_seqlen_q tokens and max_seqlen_k keys."""
+    lay = _varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    total_q, H, hd = q.shape
+    _check_head_dim(hd, q.dtype)
+    out = torch.zeros((total_q, H, hd), dtype=q.dtype, device=q.device)  # rows of none: 0
+    lse = new_output((H, total_q), torch.float32, q.device)
+    if lay.n * lay.t * H * total_q == 0:
+        return out, lse.fill_(float("-inf"))
+    q, k, v = (with_vector_layout(t) for t in (q, k, v))
+    _forward(q, k, v, out, lse, always_valid_keys(q.device), unlimited_kv_len(q.device), lay,
+             scale)
+    return out, lse
+
+
+def retrieval_varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, scale: float
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the varlen backward. grad_out/out like q, lse [H, total_q] float32 (from the
+    forward). Returns dq, dk, dv with the shapes and dtypes of q, k, v: exactly 0 in the
+    rows and keys of no sequence."""
+    lay = _varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    total_q, H, hd = q.shape
+    _check_head_dim(hd, q.dtype)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        expect(name, t, q.shape, q.dtype, q.device)
+    expect("lse", lse, (H, total_q), torch.float32, q.device)
+    lse = lse.contiguous()  # indexed as [H, total_q] contiguous
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows of none: 0
+    # dk / dv are the sums of zeroed partials: 0 at keys of no sequence.
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    if lay.n * lay.t * lay.nv * H * total_q * k.shape[0] == 0:
+        return dq, dk.zero_(), dv.zero_()
+    # delta[h, i] = <dO_i,h, O_i,h>, laid out like lse ([H, total_q]).
+    delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()
+    q, k, v, grad_out = (with_vector_layout(t) for t in (q, k, v, grad_out))
+    _backward(grad_out, q, k, v, lse, delta, dq, dk, dv, always_valid_keys(q.device),
+              unlimited_kv_len(q.device), lay, scale)
     return dq, dk, dv

@@ -4,6 +4,9 @@
 // of packed rows r = t * G + g, so each key/value row is converted to float once per key
 // block and reused by all G query heads that share it (4 at the 8B layout). Scores for a
 // block of keys live in a [kRows x kKeys] buffer; nothing of size T x Nv is allocated.
+// One body serves the padded [B, T, H, hd] layout and the varlen (packed, cu_seqlens) one:
+// every offset goes through the accessors of pvm_params.h (row_base, key_base, stat_row,
+// seq_q_len, seq_k_len), and a task past its sequence's own rows or keys does nothing.
 // The products are float GEMMs on staged blocks: BLAS for prefill/training blocks, small
 // inline kernels (microkernels.h) for decode blocks, where a BLAS call costs more.
 #include <ATen/Parallel.h>
@@ -65,23 +68,31 @@ void block_gemm(Form form, const float* A, int64_t lda, const float* B, int64_t 
 
 struct Layout {
   const RetrievalParams& p;
-  int64_t G, rows;
+  int64_t G, rows;  // rows: packed rows of the longest sample (T * G), the task grid's bound
   explicit Layout(const RetrievalParams& prm) : p(prm), G(prm.H / prm.Hkv), rows(prm.T * G) {}
-  // element offset of packed row r (head in group kvh) in a [B, T, H, hd] tensor
+  // Packed rows r = t * G + g of sample b: T * G padded, its own q_len * G in varlen.
+  int64_t rows_of(int64_t b) const { return seq_q_len(p, b) * G; }
+  // Keys whose dK / dV the tasks of sample b write: every key padded (past n_end, zeros), its
+  // own keys in varlen (the others belong to other sequences, or to none and stay 0).
+  int64_t keys_of(int64_t b) const { return is_varlen(p) ? seq_k_len(p, b) : p.Nv; }
+  // element offset of packed row r (head in group kvh) in a q-like tensor
   int64_t row(const int64_t* s, int64_t b, int64_t kvh, int64_t r) const {
-    return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];
+    return row_base(p, s, b) + (r / G) * s[1] + (kvh * G + r % G) * s[2];
   }
   int64_t key(const int64_t* s, int64_t b, int64_t kvh, int64_t n) const {
-    return b * s[0] + n * s[1] + kvh * s[2];
+    return key_base(p, s, b) + n * s[1] + kvh * s[2];
   }
-  int64_t stat(int64_t b, int64_t kvh, int64_t r) const {  // [B, H, T] contiguous
-    return (b * p.H + kvh * G + r % G) * p.T + r / G;
+  int64_t stat(int64_t b, int64_t kvh, int64_t r) const {  // lse / delta: [B, H, T] or [H, total_q]
+    return stat_row(p, b, kvh * G + r % G, r / G);
   }
-  // One past the last key of sample b: kv_len[b] clamped to [0, Nv] (above Nv means every
-  // key, 0 or below none), so no kv_len can make a block read past the keys.
-  int64_t n_end(int64_t b) const {
-    return p.kv_len ? std::clamp<int64_t>(p.kv_len[b], 0, p.Nv) : p.Nv;
+  // First of the rows_of(b) dQ-partial rows of (b, kvh) in one partition: (b * Hkv + kvh) * T * G
+  // padded, (kvh * total_q + q_begin(b)) * G varlen; a partition holds stat_rows(p) rows.
+  int64_t dq_part_row(int64_t b, int64_t kvh) const {
+    return (is_varlen(p) ? kvh * p.total_q + seq_q_begin(p, b) : (b * p.Hkv + kvh) * p.T) * G;
   }
+  // One past the last key of sample b (seq_k_len: kv_len[b] clamped to [0, Nv], or the
+  // varlen sequence's key count), so no kv_len / cu_seqlens can make a block read past the keys.
+  int64_t n_end(int64_t b) const { return seq_k_len(p, b); }
   bool valid(int64_t b, int64_t n) const {
     return n < n_end(b) && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);
   }
@@ -150,7 +161,9 @@ void retrieval_fwd_cpu_impl(const RetrievalParams& p) {
     bool* valid = reinterpret_cast<bool*>(valid_buf.data());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (p.Hkv * row_blocks), kvh = (task / row_blocks) % p.Hkv;
-      const int64_t r0 = (task % row_blocks) * kRows, nr = std::min(kRows, L.rows - r0);
+      const int64_t r0 = (task % row_blocks) * kRows, rows_b = L.rows_of(b);
+      if (r0 >= rows_b) continue;  // past a short (varlen) sequence's rows: nothing to do
+      const int64_t nr = std::min(kRows, rows_b - r0);
       load_rows(q, p.q_stride, L, b, kvh, r0, nr, p.scale, qb.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
@@ -236,12 +249,14 @@ void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
   auto* dk = static_cast<scalar_t*>(p.dk);
   auto* dv = static_cast<scalar_t*>(p.dv);
 
-  const int64_t dq_floats = p.B * p.Hkv * L.rows * hd;
+  // dQ partials: [parts][stat_rows][hd], the rows of (b, kvh) at L.dq_part_row(b, kvh)
+  // (B * H * T rows padded, H * total_q varlen: proportional to the packed rows).
+  const int64_t dq_floats = stat_rows(p) * hd;
   const int64_t parts_cap = std::max<int64_t>(1, kDqPartialFloats / std::max<int64_t>(dq_floats, 1));
   const int64_t wanted = std::max<int64_t>(1, std::min({key_blocks, kMaxKeyParts, parts_cap}));
   const int64_t blocks_per_part = std::max<int64_t>(1, (key_blocks + wanted - 1) / wanted);
   const int64_t parts = std::max<int64_t>(1, (key_blocks + blocks_per_part - 1) / blocks_per_part);
-  std::vector<float> dq_part(parts * dq_floats, 0.f);  // [B * Hkv][parts][rows][hd]
+  std::vector<float> dq_part(parts * dq_floats, 0.f);  // [parts][stat_rows][hd]
 
   at::parallel_for(0, p.B * p.Hkv * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kb(kKeys * hd), vb(kKeys * hd), dkb(kKeys * hd), dvb(kKeys * hd);
@@ -251,16 +266,19 @@ void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / parts, part = task % parts;
       const int64_t b = bh / p.Hkv, kvh = bh % p.Hkv;
-      float* dqp = dq_part.data() + task * L.rows * hd;
+      float* dqp = dq_part.data() + part * dq_floats + L.dq_part_row(b, kvh) * hd;
+      const int64_t rows_b = L.rows_of(b), keys_b = L.keys_of(b);
       const int64_t kb_end = std::min(key_blocks, (part + 1) * blocks_per_part);
       for (int64_t kblk = part * blocks_per_part; kblk < kb_end; ++kblk) {
-        const int64_t n0 = kblk * kKeys, nk = std::min(kKeys, p.Nv - n0);
+        const int64_t n0 = kblk * kKeys;
+        if (n0 >= keys_b) break;  // past a short (varlen) sequence's keys: not its gradient
+        const int64_t nk = std::min(kKeys, keys_b - n0);
         std::fill(dkb.begin(), dkb.end(), 0.f);
         std::fill(dvb.begin(), dvb.end(), 0.f);
         if (n0 < L.n_end(b)) {  // a block wholly past the last valid key has zero gradient
           stage_key_block<scalar_t>(p, L, b, kvh, n0, nk, valid, bias, kb.data(), vb.data());
-          for (int64_t r0 = 0; r0 < L.rows; r0 += RB) {
-            const int64_t nr = std::min(RB, L.rows - r0);
+          for (int64_t r0 = 0; r0 < rows_b; r0 += RB) {
+            const int64_t nr = std::min(RB, rows_b - r0);
             load_rows(q, p.q_stride, L, b, kvh, r0, nr, 1.f, qb.data());
             load_rows(go, p.o_stride, L, b, kvh, r0, nr, 1.f, dob.data());
             probs_and_dscores(L, b, kvh, r0, nr, nk, kKeys, bias, scale, qb.data(), dob.data(),
@@ -281,17 +299,22 @@ void retrieval_bwd_cpu_impl(const RetrievalParams& p) {
     }
   });
 
-  // dQ = scale * (sum of the partitions' partials, in partition order).
-  at::parallel_for(0, p.B * p.Hkv * L.rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bh = i / L.rows, r = i % L.rows;
-      const int64_t b = bh / p.Hkv, kvh = bh % p.Hkv;
-      const float* src = dq_part.data() + (bh * parts * L.rows + r) * hd;
-      scalar_t* o = dq + L.row(p.dq_stride, b, kvh, r);
-      for (int64_t d = 0; d < hd; ++d) {
-        float acc = src[d];
-        for (int64_t s = 1; s < parts; ++s) acc += src[s * L.rows * hd + d];
-        o[d * p.dq_stride[3]] = static_cast<scalar_t>(acc * scale);
+  // dQ = scale * (sum of the partitions' partials, in partition order), per (sample, KV
+  // head, block of kRows packed rows); a block past its sequence's rows writes nothing.
+  const int64_t row_blocks = (L.rows + kRows - 1) / kRows;
+  at::parallel_for(0, p.B * p.Hkv * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.Hkv * row_blocks), kvh = (task / row_blocks) % p.Hkv;
+      const int64_t r0 = (task % row_blocks) * kRows, r_end = std::min(r0 + kRows, L.rows_of(b));
+      const float* base = dq_part.data() + L.dq_part_row(b, kvh) * hd;
+      for (int64_t r = r0; r < r_end; ++r) {
+        const float* src = base + r * hd;
+        scalar_t* o = dq + L.row(p.dq_stride, b, kvh, r);
+        for (int64_t d = 0; d < hd; ++d) {
+          float acc = src[d];
+          for (int64_t s = 1; s < parts; ++s) acc += src[s * dq_floats + d];
+          o[d * p.dq_stride[3]] = static_cast<scalar_t>(acc * scale);
+        }
       }
     }
   });
@@ -315,11 +338,33 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_cpu(
   });
 }
 
+// Varlen (packed, cu_seqlens): the same kernels, through the accessors (pvm_params.h).
+std::tuple<Tensor, Tensor> retrieval_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  return retrieval_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                 CudaDevice{}, [&](const RetrievalParams& p) {
+    dispatch_float_types(q, [&](auto tag) { retrieval_fwd_cpu_impl<decltype(tag)>(p); });
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> retrieval_varlen_bwd_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale) {
+  return retrieval_varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, scale, CudaDevice{}, [&](const RetrievalParams& p) {
+    dispatch_float_types(q, [&](auto tag) { retrieval_bwd_cpu_impl<decltype(tag)>(p); });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pvm_kernels, CPU, m) {
   m.impl("native_retrieval_fwd", &retrieval_fwd_cpu);
   m.impl("native_retrieval_bwd", &retrieval_bwd_cpu);
+  m.impl("native_retrieval_varlen_fwd", &retrieval_varlen_fwd_cpu);
+  m.impl("native_retrieval_varlen_bwd", &retrieval_varlen_bwd_cpu);
 }
 
 }  // namespace pvm

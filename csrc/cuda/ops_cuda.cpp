@@ -39,6 +39,14 @@ void check_cuda_retrieval(const Tensor& q) {
   check_head_dim(q, cuda::kMaxHeadDim, "cuda");
 }
 
+// Varlen q [total_q, H, hd] (check_head_dim wants 4-D q).
+void check_cuda_retrieval_varlen(const Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "the cuda backend needs CUDA tensors, got q on ", q.device());
+  TORCH_CHECK(q.dim() == 3, "q must be 3-D [total_q, H, hd], got shape ", q.sizes());
+  TORCH_CHECK(q.size(2) <= cuda::kMaxHeadDim, "the cuda backend supports head_dim <= ", cuda::kMaxHeadDim,
+              ", got ", q.size(2));
+}
+
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // q's device as the retrieval's launch plan sees it (native_common.h): its SM count and
@@ -85,6 +93,31 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_cuda(
   });
 }
 
+// Varlen (packed, cu_seqlens): the same launchers; the kernels read the sequences' bounds
+// from cu_seqlens_q / cu_seqlens_k on the device (pvm_params.h), so nothing syncs here.
+std::tuple<Tensor, Tensor> retrieval_varlen_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  check_cuda_retrieval_varlen(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  return retrieval_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                 cuda_device(q), [&](const RetrievalParams& p) {
+    PVM_CUDA_CHECK(cuda::retrieval_fwd(p, dtype_code(q), stream()));
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> retrieval_varlen_bwd_cuda(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale) {
+  check_cuda_retrieval_varlen(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  return retrieval_varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, scale, cuda_device(q), [&](const RetrievalParams& p) {
+    PVM_CUDA_CHECK(cuda::retrieval_bwd(p, dtype_code(q), stream()));
+  });
+}
+
 std::tuple<Tensor, Tensor> merge_fwd_cuda(const Tensor& expanded, const Tensor& gate,
                                           const c10::optional<Tensor>& keep,
                                           const c10::optional<Tensor>& ffn_output, double eps) {
@@ -112,6 +145,8 @@ std::tuple<Tensor, Tensor> merge_bwd_cuda(const Tensor& grad_out, const Tensor& 
 TORCH_LIBRARY_IMPL(pvm_kernels, CUDA, m) {
   m.impl("native_retrieval_fwd", &retrieval_fwd_cuda);
   m.impl("native_retrieval_bwd", &retrieval_bwd_cuda);
+  m.impl("native_retrieval_varlen_fwd", &retrieval_varlen_fwd_cuda);
+  m.impl("native_retrieval_varlen_bwd", &retrieval_varlen_bwd_cuda);
   m.impl("native_merge_fwd", &merge_fwd_cuda);
   m.impl("native_merge_bwd", &merge_bwd_cuda);
 }

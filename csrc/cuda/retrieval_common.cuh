@@ -15,26 +15,30 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegBig = -1.0e30f;               // finite running-max start: no inf - inf
 
-// Where packed row r of sample b, KV head kvh lives in a [B, T, H, hd] tensor with strides
-// s, and its lse / partial index ((b * H + head) * T + t).
-__device__ __forceinline__ int64_t row_offset(const int64_t* s, int64_t b, int64_t G, int kvh,
+// Where packed row r (token r / G, query head kvh * G + r % G) of a sequence lives in a
+// q-like tensor with strides s, from the sequence's base = row_base(p, s, b) (pvm_params.h:
+// b * s[0] padded, its first packed row * s[1] varlen), read once by the caller.
+__device__ __forceinline__ int64_t row_offset(int64_t base, const int64_t* s, int64_t G, int kvh,
                                               int64_t r) {
-  return b * s[0] + (r / G) * s[1] + (kvh * G + r % G) * s[2];
+  return base + (r / G) * s[1] + (kvh * G + r % G) * s[2];
 }
 
+// lse / delta / forward-partial index of packed row r of sequence b: stat_row (padded
+// (b * H + head) * T + t, varlen head * total_q + q_begin + t).
 __device__ __forceinline__ int64_t stat_index(const RetrievalParams& p, int64_t b, int64_t G,
                                               int kvh, int64_t r) {
-  return (b * p.H + kvh * G + r % G) * p.T + r / G;
+  return stat_row(p, b, kvh * G + r % G, r / G);
 }
 
-// One past the last key of sample b: kv_len[b] clamped to [0, Nv] (above Nv means every
-// key, 0 or below none), so no kv_len can make a kernel read past the keys.
-__device__ __forceinline__ int64_t key_end(const RetrievalParams& p, int64_t b) {
-  if (!p.kv_len) return p.Nv;
-  const int64_t n = p.kv_len[b];
-  return n < 0 ? 0 : (n > p.Nv ? p.Nv : n);
+// One past the last key whose gradient a dK/dV launch stores for sequence b: padded Nv (keys
+// past kv_len get their zeros written: dk / dv are not zero-filled), varlen seq_k_len (keys
+// past it belong to the next sequence, or to none: never written; the op zero-fills them).
+__device__ __forceinline__ int64_t key_store_end(const RetrievalParams& p, int64_t b) {
+  return is_varlen(p) ? seq_k_len(p, b) : p.Nv;
 }
 
+// Key n of sequence b is valid: n < n_end (seq_k_len: kv_len clamped, or the varlen
+// sequence's key count) and not masked out (padded only: varlen has no key_mask).
 __device__ __forceinline__ bool key_valid(const RetrievalParams& p, int64_t b, int64_t n,
                                           int64_t n_end) {
   return n < n_end && (!p.key_mask || p.key_mask[b * p.mask_stride[0] + n * p.mask_stride[1]]);

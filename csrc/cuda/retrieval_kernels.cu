@@ -55,6 +55,7 @@ constexpr int kDimsPerLane = kMaxHeadDim / 32;
 // side by side. The launch keeps the grid within gridDim.x (< 2^31), so the decomposition
 // runs in 32-bit arithmetic: with 64-bit divisions here the forward kernel needed 25 more
 // registers and dQ spilled more.
+// `rows`: the packed rows of this block's sequence, seq_q_len(p, b) * G (padded: T * G).
 struct BlockCoords {
   int64_t G, rows, b, tile;
   int kvh, split, warp, lane;
@@ -67,7 +68,8 @@ __device__ __forceinline__ BlockCoords block_coords(const RetrievalParams& p, in
   const unsigned n_splits = static_cast<unsigned>(splits);
   const unsigned rest = blockIdx.x / n_tiles;
   const unsigned bh = rest / n_splits;
-  return {G, p.T * G, static_cast<int64_t>(bh / hkv), static_cast<int64_t>(blockIdx.x - rest * n_tiles),
+  const int64_t b = static_cast<int64_t>(bh / hkv);
+  return {G, seq_q_len(p, b) * G, b, static_cast<int64_t>(blockIdx.x - rest * n_tiles),
           static_cast<int>(bh % hkv), static_cast<int>(rest - bh * n_splits),
           static_cast<int>(threadIdx.x >> 5), static_cast<int>(threadIdx.x & 31)};
 }
@@ -78,16 +80,17 @@ __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
   return s;
 }
 
-// Stage `count` packed rows starting at r0 as float (times `mul`; 0 past the last row).
+// Stage `count` packed rows starting at r0 as float (times `mul`; 0 at and past `rows`,
+// the sequence's packed rows: nothing there is read).
 template <typename T>
 __device__ void stage_rows(const T* src, const int64_t* s, const RetrievalParams& p, int64_t b,
-                           int64_t G, int kvh, int64_t r0, int count, float mul, float* dst) {
+                           int64_t G, int64_t rows, int kvh, int64_t r0, int count, float mul, float* dst) {
   const int hd = static_cast<int>(p.hd);
-  const int64_t rows = p.T * G;
+  const int64_t base = row_base(p, s, b);
   for (int i = threadIdx.x; i < count * hd; i += blockDim.x) {
     const int rr = i / hd, d = i - rr * hd;
     const int64_t r = r0 + rr;
-    dst[i] = r < rows ? to_float(src[row_offset(s, b, G, kvh, r) + d * s[3]]) * mul : 0.f;
+    dst[i] = r < rows ? to_float(src[row_offset(base, s, G, kvh, r) + d * s[3]]) * mul : 0.f;
   }
 }
 
@@ -109,8 +112,6 @@ template <typename T>
 __device__ void stage_keys(const RetrievalParams& p, int64_t b, int kvh, int64_t n0,
                            int64_t n_end, int ld, float* k_s, float* v_s, int* valid_s) {
   const int hd = static_cast<int>(p.hd);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
   if (threadIdx.x < kKeys) valid_s[threadIdx.x] = key_valid(p, b, n0 + threadIdx.x, n_end);
   __syncthreads();  // valid_s is complete before the threads staging K/V read it
   if (keys_in_chunks<T>(p)) {
@@ -118,27 +119,30 @@ __device__ void stage_keys(const RetrievalParams& p, int64_t b, int kvh, int64_t
     const int chunks = hd / C;
     // K, then V: one chunk live at a time (both at once spilled 8 B in dQ, bf16, sm_90).
     for (int which = 0; which < 2; ++which) {
-      const T* src = which ? v : k;
       const int64_t* st = which ? p.v_stride : p.k_stride;
+      // Key 0 of sequence b (key_base), formed here: one pointer live at a time.
+      const T* src = static_cast<const T*>(which ? p.v : p.k) + key_base(p, st, b);
       float* dst = which ? v_s : k_s;
 #pragma unroll 1
       for (int i = threadIdx.x; i < kKeys * chunks; i += blockDim.x) {
         const int j = i / chunks, d = (i - j * chunks) * C;
         Chunk<T> x;
-        if (valid_s[j]) x = *reinterpret_cast<const Chunk<T>*>(src + b * st[0] + (n0 + j) * st[1] + kvh * st[2] + d);
+        if (valid_s[j]) x = *reinterpret_cast<const Chunk<T>*>(src + (n0 + j) * st[1] + kvh * st[2] + d);
 #pragma unroll
         for (int t = 0; t < C; ++t) dst[j * ld + d + t] = valid_s[j] ? to_float(x.v[t]) : 0.f;
       }
     }
     return;
   }
+  const T* k = static_cast<const T*>(p.k) + key_base(p, p.k_stride, b);  // key 0 of sequence b
+  const T* v = static_cast<const T*>(p.v) + key_base(p, p.v_stride, b);
   for (int i = threadIdx.x; i < kKeys * hd; i += blockDim.x) {
     const int j = i / hd, d = i - j * hd;
     const int64_t n = n0 + j;
     float kx = 0.f, vx = 0.f;
     if (valid_s[j]) {
-      kx = to_float(k[b * p.k_stride[0] + n * p.k_stride[1] + kvh * p.k_stride[2] + d * p.k_stride[3]]);
-      vx = to_float(v[b * p.v_stride[0] + n * p.v_stride[1] + kvh * p.v_stride[2] + d * p.v_stride[3]]);
+      kx = to_float(k[n * p.k_stride[1] + kvh * p.k_stride[2] + d * p.k_stride[3]]);
+      vx = to_float(v[n * p.v_stride[1] + kvh * p.v_stride[2] + d * p.v_stride[3]]);
     }
     k_s[j * ld + d] = kx;
     v_s[j * ld + d] = vx;
@@ -161,8 +165,10 @@ __global__ void __launch_bounds__(kThreads, 5) retrieval_fwd_kernel(const Retrie
   const int64_t G = c.G, rows = c.rows, b = c.b;
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t row0 = c.tile * kRowsPerBlock;
+  // Varlen: the grid covers max_seqlen_q; a block past this sequence's rows has nothing to do.
+  if (row0 >= rows) return;
 
-  stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, row0, kRowsPerBlock,
+  stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, rows, kvh, row0, kRowsPerBlock,
              p.scale * kLog2e, q_s);
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDimsPerLane];
 #pragma unroll
@@ -177,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, 5) retrieval_fwd_kernel(const Retrie
   // kv_len, or whose keys are all masked, sums nothing (l = 0) and writes output 0 and lse
   // -inf, which the combine weighs 0.
   const int64_t n_begin = c.split * p.split_keys;
-  const int64_t n_end = min64(key_end(p, b), n_begin + p.split_keys);
+  const int64_t n_end = min64(seq_k_len(p, b), n_begin + p.split_keys);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kKeys) {
     __syncthreads();  // every warp has read the previous tile (valid_s too) before it is restaged
     stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
@@ -218,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 5) retrieval_fwd_kernel(const Retrie
   // Unsplit: out and lse. Split: the same normalised output and lse in fp32 to this split's
   // slice of o_part / lse_part, merged by combine_splits_kernel.
   if (p.kv_splits > 1) {
-    const int64_t part0 = c.split * (p.B * p.H * p.T);
+    const int64_t part0 = c.split * stat_rows(p);
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int64_t r = row0 + warp * kRowsPerWarp + rr;
@@ -235,11 +241,12 @@ __global__ void __launch_bounds__(kThreads, 5) retrieval_fwd_kernel(const Retrie
     return;
   }
   T* out = static_cast<T*>(p.out);
+  const int64_t o_base = row_base(p, p.o_stride, b);
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = row0 + warp * kRowsPerWarp + rr;
     if (r >= rows) continue;
-    const int64_t off = row_offset(p.o_stride, b, G, kvh, r);
+    const int64_t off = row_offset(o_base, p.o_stride, G, kvh, r);
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) {
       const int d = lane + 32 * i;
@@ -268,7 +275,10 @@ __device__ __forceinline__ void fma_part(const float* x, int width, float w, flo
   }
 }
 
-// The split forward's partials merged, one thread per (row, 4 dims) of out: with
+// The split forward's partials merged, one thread per (row, 4 dims) of out: rows numbered
+// (b * H + h) * T + t over every sequence's T slots (varlen: T = max_seqlen_q; slots at or
+// past seq_q_len(b) exit, so rows of no sequence, whose partials no block wrote, stay
+// untouched), the partials at stat_row(b, h, t). With
 // w_s = exp(lse_s - max_s lse_s), out = sum_s w_s o_s / sum_s w_s and lse = max + log sum_s w_s,
 // the splits visited in order 0, 1, ... (the same bits on every run). A split that saw no
 // key has lse -inf, so w = 0 and its zeros add nothing; a row no split saw a key of stays 0
@@ -277,11 +287,14 @@ __device__ __forceinline__ void fma_part(const float* x, int width, float w, flo
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_splits_kernel(const RetrievalParams p) {
   const int width = part_width(p, p.o_part, p.o_part);
-  const int64_t n_stats = p.B * p.H * p.T, hd = p.hd, per_row = hd / width;
+  const int64_t slots = p.B * p.H * p.T, hd = p.hd, per_row = hd / width;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (e >= n_stats * per_row) return;
-  const int64_t st = e / per_row;
-  const int64_t d0 = (e - st * per_row) * width;
+  if (e >= slots * per_row) return;
+  const int64_t slot = e / per_row;
+  const int64_t d0 = (e - slot * per_row) * width;
+  const int64_t t = slot % p.T, bh = slot / p.T, h = bh % p.H, b = bh / p.H;
+  if (t >= seq_q_len(p, b)) return;
+  const int64_t n_stats = stat_rows(p), st = stat_row(p, b, h, t);  // padded: st == slot
   const int splits = static_cast<int>(p.kv_splits);
   float m = -INFINITY;
   for (int s = 0; s < splits; ++s) m = fmaxf(m, p.lse_part[s * n_stats + st]);
@@ -295,16 +308,20 @@ __global__ void __launch_bounds__(kThreads) combine_splits_kernel(const Retrieva
   }
   const bool has = l != 0.f;
   const float inv = has ? 1.f / l : 0.f;
-  const int64_t t = st % p.T, bh = st / p.T, h = bh % p.H, b = bh / p.H;
-  T* out = static_cast<T*>(p.out) + b * p.o_stride[0] + t * p.o_stride[1] + h * p.o_stride[2];
+  T* out = static_cast<T*>(p.out) + row_base(p, p.o_stride, b) + t * p.o_stride[1] + h * p.o_stride[2];
 #pragma unroll
   for (int i = 0; i < 4; ++i)  // unrolled to 4, not width: acc stays in registers
     if (i < width) out[(d0 + i) * p.o_stride[3]] = from_float<T>(acc[i] * inv);
   if (d0 == 0) p.lse[st] = has ? m_safe + logf(l) : -INFINITY;
 }
 
+// __launch_bounds__(128, 4) and (128, 8) below: the 128 and 64 registers these kernels have
+// always used (4 blocks of dQ at hd 128 fill an H100's registers as its 49 KB of shared
+// memory allow). Stated, ptxas fits the varlen bounds (values loaded from cu_seqlens, live
+// across the loops) in them; left to its own heuristics it spilled 4-16 B in bf16 / fp16
+// on sm_90 (dQ at 96 registers, dK/dV at 56), as the forward did with its split index.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const RetrievalParams p) {
+__global__ void __launch_bounds__(kThreads, 4) retrieval_bwd_dq_kernel(const RetrievalParams p) {
   PVM_DYNAMIC_SHARED(float, smem);
   PVM_SHARED(int, valid_s, [kKeys]);
   const int hd = static_cast<int>(p.hd), ld = hd + 1;
@@ -317,23 +334,28 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const Retrie
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t row0 = c.tile * kRowsPerBlock;
   const float scale_log2 = p.scale * kLog2e;
+  if (row0 >= rows) return;  // varlen: past this sequence's rows
 
-  stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, row0, kRowsPerBlock,
+  stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, rows, kvh, row0, kRowsPerBlock,
              scale_log2, q_s);
-  stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, kvh, row0, kRowsPerBlock,
+  stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, rows, kvh, row0, kRowsPerBlock,
              1.f, do_s);
   float lse2[kRowsPerWarp], delta[kRowsPerWarp], dq[kRowsPerWarp][kDimsPerLane];
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = row0 + warp * kRowsPerWarp + rr;
-    const int64_t st = stat_index(p, b, G, kvh, r);
-    lse2[rr] = r < rows ? p.lse[st] * kLog2e : 0.f;
-    delta[rr] = r < rows ? p.delta[st] : 0.f;
+    lse2[rr] = 0.f;
+    delta[rr] = 0.f;
+    if (r < rows) {
+      const int64_t st = stat_index(p, b, G, kvh, r);
+      lse2[rr] = p.lse[st] * kLog2e;
+      delta[rr] = p.delta[st];
+    }
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) dq[rr][i] = 0.f;
   }
 
-  const int64_t n_end = key_end(p, b);
+  const int64_t n_end = seq_k_len(p, b);
   for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
     __syncthreads();  // every warp has read the previous tile (valid_s too) before it is restaged
     stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
@@ -360,11 +382,12 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const Retrie
   }
 
   T* out = static_cast<T*>(p.dq);
+  const int64_t dq_base = row_base(p, p.dq_stride, b);
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = row0 + warp * kRowsPerWarp + rr;
     if (r >= rows) continue;
-    const int64_t off = row_offset(p.dq_stride, b, G, kvh, r);
+    const int64_t off = row_offset(dq_base, p.dq_stride, G, kvh, r);
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) {
       const int d = lane + 32 * i;
@@ -374,7 +397,7 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dq_kernel(const Retrie
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const RetrievalParams p) {
+__global__ void __launch_bounds__(kThreads, 8) retrieval_bwd_dkdv_kernel(const RetrievalParams p) {
   PVM_DYNAMIC_SHARED(float, smem);
   PVM_SHARED(int, valid_s, [kKeys]);
   const int hd = static_cast<int>(p.hd), ld = hd + 1;
@@ -390,25 +413,29 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
   const int64_t G = c.G, rows = c.rows, b = c.b;
   const int kvh = c.kvh, warp = c.warp, lane = c.lane;
   const int64_t n0 = c.tile * kKeys;
-  const int64_t n_end = key_end(p, b);
+  const int64_t n_end = seq_k_len(p, b), n_store = key_store_end(p, b);
   const float scale_log2 = p.scale * kLog2e;
+  // Varlen: the grid covers max_seqlen_k; a tile past this sequence's keys stores nothing.
+  if (n0 >= n_store) return;
 
   // dK/dV accumulate in shared memory; each thread zeroes, updates and finally writes the
   // same elements e (one mapping throughout), so those need no barrier of their own.
   stage_keys<T>(p, b, kvh, n0, n_end, ld, k_s, v_s, valid_s);
   for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) dk_s[e] = dv_s[e] = 0.f;
 
-  // This split's rows (unsplit: split_rows >= T * G, all of them). A tile wholly past this
-  // sample's last valid key has zero gradient: skip the rows (its partials are zeros).
+  // This split's rows (unsplit: split_rows >= T * G, all of them; the loop ends at the
+  // sequence's rows). A tile wholly past this sample's last valid key has zero gradient:
+  // skip the rows (its partials are zeros).
   const int64_t r_begin = c.split * p.split_rows;
   const int64_t rows_end = n0 < n_end ? min64(rows, r_begin + p.split_rows) : 0;
   for (int64_t r0 = r_begin; r0 < rows_end; r0 += kRowsPerIter) {
-    stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, q_s);
-    stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, kvh, r0, kRowsPerIter, 1.f, do_s);
+    stage_rows(static_cast<const T*>(p.q), p.q_stride, p, b, G, rows_end, kvh, r0, kRowsPerIter, 1.f, q_s);
+    stage_rows(static_cast<const T*>(p.grad_out), p.o_stride, p, b, G, rows_end, kvh, r0, kRowsPerIter, 1.f,
+               do_s);
     __syncthreads();  // the rows (q, dO), and the first time the keys (K, V), are staged before use
     for (int rr = warp; rr < kRowsPerIter; rr += kWarps) {
       const int64_t r = r0 + rr;
-      const bool row_ok = r < rows;
+      const bool row_ok = r < rows_end;
       float lse2 = 0.f, delta = 0.f;
       if (row_ok) {
         const int64_t st = stat_index(p, b, G, kvh, r);
@@ -438,22 +465,24 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
   }
 
   // Unsplit: dk and dv. Split: fp32 partials in this split's slice of dk_part / dv_part
-  // (contiguous [B, Nv, Hkv, hd] each), summed by sum_dkdv_splits_kernel.
+  // (contiguous [key_rows, Hkv, hd] each), summed by sum_dkdv_splits_kernel. Keys up to
+  // n_store only (varlen: this sequence's).
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
   const bool split = p.row_splits > 1;
-  const int64_t part0 = (c.split * p.B + b) * p.Nv;
+  const int64_t part0 = c.split * key_rows(p) + key_row(p, b, 0);
+  const int64_t dkv_base = key_base(p, p.dkv_stride, b);
   for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
     const int j = e / hd, d = e - j * hd;
     const int64_t n = n0 + j;
-    if (n >= p.Nv) continue;
+    if (n >= n_store) continue;
     if (split) {
       const int64_t off = ((part0 + n) * p.Hkv + kvh) * hd + d;
       p.dk_part[off] = dk_s[e] * p.scale;
       p.dv_part[off] = dv_s[e];
       continue;
     }
-    const int64_t off = b * p.dkv_stride[0] + n * p.dkv_stride[1] + kvh * p.dkv_stride[2] + d * p.dkv_stride[3];
+    const int64_t off = dkv_base + n * p.dkv_stride[1] + kvh * p.dkv_stride[2] + d * p.dkv_stride[3];
     dk[off] = from_float<T>(dk_s[e] * p.scale);
     dv[off] = from_float<T>(dv_s[e]);
   }
@@ -462,22 +491,28 @@ __global__ void __launch_bounds__(kThreads) retrieval_bwd_dkdv_kernel(const Retr
 // dk and dv of a row-split backward: each element's partials summed in split order
 // 0, 1, ... (fixed, so the same bits on every run; no atomics), then cast. One thread per
 // 4 elements of [B, Nv, Hkv, hd] (one, if hd is not a multiple of 4): 4 consecutive dims
-// of one key.
+// of one key. Varlen: Nv = max_seqlen_k slots per sequence; slots at or past seq_k_len(b)
+// exit (their partials were never written: another sequence's keys, or none), the others
+// read key_row(b, n) of the partials.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sum_dkdv_splits_kernel(const RetrievalParams p) {
   const int width = part_width(p, p.dk_part, p.dv_part);
-  const int64_t numel = p.B * p.Nv * p.Hkv * p.hd;
+  const int64_t slots = p.B * p.Nv * p.Hkv * p.hd;
   const int64_t e = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * width;
-  if (e >= numel) return;
+  if (e >= slots) return;
+  const int64_t d = e % p.hd, key = e / p.hd, kvh = key % p.Hkv, bn = key / p.Hkv;
+  const int64_t n = bn % p.Nv, b = bn / p.Nv;
+  if (n >= key_store_end(p, b)) return;
+  const int64_t numel = key_rows(p) * p.Hkv * p.hd;
+  const int64_t at = (key_row(p, b, n) * p.Hkv + kvh) * p.hd + d;  // padded: at == e
   float dk[4] = {0.f, 0.f, 0.f, 0.f}, dv[4] = {0.f, 0.f, 0.f, 0.f};
   const int splits = static_cast<int>(p.row_splits);
   for (int s = 0; s < splits; ++s) {
-    fma_part(p.dk_part + s * numel + e, width, 1.f, dk);
-    fma_part(p.dv_part + s * numel + e, width, 1.f, dv);
+    fma_part(p.dk_part + s * numel + at, width, 1.f, dk);
+    fma_part(p.dv_part + s * numel + at, width, 1.f, dv);
   }
-  const int64_t d = e % p.hd, key = e / p.hd, kvh = key % p.Hkv, bn = key / p.Hkv;
-  const int64_t n = bn % p.Nv, b = bn / p.Nv;
-  const int64_t off = b * p.dkv_stride[0] + n * p.dkv_stride[1] + kvh * p.dkv_stride[2] + d * p.dkv_stride[3];
+  const int64_t off = key_base(p, p.dkv_stride, b) + n * p.dkv_stride[1] + kvh * p.dkv_stride[2] +
+                      d * p.dkv_stride[3];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {  // unrolled to 4, not width: dk and dv stay in registers
     if (i >= width) break;
@@ -505,7 +540,7 @@ bool split_ok(int64_t splits, int64_t per_split, int64_t items, const float* a, 
 
 // p with an unsplit forward (kv_splits <= 1) / dK/dV (row_splits <= 1) made explicit:
 // one split of every key / row. The unsplit forward's split ends past any key (2^62, not
-// Nv), so kv_len's clamp in key_end stays the only bound on the keys, as before splits.
+// Nv), so seq_k_len's clamp stays the only bound on the keys, as before splits.
 RetrievalParams normalised(const RetrievalParams& p) {
   RetrievalParams q = p;
   if (q.kv_splits <= 1) {

@@ -54,9 +54,10 @@
 //
 // Resources (ptxas of CUDA 13.0, cuobjdump -res-usage; no stack frame or local memory in any
 // instance, tests/test_cuda_tensor_cores.py checks it):
-//   registers at HD 32 / 64 / 96 / 128: dK/dV 112 / 152 / 190 / 229 on sm_80 and
-//   116 / 155 / 192 / 231 on sm_90 (__launch_bounds__(128, 2): without the 2, ptxas held
-//   HD 64 to 128 registers and spilled 16 B on sm_90); dQ 72 / 122 / 162 / 198 on both;
+//   registers at HD 32 / 64 / 96 / 128 (with the varlen bounds): dK/dV 112 / 153 / 192 / 228
+//   on sm_80 and 116 / 156 / 194 / 236 on sm_90 (__launch_bounds__(128, 2): without the 2,
+//   ptxas held HD 64 to 128 registers and spilled 16 B on sm_90); dQ 80 / 122 / 162 / 206
+//   on both;
 //   dynamic shared memory 6 tiles x 64 x (HD + 8) x 2 B: dK/dV (K, V, 2 q, 2 dO, + 1 KB of
 //   lse / delta) 31,744 / 56,320 / 80,896 / 105,472 B, dQ (q, dO, 2 K, 2 V) 30,720 /
 //   55,296 / 79,872 / 104,448 B + 512 B static (key flags).
@@ -90,17 +91,19 @@ struct alignas(8) Float2 {
   float x, y;
 };
 
-// Where packed row r of (b, kvh) starts in a [B, T, H, hd] tensor with strides s. The
-// dispatch rule keeps T * G below 2^31, so r / G and r % G run in 32 bits.
-__device__ __forceinline__ int64_t tc_row_offset(const int64_t* s, int64_t b, unsigned G, int kvh, unsigned r) {
+// Where packed row r of (sequence b, kvh) starts in a q-like tensor with strides s, from
+// base = row_base(p, s, b) (pvm_params.h). The dispatch rule keeps T * G below 2^31 (T:
+// max_seqlen_q in varlen, so every sequence's rows too), so r / G and r % G run in 32 bits.
+__device__ __forceinline__ int64_t tc_row_offset(int64_t base, const int64_t* s, unsigned G, int kvh, unsigned r) {
   const unsigned t = r / G;
-  return b * s[0] + static_cast<int64_t>(t) * s[1] + static_cast<int64_t>(kvh * G + (r - t * G)) * s[2];
+  return base + static_cast<int64_t>(t) * s[1] + static_cast<int64_t>(kvh * G + (r - t * G)) * s[2];
 }
 
+// stat_row (pvm_params.h) of packed row r of (sequence b, kvh), its divisions in 32 bits.
 __device__ __forceinline__ int64_t tc_stat_index(const RetrievalParams& p, int64_t b, unsigned G, int kvh,
                                                  unsigned r) {
   const unsigned t = r / G;
-  return (b * p.H + kvh * G + (r - t * G)) * p.T + t;
+  return stat_row(p, b, kvh * G + (r - t * G), t);
 }
 
 // (sample, KV head, split, tile) of this block: tile fastest, then split, as in
@@ -129,6 +132,7 @@ __device__ __forceinline__ void stage_rows_async(const RetrievalParams& p, const
   constexpr int kChunks = HD / 8, kLd = HD + kPad;
   const T* q = static_cast<const T*>(p.q);
   const T* go = static_cast<const T*>(p.grad_out);
+  const int64_t q_base = row_base(p, p.q_stride, c.b), o_base = row_base(p, p.o_stride, c.b);
   const int hd = static_cast<int>(p.hd);
 #pragma unroll 1
   for (int i = threadIdx.x; i < kTcRows * kChunks; i += kTcThreads) {
@@ -137,8 +141,8 @@ __device__ __forceinline__ void stage_rows_async(const RetrievalParams& p, const
     const bool ok = r < r_end && d < hd;
     int64_t oq = 0, oo = 0;
     if (ok) {
-      oq = tc_row_offset(p.q_stride, c.b, c.G, c.kvh, static_cast<unsigned>(r)) + d;
-      oo = tc_row_offset(p.o_stride, c.b, c.G, c.kvh, static_cast<unsigned>(r)) + d;
+      oq = tc_row_offset(q_base, p.q_stride, c.G, c.kvh, static_cast<unsigned>(r)) + d;
+      oo = tc_row_offset(o_base, p.o_stride, c.G, c.kvh, static_cast<unsigned>(r)) + d;
     }
     cp_async_16(q_dst + row * kLd + d, q + oq, ok);
     cp_async_16(do_dst + row * kLd + d, go + oo, ok);
@@ -154,6 +158,7 @@ __device__ __forceinline__ void stage_keys_async(const RetrievalParams& p, const
   constexpr int kChunks = HD / 8, kLd = HD + kPad;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
+  const int64_t k_base = key_base(p, p.k_stride, c.b), v_base = key_base(p, p.v_stride, c.b);
   const int hd = static_cast<int>(p.hd);
 #pragma unroll 1
   for (int i = threadIdx.x; i < kTcKeys * kChunks; i += kTcThreads) {
@@ -162,8 +167,8 @@ __device__ __forceinline__ void stage_keys_async(const RetrievalParams& p, const
     const bool ok = d < hd && key_valid(p, c.b, n, n_end);
     int64_t ok_off = 0, ov_off = 0;
     if (ok) {
-      ok_off = c.b * p.k_stride[0] + n * p.k_stride[1] + c.kvh * p.k_stride[2] + d;
-      ov_off = c.b * p.v_stride[0] + n * p.v_stride[1] + c.kvh * p.v_stride[2] + d;
+      ok_off = k_base + n * p.k_stride[1] + c.kvh * p.k_stride[2] + d;
+      ov_off = v_base + n * p.v_stride[1] + c.kvh * p.v_stride[2] + d;
     }
     cp_async_16(k_dst + j * kLd + d, k + ok_off, ok);
     cp_async_16(v_dst + j * kLd + d, v + ov_off, ok);
@@ -217,9 +222,11 @@ __global__ void __launch_bounds__(kTcThreads, 2) retrieval_tc_bwd_dkdv_kernel(co
   const int64_t key_tiles = (p.Nv + kTcKeys - 1) / kTcKeys;
   const TcCoords c = tc_coords(p, key_tiles, p.row_splits);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t n0 = c.tile * kTcKeys, n_end = key_end(p, c.b);
-  const int64_t rows = p.T * static_cast<int64_t>(c.G);
+  const int64_t n0 = c.tile * kTcKeys, n_end = seq_k_len(p, c.b), n_store = key_store_end(p, c.b);
+  const int64_t rows = seq_q_len(p, c.b) * static_cast<int64_t>(c.G);  // this sequence's
   const float scale_log2 = p.scale * kLog2e;
+  // Varlen: the grid covers max_seqlen_k; a tile past this sequence's keys stores nothing.
+  if (n0 >= n_store) return;
 
   // dK, dV of this warp's keys n0 + 16 warp + {g, g + 8}, columns 8 j + 2t, + 1.
   float dk[kNt][4], dv[kNt][4];
@@ -324,14 +331,15 @@ __global__ void __launch_bounds__(kTcThreads, 2) retrieval_tc_bwd_dkdv_kernel(co
   }
 
   // Unsplit: dk, dv. Split: fp32 partials (dk scaled) in this split's slice of
-  // dk_part / dv_part [splits, B, Nv, Hkv, hd]. Two adjacent columns a store.
+  // dk_part / dv_part [splits, key_rows, Hkv, hd]. Two adjacent columns a store. Keys up
+  // to n_store only (varlen: this sequence's).
   const int hd = static_cast<int>(p.hd);
   const bool split = p.row_splits > 1;
-  const int64_t part0 = (c.split * p.B + c.b) * p.Nv;
+  const int64_t part0 = c.split * key_rows(p) + key_row(p, c.b, 0);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t n = n0 + 16 * warp + g + 8 * half;
-    if (n >= p.Nv) continue;
+    if (n >= n_store) continue;
     if (split) {
       float* const dkp = p.dk_part + ((part0 + n) * p.Hkv + c.kvh) * hd;
       float* const dvp = p.dv_part + ((part0 + n) * p.Hkv + c.kvh) * hd;
@@ -344,7 +352,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) retrieval_tc_bwd_dkdv_kernel(co
       }
       continue;
     }
-    const int64_t off = c.b * p.dkv_stride[0] + n * p.dkv_stride[1] + c.kvh * p.dkv_stride[2];
+    const int64_t off = key_base(p, p.dkv_stride, c.b) + n * p.dkv_stride[1] + c.kvh * p.dkv_stride[2];
     T* const dkr = static_cast<T*>(p.dk) + off;
     T* const dvr = static_cast<T*>(p.dv) + off;
 #pragma unroll
@@ -375,11 +383,12 @@ __global__ void __launch_bounds__(kTcThreads) retrieval_tc_bwd_dq_kernel(const R
   T* const k_s = do_s + kTile;  // [2][64][kLd]
   T* const v_s = k_s + 2 * kTile;
 
-  const int64_t rows = p.T * (p.H / p.Hkv);
-  const TcCoords c = tc_coords(p, (rows + kTcRows - 1) / kTcRows, 1);
+  const TcCoords c = tc_coords(p, (p.T * (p.H / p.Hkv) + kTcRows - 1) / kTcRows, 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t row0 = c.tile * kTcRows;
-  const int64_t n_end = key_end(p, c.b);
+  const int64_t rows = seq_q_len(p, c.b) * static_cast<int64_t>(c.G);  // this sequence's
+  if (row0 >= rows) return;  // varlen: the grid covers max_seqlen_q
+  const int64_t n_end = seq_k_len(p, c.b);
   const int64_t n_steps = (n_end + kTcKeys - 1) / kTcKeys;
   const float scale_log2 = p.scale * kLog2e;
 
@@ -478,12 +487,12 @@ __global__ void __launch_bounds__(kTcThreads) retrieval_tc_bwd_dq_kernel(const R
   }
 
   const int hd = static_cast<int>(p.hd);
-  T* const out = static_cast<T*>(p.dq);
+  T* const out = static_cast<T*>(p.dq) + row_base(p, p.dq_stride, c.b);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t r = row0 + 16 * warp + g + 8 * h;
     if (r >= rows) continue;
-    T* const row = out + tc_row_offset(p.dq_stride, c.b, c.G, c.kvh, static_cast<unsigned>(r));
+    T* const row = out + tc_row_offset(0, p.dq_stride, c.G, c.kvh, static_cast<unsigned>(r));
 #pragma unroll
     for (int j = 0; j < kNt; ++j) {
       const int d = 8 * j + 2 * t;

@@ -2,7 +2,8 @@
 // operands and fp32 accumulation, through the project's wrappers (csrc/cuda/mma.cuh), on the
 // FlashAttention-2 schedule. Same contract as retrieval_fwd_kernel (retrieval_kernels.cu):
 // packed query rows r = t * G + g (the G = H / Hkv query heads sharing a KV head read its
-// keys once), keys [0, kv_len) clamped to [0, Nv] and key_mask, log2-domain online softmax,
+// keys once), keys [0, kv_len) clamped to [0, Nv] and key_mask (varlen: a sequence's own
+// rows and keys, seq_q_len / seq_k_len, pvm_params.h), log2-domain online softmax,
 // lse in natural log (-inf and an output of exactly 0 for a row with no valid key), NaN
 // propagated, the split-KV partials (o_part / lse_part) when the host op splits the keys.
 //
@@ -98,8 +99,8 @@ __device__ __forceinline__ void stage_keys(const RetrievalParams& p, int64_t b, 
   const int j0 = threadIdx.x < kRowsPerPass * kRowChunks ? threadIdx.x / kRowChunks : kKeys;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  const T* k_col = k + b * p.k_stride[0] + kvh * p.k_stride[2] + c;
-  const T* v_col = v + b * p.v_stride[0] + kvh * p.v_stride[2] + c;
+  const T* k_col = k + key_base(p, p.k_stride, b) + kvh * p.k_stride[2] + c;  // key 0 of sequence b
+  const T* v_col = v + key_base(p, p.v_stride, b) + kvh * p.v_stride[2] + c;
   // Not unrolled: unrolled, ptxas kept every pass's addresses live across the tile's
   // compute (the prefetch is issued in the loop that computes): 255 registers and 68 B of
   // spill at hd 128 on sm_80 instead of the ~200 without it.
@@ -133,19 +134,23 @@ __global__ void __launch_bounds__(kThreads, 2) retrieval_tc_fwd_kernel(const Ret
 
   // Block coordinates, as block_coords in retrieval_kernels.cu (32-bit divisions: the grid
   // is within gridDim.x): tile fastest, then split, then (sample, KV head).
-  const int64_t G = p.H / p.Hkv, rows = p.T * G;
-  const unsigned n_tiles = static_cast<unsigned>((rows + kRows - 1) / kRows);
+  // `rows`: the packed rows of this block's sequence (padded T * G; varlen seq_q_len * G,
+  // the grid covering max_seqlen_q: a block past them exits before any load).
+  const int64_t G = p.H / p.Hkv;
+  const unsigned n_tiles = static_cast<unsigned>((p.T * G + kRows - 1) / kRows);
   const unsigned n_splits = static_cast<unsigned>(p.kv_splits), hkv = static_cast<unsigned>(p.Hkv);
   const unsigned rest = blockIdx.x / n_tiles, bh = rest / n_splits;
   const int64_t b = bh / hkv, row0 = static_cast<int64_t>(blockIdx.x - rest * n_tiles) * kRows;
   const int kvh = static_cast<int>(bh % hkv), split = static_cast<int>(rest - bh * n_splits);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;    // the mma fragments' groupID / threadID_in_group
+  const int64_t rows = seq_q_len(p, b) * G;
+  if (row0 >= rows) return;
 
   // This split's keys (unsplit: split_keys reaches past every key). A split wholly past
   // kv_len sums nothing and writes 0 / -inf, which the combine weighs 0.
   const int64_t n_begin = split * p.split_keys;
-  const int64_t kend = key_end(p, b);
+  const int64_t kend = seq_k_len(p, b);
   const int64_t n_end = kend < n_begin + p.split_keys ? kend : n_begin + p.split_keys;
   const int tiles = n_end > n_begin ? static_cast<int>((n_end - n_begin + kKeys - 1) / kKeys) : 0;
 
@@ -153,14 +158,15 @@ __global__ void __launch_bounds__(kThreads, 2) retrieval_tc_fwd_kernel(const Ret
   {
     T* q_s = smem + 2 * kTile;
     const T* q = static_cast<const T*>(p.q);
+    const int64_t q_base = row_base(p, p.q_stride, b);
     constexpr int kRowChunks = HD / kChunk;
 #pragma unroll
     for (int it = 0; it < kRows * kRowChunks / kThreads; ++it) {  // hd / 16 passes
       const int i = threadIdx.x + it * kThreads;
       const int rr = i / kRowChunks, c = (i - rr * kRowChunks) * kChunk;
       const int64_t r = row0 + rr;
-      const bool ok = r < rows;  // rows past T * G: zeros (scores 0, never stored)
-      cp_async_16(q_s + rr * kLd + c, ok ? q + row_offset(p.q_stride, b, G, kvh, r) + c : q, ok);
+      const bool ok = r < rows;  // rows past the sequence's: zeros (scores 0, never stored)
+      cp_async_16(q_s + rr * kLd + c, ok ? q + row_offset(q_base, p.q_stride, G, kvh, r) + c : q, ok);
     }
     cp_async_commit();
   }
@@ -284,12 +290,13 @@ __global__ void __launch_bounds__(kThreads, 2) retrieval_tc_fwd_kernel(const Ret
   // Lane (g, t) writes dims 8 nt + 2t, +1 of rows g and g + 8: one 4-byte store of two T
   // (or two fp32 partials); a quad writes 16 contiguous bytes of a row per n8 tile.
   const bool split_out = p.kv_splits > 1;
+  const int64_t o_base = row_base(p, p.o_stride, b);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t r = row0 + warp * 16 + g + 8 * h;
     if (r >= rows) continue;
     if (split_out) {
-      const int64_t part = split * (p.B * p.H * p.T) + stat_index(p, b, G, kvh, r);
+      const int64_t part = split * stat_rows(p) + stat_index(p, b, G, kvh, r);
       float* dst = p.o_part + part * HD + 2 * t;
 #pragma unroll
       for (int nt = 0; nt < kDimTiles; ++nt) {
@@ -298,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2) retrieval_tc_fwd_kernel(const Ret
       }
       if (t == 0) p.lse_part[part] = m[h];
     } else {
-      T* dst = static_cast<T*>(p.out) + row_offset(p.o_stride, b, G, kvh, r) + 2 * t;
+      T* dst = static_cast<T*>(p.out) + row_offset(o_base, p.o_stride, G, kvh, r) + 2 * t;
 #pragma unroll
       for (int nt = 0; nt < kDimTiles; ++nt)
         *reinterpret_cast<uint32_t*>(dst + 8 * nt) = pack2<T>(o[nt][2 * h] * l[h], o[nt][2 * h + 1] * l[h]);

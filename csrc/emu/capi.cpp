@@ -55,13 +55,27 @@ size_t rows_extent(int64_t n, int64_t d, int64_t row, size_t elem) {
 
 int finish(cudaError_t err) { return static_cast<int>(err); }
 
-// q, k, v, key_mask and kv_len: what the forward and backward both read.
+// Bytes of a q-like tensor (q, out, grad_out, dq) with strides s: [B, T, H, hd], or varlen
+// [total_q, H, hd] (strides {0, row, head, dim}, pvm_params.h).
+size_t q_extent(const RetrievalParams& p, const int64_t* s, size_t es) {
+  return pvm::is_varlen(p) ? extent({p.total_q, p.H, p.hd}, s + 1, es) : extent({p.B, p.T, p.H, p.hd}, s, es);
+}
+
+// Bytes of a k-like tensor (k, v, dk, dv): [B, Nv, Hkv, hd], or varlen [total_k, Hkv, hd].
+size_t k_extent(const RetrievalParams& p, const int64_t* s, size_t es) {
+  return pvm::is_varlen(p) ? extent({p.total_k, p.Hkv, p.hd}, s + 1, es) : extent({p.B, p.Nv, p.Hkv, p.hd}, s, es);
+}
+
+// q, k, v, key_mask, kv_len and the varlen cu_seqlens_q / cu_seqlens_k ([B + 1] int32):
+// what the forward and backward both read.
 void add_retrieval_inputs(Buffers& b, RetrievalParams& p, size_t es) {
-  b.add("q", p.q, extent({p.B, p.T, p.H, p.hd}, p.q_stride, es), false);
-  b.add("k", p.k, extent({p.B, p.Nv, p.Hkv, p.hd}, p.k_stride, es), false);
-  b.add("v", p.v, extent({p.B, p.Nv, p.Hkv, p.hd}, p.v_stride, es), false);
+  b.add("q", p.q, q_extent(p, p.q_stride, es), false);
+  b.add("k", p.k, k_extent(p, p.k_stride, es), false);
+  b.add("v", p.v, k_extent(p, p.v_stride, es), false);
   b.add("key_mask", p.key_mask, extent({p.B, p.Nv}, p.mask_stride, 1), false);
   b.add("kv_len", p.kv_len, static_cast<size_t>(p.B) * 4, false);
+  b.add("cu_seqlens_q", p.cu_seqlens_q, static_cast<size_t>(p.B + 1) * 4, false);
+  b.add("cu_seqlens_k", p.cu_seqlens_k, static_cast<size_t>(p.B + 1) * 4, false);
 }
 
 }  // namespace
@@ -73,10 +87,10 @@ PVM_EMU_API int pvm_emu_retrieval_fwd(const RetrievalParams* in, int dtype) {
   const size_t es = elem_size(dtype);
   Buffers b;
   add_retrieval_inputs(b, p, es);
-  b.add("out", p.out, extent({p.B, p.T, p.H, p.hd}, p.o_stride, es), true);
-  b.add("lse", p.lse, static_cast<size_t>(p.B * p.H * p.T) * 4, true);
-  if (p.kv_splits > 1) {  // split-KV workspaces, exactly [splits, B * H * T, hd] / [splits, B * H * T]
-    const size_t rows = static_cast<size_t>(p.kv_splits * p.B * p.H * p.T);
+  b.add("out", p.out, q_extent(p, p.o_stride, es), true);
+  b.add("lse", p.lse, static_cast<size_t>(pvm::stat_rows(p)) * 4, true);
+  if (p.kv_splits > 1) {  // split-KV workspaces, exactly [splits, stat_rows, hd] / [splits, stat_rows]
+    const size_t rows = static_cast<size_t>(p.kv_splits * pvm::stat_rows(p));
     b.add("o_part", p.o_part, rows * static_cast<size_t>(p.hd) * 4, false);
     b.add("lse_part", p.lse_part, rows * 4, false);
   }
@@ -89,14 +103,14 @@ PVM_EMU_API int pvm_emu_retrieval_bwd(const RetrievalParams* in, int dtype) {
   const size_t es = elem_size(dtype);
   Buffers b;
   add_retrieval_inputs(b, p, es);
-  b.add("grad_out", p.grad_out, extent({p.B, p.T, p.H, p.hd}, p.o_stride, es), false);
-  b.add("lse", p.lse, static_cast<size_t>(p.B * p.H * p.T) * 4, false);
-  b.add("delta", p.delta, static_cast<size_t>(p.B * p.H * p.T) * 4, false);
-  b.add("dq", p.dq, extent({p.B, p.T, p.H, p.hd}, p.dq_stride, es), true);
-  b.add("dk", p.dk, extent({p.B, p.Nv, p.Hkv, p.hd}, p.dkv_stride, es), true);
-  b.add("dv", p.dv, extent({p.B, p.Nv, p.Hkv, p.hd}, p.dkv_stride, es), true);
-  if (p.row_splits > 1) {  // row-split dK/dV workspaces, exactly [splits, B, Nv, Hkv, hd] each
-    const size_t n = static_cast<size_t>(p.row_splits * p.B * p.Nv * p.Hkv * p.hd) * 4;
+  b.add("grad_out", p.grad_out, q_extent(p, p.o_stride, es), false);
+  b.add("lse", p.lse, static_cast<size_t>(pvm::stat_rows(p)) * 4, false);
+  b.add("delta", p.delta, static_cast<size_t>(pvm::stat_rows(p)) * 4, false);
+  b.add("dq", p.dq, q_extent(p, p.dq_stride, es), true);
+  b.add("dk", p.dk, k_extent(p, p.dkv_stride, es), true);
+  b.add("dv", p.dv, k_extent(p, p.dkv_stride, es), true);
+  if (p.row_splits > 1) {  // row-split dK/dV workspaces, exactly [splits, key_rows, Hkv, hd] each
+    const size_t n = static_cast<size_t>(p.row_splits * pvm::key_rows(p) * p.Hkv * p.hd) * 4;
     b.add("dk_part", p.dk_part, n, false);
     b.add("dv_part", p.dv_part, n, false);
   }

@@ -283,6 +283,10 @@ def register_backend() -> None:
     def retrieval(q, k, v, key_mask, kv_len, scale):
         return get_op(BACKEND, "retrieval_fwd")(q, k, v, key_mask, kv_len, scale)[0]
 
+    def retrieval_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+        return get_op(BACKEND, "retrieval_varlen_fwd")(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k, scale)[0]
+
     def merge(expanded, gate, keep, ffn_output, eps):
         return get_op(BACKEND, "merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
 
@@ -290,7 +294,8 @@ def register_backend() -> None:
         return None if device_type == "cpu" else \
             f"the cuda_emulated backend runs the CUDA kernels on CPU tensors, not '{device_type}'"
 
-    _register(Backend(BACKEND, retrieval, merge, check=check, default_rank={}))
+    _register(Backend(BACKEND, retrieval, merge, check=check, default_rank={},
+                      retrieval_varlen=retrieval_varlen))
 
 
 def unregister_backend() -> None:

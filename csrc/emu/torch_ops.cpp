@@ -101,6 +101,38 @@ std::tuple<Tensor, Tensor, Tensor> retrieval_bwd_emu(
   });
 }
 
+// Varlen q [total_q, H, hd]: the head-dim bound of check_head_dim (which wants 4-D q).
+void check_varlen_head_dim(const Tensor& q, int64_t max_head_dim) {
+  TORCH_CHECK(q.dim() == 3, "q must be 3-D [total_q, H, hd], got shape ", q.sizes());
+  TORCH_CHECK(q.size(2) <= max_head_dim, "the cuda backend supports head_dim <= ", max_head_dim, ", got ",
+              q.size(2));
+}
+
+std::tuple<Tensor, Tensor> retrieval_varlen_fwd_emu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  const EmuLib& l = lib();
+  check_device(q);
+  check_varlen_head_dim(q, l.max_head_dim());
+  return retrieval_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                 kEmulatedDevice, [&](const RetrievalParams& p) {
+    check_status(l, l.retrieval_fwd(&p, static_cast<int>(dtype_code(q))), "cuda::retrieval_fwd");
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> retrieval_varlen_bwd_emu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale) {
+  const EmuLib& l = lib();
+  check_device(q);
+  check_varlen_head_dim(q, l.max_head_dim());
+  return retrieval_varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, scale, kEmulatedDevice, [&](const RetrievalParams& p) {
+    check_status(l, l.retrieval_bwd(&p, static_cast<int>(dtype_code(q))), "cuda::retrieval_bwd");
+  });
+}
+
 std::tuple<Tensor, Tensor> merge_fwd_emu(const Tensor& expanded, const Tensor& gate,
                                          const c10::optional<Tensor>& keep,
                                          const c10::optional<Tensor>& ffn_output, double eps) {
@@ -126,6 +158,8 @@ std::tuple<Tensor, Tensor> merge_bwd_emu(const Tensor& grad_out, const Tensor& e
 TORCH_LIBRARY_IMPL(pvm_kernels, CPU, m) {
   m.impl("cuda_emulated_retrieval_fwd", &retrieval_fwd_emu);
   m.impl("cuda_emulated_retrieval_bwd", &retrieval_bwd_emu);
+  m.impl("cuda_emulated_retrieval_varlen_fwd", &retrieval_varlen_fwd_emu);
+  m.impl("cuda_emulated_retrieval_varlen_bwd", &retrieval_varlen_bwd_emu);
   m.impl("cuda_emulated_merge_fwd", &merge_fwd_emu);
   m.impl("cuda_emulated_merge_bwd", &merge_bwd_emu);
 }

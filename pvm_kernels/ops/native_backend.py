@@ -35,6 +35,12 @@ def _native_retrieval(q, k, v, key_mask, kv_len, scale):
     return get_op("native", "retrieval_fwd")(q, k, v, key_mask, kv_len, scale)[0]
 
 
+def _native_retrieval_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale):
+    return get_op("native", "retrieval_varlen_fwd")(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                    max_seqlen_q, max_seqlen_k, scale)[0]
+
+
 def _native_merge(expanded, gate, keep, ffn_output, eps):
     return get_op("native", "merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
 
@@ -65,6 +71,7 @@ def _cuda_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
 # cpu beats the reference at decode shapes (bench/test_bench_native.py): the CPU default.
 # cuda ranks after triton until GPU measurements show it faster (bench/results).
 register_backend(Backend("cpu", _native_retrieval, _native_merge, check=_cpu_check,
-                         default_rank={"cpu": 1}))
+                         default_rank={"cpu": 1}, retrieval_varlen=_native_retrieval_varlen))
 register_backend(Backend("cuda", _native_retrieval, _native_merge, check=_cuda_check,
-                         default_rank={"cuda": 20}, head_dim_check=_cuda_head_dim))
+                         default_rank={"cuda": 20}, head_dim_check=_cuda_head_dim,
+                         retrieval_varlen=_native_retrieval_varlen))

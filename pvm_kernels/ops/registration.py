@@ -1,7 +1,8 @@
 """torch.library registration of the PVM ops, shared by every compiled/kernel backend.
 
-Each backend X provides four ops in the ``pvm_kernels`` namespace with the schemas below:
-``X_retrieval_fwd``, ``X_retrieval_bwd``, ``X_merge_fwd``, ``X_merge_bwd``. Whatever
+Each backend X provides ops in the ``pvm_kernels`` namespace with the schemas below:
+``X_retrieval_fwd``, ``X_retrieval_bwd``, ``X_retrieval_varlen_fwd``,
+``X_retrieval_varlen_bwd``, ``X_merge_fwd``, ``X_merge_bwd``. Whatever
 implements them (Triton from Python here, C++ through TORCH_LIBRARY in csrc/), the fake
 (meta) functions and the autograd formulas are the ones in this file, so torch.compile
 traces every backend the same way.
@@ -19,6 +20,15 @@ SCHEMAS: Dict[str, str] = {
                      "float scale) -> (Tensor, Tensor)",
     "retrieval_bwd": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
                      "Tensor? key_mask, Tensor? kv_len, float scale) -> (Tensor, Tensor, Tensor)",
+    # Varlen (packed, flash-attention's cu_seqlens): q [total_q, H, hd], k/v [total_k, Hkv,
+    # hd], lse [H, total_q]; sequence b's queries attend to its own keys only.
+    "retrieval_varlen_fwd": "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+                            "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+                            "float scale) -> (Tensor, Tensor)",
+    "retrieval_varlen_bwd": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+                            "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+                            "int max_seqlen_q, int max_seqlen_k, float scale) "
+                            "-> (Tensor, Tensor, Tensor)",
     "merge_fwd": "(Tensor expanded, Tensor gate, Tensor? keep, Tensor? ffn_output, float eps) "
                  "-> (Tensor, Tensor)",
     "merge_bwd": "(Tensor grad_out, Tensor expanded, Tensor gate, Tensor? keep, Tensor rstd) "
@@ -45,6 +55,17 @@ def retrieval_bwd_fake(grad_out, q, k, v, out, lse, key_mask, kv_len, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def retrieval_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, scale):
+    total_q, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((H, total_q), dtype=torch.float32)
+
+
+def retrieval_varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q, max_seqlen_k, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def merge_fwd_fake(expanded, gate, keep, ffn_output, eps):
     n = expanded.numel() // expanded.shape[-1] if expanded.shape[-1] else 0
     return expanded.new_empty(expanded.shape), expanded.new_empty((n,), dtype=torch.float32)
@@ -56,6 +77,8 @@ def merge_bwd_fake(grad_out, expanded, gate, keep, rstd):
 
 FAKES: Dict[str, Callable] = {
     "retrieval_fwd": retrieval_fwd_fake, "retrieval_bwd": retrieval_bwd_fake,
+    "retrieval_varlen_fwd": retrieval_varlen_fwd_fake,
+    "retrieval_varlen_bwd": retrieval_varlen_bwd_fake,
     "merge_fwd": merge_fwd_fake, "merge_bwd": merge_bwd_fake,
 }
 
@@ -77,6 +100,18 @@ def _autograd_for(backend: str):
             grad_out, q, k, v, out, lse, key_mask, kv_len, ctx.scale)
         return dq, dk, dv, None, None, None
 
+    def varlen_setup(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+
+    def varlen_backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = get_op(backend, "retrieval_varlen_bwd")(
+            grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
     def merge_setup(ctx, inputs, output):
         expanded, gate, keep, ffn_output, eps = inputs
         ctx.save_for_backward(expanded, gate, keep, output[1])
@@ -88,21 +123,28 @@ def _autograd_for(backend: str):
         return d_expanded, d_gate, None, (grad_out if ctx.has_ffn else None), None
 
     return {"retrieval_fwd": (retrieval_setup, retrieval_backward),
+            "retrieval_varlen_fwd": (varlen_setup, varlen_backward),
             "merge_fwd": (merge_setup, merge_backward)}
 
 
-def attach_fake_and_autograd(backend: str) -> None:
-    """Give ``backend``'s already-defined ops their fake impls and autograd formulas."""
+def attach_fake_and_autograd(backend: str, ops=None) -> None:
+    """Give ``backend``'s already-defined ops (``ops``: those names only, default all of
+    SCHEMAS) their fake impls and autograd formulas."""
+    ops = set(SCHEMAS) if ops is None else set(ops)
     for op, fake in FAKES.items():
-        torch.library.register_fake(op_name(backend, op), fake)
+        if op in ops:
+            torch.library.register_fake(op_name(backend, op), fake)
     for op, (setup, backward) in _autograd_for(backend).items():
-        torch.library.register_autograd(op_name(backend, op), backward, setup_context=setup)
+        if op in ops:
+            torch.library.register_autograd(op_name(backend, op), backward,
+                                            setup_context=setup)
 
 
 def define_python_backend(backend: str, impls: Dict[str, Callable],
                           device_types: Optional[str] = None) -> None:
-    """Define ``backend``'s four ops from Python implementations (e.g. Triton launchers)."""
+    """Define ``backend``'s ops (any of SCHEMAS) from Python implementations (e.g. Triton
+    launchers), with their fake impls and autograd formulas."""
     for op, fn in impls.items():
         torch.library.custom_op(op_name(backend, op), fn, mutates_args=(),
                                 device_types=device_types, schema=SCHEMAS[op])
-    attach_fake_and_autograd(backend)
+    attach_fake_and_autograd(backend, impls)

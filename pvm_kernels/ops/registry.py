@@ -20,7 +20,9 @@ class Backend:
     ffn_output, eps) -> out. ``check(device_type)`` returns None when usable there, else
     the reason. ``default_rank[device_type]``: lower is preferred by ``backend=None``.
     ``head_dim_check(hd, dtype)`` returns None when the retrieval takes head dim ``hd`` in
-    ``dtype``, else why.
+    ``dtype``, else why. ``retrieval_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k, scale) -> out``: the packed layout (``pvm_retrieval_varlen``),
+    None where the backend has none.
     """
 
     name: str
@@ -30,6 +32,7 @@ class Backend:
     default_rank: Dict[str, int] = field(default_factory=dict)
     dtypes: Tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
     head_dim_check: Callable[[int, torch.dtype], Optional[str]] = lambda hd, dtype: None
+    retrieval_varlen: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -28,6 +28,18 @@ def _retrieval_bwd(grad_out, q, k, v, out, lse, key_mask, kv_len, scale):
     return _kernels().retrieval_bwd(grad_out, q, k, v, out, lse, key_mask, kv_len, scale)
 
 
+def _retrieval_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          scale):
+    return _kernels().retrieval_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                           max_seqlen_k, scale)
+
+
+def _retrieval_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                          max_seqlen_q, max_seqlen_k, scale):
+    return _kernels().retrieval_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q,
+                                           cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+
+
 def _merge_fwd(expanded, gate, keep, ffn_output, eps):
     return _kernels().merge_fwd(expanded, gate, keep, ffn_output, eps)
 
@@ -38,6 +50,7 @@ def _merge_bwd(grad_out, expanded, gate, keep, rstd):
 
 define_python_backend("triton", {
     "retrieval_fwd": _retrieval_fwd, "retrieval_bwd": _retrieval_bwd,
+    "retrieval_varlen_fwd": _retrieval_varlen_fwd, "retrieval_varlen_bwd": _retrieval_varlen_bwd,
     "merge_fwd": _merge_fwd, "merge_bwd": _merge_bwd,
 })
 
@@ -65,6 +78,12 @@ def _triton_retrieval(q, k, v, key_mask, kv_len, scale):
     return get_op("triton", "retrieval_fwd")(q, k, v, key_mask, kv_len, scale)[0]
 
 
+def _triton_retrieval_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale):
+    return get_op("triton", "retrieval_varlen_fwd")(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                    max_seqlen_q, max_seqlen_k, scale)[0]
+
+
 def _triton_merge(expanded, gate, keep, ffn_output, eps):
     return get_op("triton", "merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
 
@@ -75,4 +94,5 @@ def _triton_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
 
 # On CPU the interpreter is far slower than the reference: usable there, never the default.
 register_backend(Backend("triton", _triton_retrieval, _triton_merge, check=_triton_check,
-                         default_rank={"cuda": 10}, head_dim_check=_triton_head_dim))
+                         default_rank={"cuda": 10}, head_dim_check=_triton_head_dim,
+                         retrieval_varlen=_triton_retrieval_varlen))
