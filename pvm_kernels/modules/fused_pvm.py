@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PVMDims
-from ..memory import VisualMemory
+from ..memory import PackedVisualMemory, VisualMemory
 from ..ops import check_backend_dtype, check_backend_head_dim, resolve_backend
+from ..ops.varlen import check_cu_seqlens, pvm_retrieval_varlen
 from ..ops.checks import check_device, check_embeddings, check_like
 from ..reference import retrieval_probabilities, rms_norm
 
@@ -214,6 +215,106 @@ class FusedPVM(nn.Module):
         a = impl.retrieval(q, memory.key, memory.value, memory.key_mask, memory.kv_len,
                            1.0 / math.sqrt(d.head_dim))
         m = attn.o_proj(a.reshape(B, T, d.num_heads * d.head_dim))
+        m = m + self.mlp(self.post_attn_norm(m))
+        expanded = self.output_expander(m)
+        return impl.merge(expanded, self.gate_alpha, keep, ffn_output, d.eps)
+
+    # ---- varlen (packed sequences) ---------------------------------------------------------
+
+    def encode_visual_varlen(self, visual: torch.Tensor, cu_seqlens: torch.Tensor,
+                             max_seqlen: int) -> PackedVisualMemory:
+        """Project packed visual embeddings once: visual [total_k, D], sequence b's tokens at
+        rows cu_seqlens[b]:cu_seqlens[b + 1] (int32 [N + 1]); max_seqlen the most tokens of
+        one sequence. Returns a PackedVisualMemory for ``forward_varlen``."""
+        d = self.dims
+        if not isinstance(visual, torch.Tensor) or visual.dim() != 2 or \
+                visual.shape[-1] != d.hidden_size:
+            raise ValueError(f"visual must be [total_k, {d.hidden_size}], got "
+                             f"{tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual).__name__}")
+        check_cu_seqlens("cu_seqlens", cu_seqlens, visual.device, None)
+        attn = self.cross_attn
+        y = self.vision_reducer(visual)
+        total_k = visual.shape[0]
+        key = attn.k_norm(attn.k_proj(y).view(total_k, d.num_kv_heads, d.head_dim))
+        value = attn.v_proj(y).view(total_k, d.num_kv_heads, d.head_dim)
+        return PackedVisualMemory.from_kv(key, value, cu_seqlens, max_seqlen)
+
+    def forward_varlen(self, hidden_states: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                       max_seqlen_q: int,
+                       visual: Union[torch.Tensor, PackedVisualMemory, None],
+                       cu_seqlens_k: Optional[torch.Tensor] = None,
+                       max_seqlen_k: Optional[int] = None,
+                       query_is_visual: Optional[torch.Tensor] = None,
+                       ffn_output: Optional[torch.Tensor] = None,
+                       backend: Optional[str] = None) -> torch.Tensor:
+        """The PVM update of N packed sequences: [total_q, D], or ``ffn_output + u``.
+
+        hidden_states [total_q, D]: sequence b's tokens at rows cu_seqlens_q[b]:
+        cu_seqlens_q[b + 1] (int32 [N + 1]); max_seqlen_q the longest (a Python int).
+        visual: packed embeddings [total_k, D] with cu_seqlens_k / max_seqlen_k, a
+        PackedVisualMemory from ``encode_visual_varlen`` (which carries them), or None
+        (text only: zeros, or ffn_output itself). Sequence b retrieves from its own visual
+        tokens only. query_is_visual [total_q] bool: the update is 0 there. Sequences with
+        no visual token, and rows of no sequence, get exactly 0. The same math as
+        ``forward`` on each sequence alone (tests/test_fused_pvm_varlen.py).
+        """
+        d = self.dims
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2 or \
+                hidden_states.shape[-1] != d.hidden_size:
+            raise ValueError(f"hidden_states must be [total_q, {d.hidden_size}], got "
+                             f"{tuple(getattr(hidden_states, 'shape', ()))}")
+        total_q = hidden_states.shape[0]
+        device = hidden_states.device
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, device, None)
+        check_like("ffn_output", ffn_output, hidden_states.shape, device, hidden_states.dtype,
+                   "hidden_states")
+        check_like("query_is_visual", query_is_visual, (total_q,), device, torch.bool,
+                   "hidden_states")
+        if visual is None:
+            return torch.zeros_like(hidden_states) if ffn_output is None else ffn_output
+        impl = resolve_backend(backend, device)
+        check_backend_dtype(impl, hidden_states.dtype)
+        check_backend_head_dim(impl, d.head_dim, hidden_states.dtype)
+        if impl.retrieval_varlen is None:
+            raise ValueError(f"backend {impl.name!r} has no varlen retrieval")
+        if isinstance(visual, PackedVisualMemory):
+            if cu_seqlens_k is not None or max_seqlen_k is not None:
+                raise ValueError("cu_seqlens_k / max_seqlen_k must be None when visual is a "
+                                 "PackedVisualMemory (it carries its own)")
+            memory = visual
+            check_device("visual", memory.key, device, "hidden_states")
+        else:
+            if cu_seqlens_k is None or max_seqlen_k is None:
+                raise ValueError("packed visual embeddings need cu_seqlens_k and max_seqlen_k")
+            check_device("visual", visual, device, "hidden_states")
+            if visual.dtype != hidden_states.dtype:
+                raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "
+                                f"dtype {hidden_states.dtype}")
+            memory = self.encode_visual_varlen(visual, cu_seqlens_k, max_seqlen_k)
+        if memory.key.dtype != hidden_states.dtype:
+            raise TypeError(f"visual (a PackedVisualMemory) is {memory.key.dtype}, "
+                            f"hidden_states {hidden_states.dtype}")
+        if memory.num_sequences != cu_seqlens_q.shape[0] - 1:
+            raise ValueError(f"visual describes {memory.num_sequences} sequences, cu_seqlens_q "
+                             f"{cu_seqlens_q.shape[0] - 1}")
+
+        # keep[i]: row i belongs to a sequence with visual tokens (and is not itself visual).
+        # The sequence of each row from the lengths, on the device: no host sync.
+        rows = torch.arange(total_q, device=device, dtype=torch.int32)
+        seq = torch.searchsorted(cu_seqlens_q[1:].contiguous(), rows, right=True)
+        has = torch.cat([memory.has_visual, memory.has_visual.new_zeros(1)])
+        keep = has[seq] & (rows >= cu_seqlens_q[0])
+        if query_is_visual is not None:
+            keep = keep & ~query_is_visual
+
+        attn = self.cross_attn
+        x = self.input_norm(self.text_reducer(hidden_states))
+        q = attn.q_norm(attn.q_proj(x).view(total_q, d.num_heads, d.head_dim))
+        # Through the functional op: on CPU it validates the lengths against max_seqlen.
+        a = pvm_retrieval_varlen(q, memory.key, memory.value, cu_seqlens_q, memory.cu_seqlens,
+                                 int(max_seqlen_q), memory.max_seqlen,
+                                 1.0 / math.sqrt(d.head_dim), backend=impl.name)
+        m = attn.o_proj(a.reshape(total_q, d.num_heads * d.head_dim))
         m = m + self.mlp(self.post_attn_norm(m))
         expanded = self.output_expander(m)
         return impl.merge(expanded, self.gate_alpha, keep, ffn_output, d.eps)
