@@ -22,8 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..memory import VisualMemory
+from ..memory import PackedVisualMemory, VisualMemory
 from ..modules import FusedPVM
+from .qwen3_vl_packing import Packing, find_packing, visual_boundaries
 
 #: The paper's PVM layers by (num_hidden_layers, hidden_size).
 PAPER_LAYERS = {(36, 4096): [8, 16, 24], (36, 2560): [5, 11, 17]}
@@ -48,11 +49,18 @@ class PVMState:
     visual_mask: Optional[torch.Tensor]
     keep_memories: bool
     memories: Dict[int, VisualMemory] = field(default_factory=dict)
+    # Packed (padding-free) row: (text, visual) boundaries of its samples; visual is then
+    # [total_k, D] and the memories PackedVisualMemory.
+    packing: Optional[Tuple[Packing, Packing]] = None
 
-    def memory_for(self, index: int, block: FusedPVM) -> VisualMemory:
+    def memory_for(self, index: int, block: FusedPVM):
         memory = self.memories.get(index)
         if memory is None:
-            memory = block.encode_visual(self.visual, self.visual_mask)
+            if self.packing is not None:
+                vis = self.packing[1]
+                memory = block.encode_visual_varlen(self.visual, vis.cu_seqlens, vis.max_seqlen)
+            else:
+                memory = block.encode_visual(self.visual, self.visual_mask)
             if self.keep_memories:
                 self.memories[index] = memory
                 if len(self.memories) == len(self.layers):
@@ -155,6 +163,19 @@ def _text_forward(self, *args, **kwargs):
     visual_pos_masks = kwargs.get("visual_pos_masks")
     call = None
     if visual_pos_masks is not None and inputs_embeds is not None and bool(visual_pos_masks.any()):
+        packing = find_packing(kwargs, inputs_embeds.shape[0], inputs_embeds.shape[1])
+        if packing is not None:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("packed inputs (several samples in one row) continue a cache: "
+                                 "PVM supports packing for forward calls that start a sequence "
+                                 "(training, scoring), not for generation")
+            # The samples' visual tokens in row order, with their own boundaries: each
+            # sample's text retrieves from its own image only (FusedPVM.forward_varlen).
+            visual = inputs_embeds[0][visual_pos_masks[0]]
+            state = PVMState(tuple(self._pvm_layers), visual, None, keep_memories=False,
+                             packing=(packing, visual_boundaries(visual_pos_masks, packing)))
+            kwargs["pvm_state"] = PVMCall(state, visual_pos_masks)
+            return original(**kwargs)
         if cache is None and kwargs.get("use_cache", self.config.use_cache) \
                 and not torch.is_grad_enabled():
             from transformers import DynamicCache
@@ -189,8 +210,15 @@ def _pvm_layer_forward(self, hidden_states, *args, pvm_state: Optional[PVMCall] 
     if pvm_state is None:  # text only: exactly the stock layer, no PVM work at all
         return residual + ffn
     memory = pvm_state.state.memory_for(self._pvm_index, self.pvm_block)
-    merged = self.pvm_block(residual, memory, query_is_visual=pvm_state.query_is_visual,
-                            ffn_output=ffn, backend=self._pvm_backend)
+    if isinstance(memory, PackedVisualMemory):  # one packed row: the varlen path
+        text = pvm_state.state.packing[0]
+        merged = self.pvm_block.forward_varlen(
+            residual[0], text.cu_seqlens, text.max_seqlen, memory,
+            query_is_visual=pvm_state.query_is_visual[0], ffn_output=ffn[0],
+            backend=self._pvm_backend)[None]
+    else:
+        merged = self.pvm_block(residual, memory, query_is_visual=pvm_state.query_is_visual,
+                                ffn_output=ffn, backend=self._pvm_backend)
     return residual + merged
 
 
