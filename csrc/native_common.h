@@ -113,20 +113,29 @@ inline void check_retrieval_bwd_args(const Tensor& grad_out, const Tensor& q, co
   TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous, got strides ", lse.strides());
 }
 
+// A 4-D [B, rows, heads, hd] tensor's strides, or a 3-D packed (varlen) [total, heads, hd]
+// tensor's as {0, row, head, dim} (pvm_params.h), into a 4-entry stride array.
 inline void copy_strides(const Tensor& t, int64_t* dst) {
-  for (int i = 0; i < t.dim(); ++i) dst[i] = t.stride(i);
+  const int lead = 4 - static_cast<int>(t.dim());
+  for (int i = 0; i < lead; ++i) dst[i] = 0;
+  for (int i = 0; i < t.dim(); ++i) dst[lead + i] = t.stride(i);
 }
 
-inline RetrievalParams retrieval_params(const Tensor& q, const Tensor& k, const Tensor& v,
-                                        const c10::optional<Tensor>& key_mask,
-                                        const c10::optional<Tensor>& kv_len, double scale) {
-  RetrievalParams p;
+// q, k, v pointers and strides (either layout).
+inline void set_qkv(RetrievalParams& p, const Tensor& q, const Tensor& k, const Tensor& v) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   copy_strides(q, p.q_stride);
   copy_strides(k, p.k_stride);
   copy_strides(v, p.v_stride);
+}
+
+inline RetrievalParams retrieval_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const c10::optional<Tensor>& key_mask,
+                                        const c10::optional<Tensor>& kv_len, double scale) {
+  RetrievalParams p;
+  set_qkv(p, q, k, v);
   if (key_mask.has_value()) {
     p.key_mask = key_mask->data_ptr<bool>();
     p.mask_stride[0] = key_mask->stride(0);
@@ -178,22 +187,11 @@ inline void check_retrieval_varlen_args(const Tensor& q, const Tensor& k, const 
   TORCH_CHECK(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
 }
 
-// Varlen parameters: 3-D strides stored as {0, row, head, dim} (pvm_params.h).
-inline void copy_varlen_strides(const Tensor& t, int64_t* dst) {
-  dst[0] = 0;
-  for (int i = 0; i < 3; ++i) dst[i + 1] = t.stride(i);
-}
-
 inline RetrievalParams retrieval_varlen_params(const Tensor& q, const Tensor& k, const Tensor& v,
                                                const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
   RetrievalParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  copy_varlen_strides(q, p.q_stride);
-  copy_varlen_strides(k, p.k_stride);
-  copy_varlen_strides(v, p.v_stride);
+  set_qkv(p, q, k, v);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
   p.total_q = q.size(0);
@@ -290,11 +288,7 @@ void launch_retrieval_fwd(RetrievalParams& p, const Tensor& q, const Tensor& out
                           const CudaDevice& device, Launch&& launch) {
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  if (is_varlen(p)) {
-    copy_varlen_strides(out, p.o_stride);
-  } else {
-    copy_strides(out, p.o_stride);
-  }
+  copy_strides(out, p.o_stride);
   plan_retrieval_splits(p, device, dtype_code(q));
   p.row_splits = 1;  // the backward's split
   Tensor o_part, lse_part;  // split partials: [splits, stat_rows, hd] and [splits, stat_rows]
@@ -360,15 +354,9 @@ void launch_retrieval_bwd(RetrievalParams& p, const Tensor& grad_out, const Tens
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  if (is_varlen(p)) {
-    copy_varlen_strides(grad_out, p.o_stride);
-    copy_varlen_strides(dq, p.dq_stride);
-    copy_varlen_strides(dk, p.dkv_stride);
-  } else {
-    copy_strides(grad_out, p.o_stride);
-    copy_strides(dq, p.dq_stride);
-    copy_strides(dk, p.dkv_stride);
-  }
+  copy_strides(grad_out, p.o_stride);
+  copy_strides(dq, p.dq_stride);
+  copy_strides(dk, p.dkv_stride);
   plan_retrieval_splits(p, device, dtype_code(q));
   p.kv_splits = 1;  // the forward's split
   Tensor dk_part, dv_part;  // split partials: [splits, key_rows, Hkv, hd] each, contiguous
