@@ -62,7 +62,7 @@ class PVMState:
             else:
                 memory = block.encode_visual(self.visual, self.visual_mask)
             if self.keep_memories:
-                self.memories[index] = memory
+                self.memories[index] = _static_addresses(memory)
                 if len(self.memories) == len(self.layers):
                     self.visual = self.visual_mask = None
         return memory
@@ -76,7 +76,21 @@ class PVMState:
     def index_select(self, rows: torch.Tensor) -> "PVMState":
         pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
         return PVMState(self.layers, pick(self.visual), pick(self.visual_mask), self.keep_memories,
-                        {i: m.index_select(rows.to(m.key.device)) for i, m in self.memories.items()})
+                        {i: _static_addresses(m.index_select(rows.to(m.key.device)))
+                         for i, m in self.memories.items()})
+
+
+def _static_addresses(memory: VisualMemory) -> VisualMemory:
+    """Mark a kept memory's tensors as static inputs of compiled graphs (what transformers
+    does for a StaticCache's key/value tensors): they live for the whole request at fixed
+    addresses, so a CUDA graph captured on the first decode step ("reduce-overhead") reads
+    them in place at every replay instead of copying K and V into its own buffers per step."""
+    import torch._dynamo  # here, not at import: it imports triton (registry.py explains)
+
+    for t in (memory.key, memory.value, memory.key_mask, memory.kv_len, memory.has_visual):
+        if t is not None:
+            torch._dynamo.mark_static_address(t)
+    return memory
 
 
 @dataclass
@@ -150,6 +164,26 @@ def _attach_state(cache, state: PVMState) -> None:
     follow("batch_repeat_interleave",
            lambda s, repeats, *a, **k: torch.arange(s.batch_size).repeat_interleave(repeats))
 
+    # An emptied cache starts a new request, whose images are not these: reset() (what
+    # transformers 4.57 calls on a reused static cache, and a server on a pooled one) and
+    # crop to nothing drop the state. Deciding it here, outside the forward, is what keeps
+    # a decode step free of a host read of the cache length (issue 15: `if
+    # cache.get_seq_length() == 0` in the forward cut every compiled decode graph).
+    def drop_state_after(name, empties):
+        original = getattr(cache, name, None)
+        if original is None:
+            return
+
+        def wrapped(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if empties(*args, **kwargs):
+                setattr(cache, _STATE_ATTR, None)
+            return result
+        setattr(cache, name, wrapped)
+
+    drop_state_after("reset", lambda *a, **k: True)
+    drop_state_after("crop", lambda max_length, *a, **k: max_length == 0)
+
 
 def _text_forward(self, *args, **kwargs):
     """Wrapper of the text model's forward (bound to the instance by apply_pvm_to_qwen3_vl)."""
@@ -186,10 +220,10 @@ def _text_forward(self, *args, **kwargs):
             _attach_state(cache, state)
         call = PVMCall(state, visual_pos_masks)
     elif cache is not None and getattr(cache, _STATE_ATTR, None) is not None:
-        if cache.get_seq_length() == 0:  # a fresh request on a reused cache: no image
-            setattr(cache, _STATE_ATTR, None)
-        else:
-            call = PVMCall(getattr(cache, _STATE_ATTR), None)
+        # A decode step (or a continued prompt) of the request whose images the state holds:
+        # a reset or emptied cache has already dropped it (_attach_state), so nothing here
+        # reads a tensor on the host and a compiled decode step stays one graph.
+        call = PVMCall(getattr(cache, _STATE_ATTR), None)
     if call is not None:
         kwargs["pvm_state"] = call
     return original(**kwargs)

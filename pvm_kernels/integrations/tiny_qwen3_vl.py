@@ -7,7 +7,7 @@ and uses Qwen3-VL's real patch size, so the real image processor can feed it.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -110,9 +110,10 @@ def _takes_mm_token_type_ids() -> bool:
     return "mm_token_type_ids" in inspect.signature(Qwen3VLForConditionalGeneration.forward).parameters
 
 
-def tiny_batch(image_grids: Sequence[Optional[Tuple[int, int]]], text_len: int = 6,
-               seed: int = 0) -> dict:
-    """Model inputs for a batch: row i has an image of grid image_grids[i] (None: text only).
+def tiny_batch(image_grids: Sequence[Union[None, Tuple[int, int], Sequence[Tuple[int, int]]]],
+               text_len: int = 6, seed: int = 0) -> dict:
+    """Model inputs for a batch: row i has an image of grid image_grids[i] (None: text only;
+    a list of grids: that many images in the row, text between them).
 
     Rows are left-padded to one length (pad id 0, attention_mask 0), as for generation.
     Returns input_ids, attention_mask, mm_token_type_ids (where the installed transformers
@@ -121,15 +122,20 @@ def tiny_batch(image_grids: Sequence[Optional[Tuple[int, int]]], text_len: int =
     g = torch.Generator().manual_seed(seed)
     rows: List[List[int]] = []
     pixels, grids = [], []
-    for i, grid in enumerate(image_grids):
+    for i, row_grids in enumerate(image_grids):
         text = torch.randint(1, 400, (text_len,), generator=g).tolist()
-        if grid is None:
+        if row_grids is None:
             rows.append(text)
             continue
-        n_tokens = grid[0] * grid[1] // (MERGE * MERGE)
-        rows.append(text[:2] + [VISION_START] + [IMAGE_TOKEN] * n_tokens + [VISION_END] + text[2:])
-        pixels.append(synthetic_image_patches(grid, seed + i))
-        grids.append([1, grid[0], grid[1]])
+        if isinstance(row_grids[0], int):
+            row_grids = [row_grids]
+        row = text[:2]
+        for j, grid in enumerate(row_grids):
+            n_tokens = grid[0] * grid[1] // (MERGE * MERGE)
+            row += [VISION_START] + [IMAGE_TOKEN] * n_tokens + [VISION_END] + text[2 + j:3 + j]
+            pixels.append(synthetic_image_patches(grid, seed + i + 7 * j))
+            grids.append([1, grid[0], grid[1]])
+        rows.append(row + text[2 + len(row_grids):])
     batch = pad_prompts(rows)
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
