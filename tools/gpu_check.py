@@ -11,7 +11,10 @@
 3. checks every tile of this GPU's own configuration table that differs from the sm80
    table against float64 (tools/tile_probe.py --arch-changes), rows into
    ``bench/results/<device>-tiles.json``;
-4. runs ``pytest bench/ --benchmark-only`` into ``bench/results/<device>.json``.
+4. compiled generation (static cache, ``mode="reduce-overhead"``): tokens/s with and
+   without PVM into ``bench/results/<device>-generation.json`` (bench/compiled_generation.py;
+   fails on a graph break or tokens that differ from eager);
+5. runs ``pytest bench/ --benchmark-only`` into ``bench/results/<device>.json``.
 
 Without a GPU it says so and exits 2. Exit 1 if the build, a test or the benchmarks fail
 (the benchmarks run even after a test failure: the numbers are still evidence).
@@ -73,6 +76,11 @@ def main() -> int:
     probe_json = os.path.join("bench", "results", name.replace(" ", "-") + "-tiles.json")
     results["tiles"] = run("tiles", [py, os.path.join("tools", "tile_probe.py"), "--arch-changes",
                                      f"--json={probe_json}"], env)
+    # Compiled generation (static cache, decode step whole under CUDA graphs): tokens/s with
+    # and without PVM, zero graph breaks and eager tokens required (bench/compiled_generation.py).
+    gen_json = os.path.join("bench", "results", name.replace(" ", "-") + "-generation.json")
+    results["generation"] = run("generation", [py, os.path.join("bench", "compiled_generation.py"),
+                                               "--mode", "reduce-overhead", f"--out={gen_json}"], env)
     out = os.path.join("bench", "results", name.replace(" ", "-") + ".json")
     results["bench"] = run("bench", [py, "-m", "pytest", "bench", "--benchmark-only", "-q",
                                      f"--benchmark-json={out}"], env)
