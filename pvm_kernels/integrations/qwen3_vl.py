@@ -146,7 +146,8 @@ def _attach_state(cache, state: PVMState) -> None:
         return
     cache._pvm_wrapped = True
 
-    def follow(name, rows_of):
+    def after(name, update):
+        """Run update(state, *args, **kwargs) -> new state after the cache's own `name`."""
         original = getattr(cache, name, None)
         if original is None:
             return
@@ -155,9 +156,12 @@ def _attach_state(cache, state: PVMState) -> None:
             result = original(*args, **kwargs)
             current = getattr(cache, _STATE_ATTR, None)
             if current is not None:
-                setattr(cache, _STATE_ATTR, current.index_select(rows_of(current, *args, **kwargs)))
+                setattr(cache, _STATE_ATTR, update(current, *args, **kwargs))
             return result
         setattr(cache, name, wrapped)
+
+    def follow(name, rows_of):  # the state's rows follow the cache's
+        after(name, lambda s, *a, **k: s.index_select(rows_of(s, *a, **k)))
 
     follow("reorder_cache", lambda s, beam_idx, *a, **k: beam_idx)
     follow("batch_select_indices", lambda s, indices, *a, **k: indices)
@@ -169,20 +173,8 @@ def _attach_state(cache, state: PVMState) -> None:
     # crop to nothing drop the state. Deciding it here, outside the forward, is what keeps
     # a decode step free of a host read of the cache length (issue 15: `if
     # cache.get_seq_length() == 0` in the forward cut every compiled decode graph).
-    def drop_state_after(name, empties):
-        original = getattr(cache, name, None)
-        if original is None:
-            return
-
-        def wrapped(*args, **kwargs):
-            result = original(*args, **kwargs)
-            if empties(*args, **kwargs):
-                setattr(cache, _STATE_ATTR, None)
-            return result
-        setattr(cache, name, wrapped)
-
-    drop_state_after("reset", lambda *a, **k: True)
-    drop_state_after("crop", lambda max_length, *a, **k: max_length == 0)
+    after("reset", lambda s, *a, **k: None)
+    after("crop", lambda s, max_length, *a, **k: None if max_length == 0 else s)
 
 
 def _text_forward(self, *args, **kwargs):
