@@ -122,18 +122,32 @@ class FusedPVM(nn.Module):
         if visual_mask is not None:
             check_like("visual_mask", visual_mask, (B, Nv), visual.device, torch.bool, "visual")
             visual = visual.masked_fill(~visual_mask[..., None], 0.0)
-        attn = self.cross_attn
+        return VisualMemory.from_kv(*self._keys_values(visual), visual_mask)
+
+    def _keys_values(self, visual: torch.Tensor):
+        """(k, v) [..., Hkv, hd] of visual [..., D] (padded or packed): vision_reducer, the
+        k / v projections and the per-head k-norm."""
+        d, attn = self.dims, self.cross_attn
+        heads = (*visual.shape[:-1], d.num_kv_heads, d.head_dim)
         y = self.vision_reducer(visual)
-        key = attn.k_norm(attn.k_proj(y).view(B, Nv, d.num_kv_heads, d.head_dim))
-        value = attn.v_proj(y).view(B, Nv, d.num_kv_heads, d.head_dim)
-        return VisualMemory.from_kv(key, value, visual_mask)
+        return attn.k_norm(attn.k_proj(y).view(heads)), attn.v_proj(y).view(heads)
 
     def _queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """q [B, T, H, hd]: text_reducer, input_norm, q_proj and the per-head q-norm."""
+        """q [..., H, hd] of hidden_states [..., D]: text_reducer, input_norm, q_proj and the
+        per-head q-norm."""
         d, attn = self.dims, self.cross_attn
-        B, T, _ = hidden_states.shape
         x = self.input_norm(self.text_reducer(hidden_states))
-        return attn.q_norm(attn.q_proj(x).view(B, T, d.num_heads, d.head_dim))
+        return attn.q_norm(attn.q_proj(x).view(*hidden_states.shape[:-1], d.num_heads,
+                                               d.head_dim))
+
+    def _update(self, impl, a: torch.Tensor, keep: Optional[torch.Tensor],
+                ffn_output: Optional[torch.Tensor]) -> torch.Tensor:
+        """From the retrieval a [..., H, hd]: o_proj, the inner MLP, the expander and the
+        merge (keep / ffn_output as pvm_merge takes them)."""
+        d = self.dims
+        m = self.cross_attn.o_proj(a.reshape(*a.shape[:-2], d.num_heads * d.head_dim))
+        m = m + self.mlp(self.post_attn_norm(m))
+        return impl.merge(self.output_expander(m), self.gate_alpha, keep, ffn_output, d.eps)
 
     @torch.no_grad()
     def visual_attention(self, hidden_states: torch.Tensor, memory: VisualMemory) -> torch.Tensor:
@@ -210,14 +224,9 @@ class FusedPVM(nn.Module):
         if query_is_visual is not None:
             keep = ~query_is_visual if keep is None else keep & ~query_is_visual
 
-        attn = self.cross_attn
-        q = self._queries(hidden_states)
-        a = impl.retrieval(q, memory.key, memory.value, memory.key_mask, memory.kv_len,
-                           1.0 / math.sqrt(d.head_dim))
-        m = attn.o_proj(a.reshape(B, T, d.num_heads * d.head_dim))
-        m = m + self.mlp(self.post_attn_norm(m))
-        expanded = self.output_expander(m)
-        return impl.merge(expanded, self.gate_alpha, keep, ffn_output, d.eps)
+        a = impl.retrieval(self._queries(hidden_states), memory.key, memory.value,
+                           memory.key_mask, memory.kv_len, 1.0 / math.sqrt(d.head_dim))
+        return self._update(impl, a, keep, ffn_output)
 
     # ---- varlen (packed sequences) ---------------------------------------------------------
 
@@ -232,12 +241,7 @@ class FusedPVM(nn.Module):
             raise ValueError(f"visual must be [total_k, {d.hidden_size}], got "
                              f"{tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual).__name__}")
         check_cu_seqlens("cu_seqlens", cu_seqlens, visual.device, None)
-        attn = self.cross_attn
-        y = self.vision_reducer(visual)
-        total_k = visual.shape[0]
-        key = attn.k_norm(attn.k_proj(y).view(total_k, d.num_kv_heads, d.head_dim))
-        value = attn.v_proj(y).view(total_k, d.num_kv_heads, d.head_dim)
-        return PackedVisualMemory.from_kv(key, value, cu_seqlens, max_seqlen)
+        return PackedVisualMemory.from_kv(*self._keys_values(visual), cu_seqlens, max_seqlen)
 
     def forward_varlen(self, hidden_states: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        max_seqlen_q: int,
@@ -307,14 +311,9 @@ class FusedPVM(nn.Module):
         if query_is_visual is not None:
             keep = keep & ~query_is_visual
 
-        attn = self.cross_attn
-        x = self.input_norm(self.text_reducer(hidden_states))
-        q = attn.q_norm(attn.q_proj(x).view(total_q, d.num_heads, d.head_dim))
         # Through the functional op: on CPU it validates the lengths against max_seqlen.
-        a = pvm_retrieval_varlen(q, memory.key, memory.value, cu_seqlens_q, memory.cu_seqlens,
-                                 int(max_seqlen_q), memory.max_seqlen,
-                                 1.0 / math.sqrt(d.head_dim), backend=impl.name)
-        m = attn.o_proj(a.reshape(total_q, d.num_heads * d.head_dim))
-        m = m + self.mlp(self.post_attn_norm(m))
-        expanded = self.output_expander(m)
-        return impl.merge(expanded, self.gate_alpha, keep, ffn_output, d.eps)
+        a = pvm_retrieval_varlen(self._queries(hidden_states), memory.key, memory.value,
+                                 cu_seqlens_q, memory.cu_seqlens, int(max_seqlen_q),
+                                 memory.max_seqlen, 1.0 / math.sqrt(d.head_dim),
+                                 backend=impl.name)
+        return self._update(impl, a, keep, ffn_output)
