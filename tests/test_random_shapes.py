@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import backend_device_params
 from pvm_kernels import pvm_merge, pvm_retrieval
-from pvm_kernels.reference import merge_reference, retrieval_reference
+from pvm_kernels.reference import merge_reference, retrieval_probabilities, retrieval_reference
 from pvm_kernels.testing import TOLERANCE, max_rel_err
 
 EXAMPLES = int(os.environ.get("PVM_FUZZ_EXAMPLES", "25"))
@@ -30,6 +30,35 @@ def retrieval_problem(draw):
     seed = draw(st.integers(0, 2 ** 31 - 1))
     mask_kind = draw(st.sampled_from(["none", "random", "prefix"]))
     return B, T, Hkv * G, Hkv, hd, Nv, dtype, seed, mask_kind
+
+
+def summand_mass(q, k, v, grad, mask):
+    """float64 magnitudes of what dq and dk sum (per element): dS = P (dP - delta) with
+    dP = dO V^T, so |dS| <= P (|dO| |V|^T + |delta|); dq = scale |dS| |K|, dk = scale
+    |dS|^T |Q| (GQA heads summed). A gradient far below this mass is mostly cancellation."""
+    G, scale = q.shape[2] // k.shape[2], q.shape[3] ** -0.5
+    P = retrieval_probabilities(q, k, mask, scale)
+    kx, vx = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
+    delta = (grad * torch.einsum("bhtn,bnhd->bthd", P, vx)).sum(-1).transpose(1, 2)
+    W = P * (torch.einsum("bthd,bnhd->bhtn", grad.abs(), vx.abs()) + delta.abs()[..., None])
+    mass_q = scale * torch.einsum("bhtn,bnhd->bthd", W, kx.abs())
+    mass_k = scale * torch.einsum("bhtn,bthd->bnhd", W, q.abs())
+    return mass_q, mass_k.unflatten(2, (k.shape[2], G)).sum(3)
+
+
+def grad_close(got, want, mass, tol) -> bool:
+    """Within tol of the largest reference magnitude; or, for a gradient that is mostly
+    cancellation (its largest magnitude under a tenth of its summands'), within tol / 4 of
+    the summands' magnitude: rounding the summands to 16 bits (as the tensor-core kernels
+    do with P and dS) leaves an error of that order, which no kernel avoids. Found by
+    hypothesis: B1 T1 H1 hd8 Nv2 bf16, where even the reference backend in bf16 is 0.066
+    off by the first rule and every backend is within 0.0015 by the second."""
+    if max_rel_err(got, want) < tol:
+        return True
+    peak = float(mass.max())
+    if peak == 0 or float(want.abs().max()) >= 0.1 * peak:
+        return False
+    return float((got.double().cpu() - want).abs().max()) / peak < tol / 4
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
@@ -55,8 +84,10 @@ def test_retrieval_random(backend, device, problem):
     out.backward(grad.to(dtype).to(device))
     tol = TOLERANCE[dtype]
     assert max_rel_err(out, expected) < tol
-    for got, want in zip(leaves, refs):
-        assert max_rel_err(got.grad, want.grad) < tol
+    masses = summand_mass(*(t.detach() for t in refs), grad, mask)
+    for got, want, mass in zip(leaves[:2], refs[:2], masses):
+        assert grad_close(got.grad, want.grad, mass, tol)
+    assert max_rel_err(leaves[2].grad, refs[2].grad) < tol  # dv: sums of P >= 0 terms
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
