@@ -1,8 +1,10 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Where torch is already installed (the GPU box), it is used as is; otherwise the
 # machine's local torch wheel is installed. The C++ CPU extension is always built and
-# the CUDA one whenever nvcc is found; PVM_STRICT_BUILD=1 makes a failed build fatal,
-# so a CUDA build break fails `make test` (and CI) even on a machine with no GPU.
+# the CUDA one whenever nvcc is found; a failed build is always fatal, and
+# PVM_STRICT_BUILD=1 also fails where the CUDA one would be skipped (no nvcc), so a CUDA
+# build break fails `make test` (and CI) even on a machine with no GPU. `make install` is
+# the developer's editable build against the installed torch; users run `pip install .`.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1

@@ -1,19 +1,41 @@
 """pvm-kernels: fused kernels for Persistent Visual Memory (PVM) in vision-language models.
 
-Builds, with the torch already installed (use ``pip install --no-build-isolation .``):
+``pip install .`` builds, against the torch of the build (pyproject.toml brings one into
+pip's isolated build environment; ``--no-build-isolation`` uses the one installed):
   pvm_kernels._C       C++ CPU ops, always;
   pvm_kernels._C_cuda  CUDA ops, when torch has CUDA and nvcc is found (CUDA_HOME).
+A build that cannot happen or fails stops the install with the reason. The one way to a
+pure-Python package (reference and triton backends) is PVM_SKIP_EXTENSIONS=1.
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PVM_SKIP_CUDA=1 to skip
-the CUDA build, PVM_SKIP_EXTENSIONS=1 to build neither (a pure-Python package: reference
-and triton backends), PVM_STRICT_BUILD=1 to make any extension build failure fatal (CI). Without
-it a failed build only warns: the package still imports and reports which backends it has.
+the CUDA build, PVM_STRICT_BUILD=1 to fail (instead of warn) where the CUDA extension is
+skipped for lack of nvcc or of a CUDA torch (CI).
+
+The wheel also carries the sources (pvm_kernels/_csrc) and a record of the torch it was
+built against (pvm_kernels/_build_info.json): pvm_kernels.ops.native_loader rebuilds the
+extensions just in time when the torch that runs is another one.
 """
-import glob
+import importlib.util
 import os
-import sys
+import shutil
 import warnings
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc"  # relative: setuptools wants relative source paths
+
+
+def _load_build_spec():
+    """pvm_kernels/build_spec.py by path: the package itself is not importable yet."""
+    spec = importlib.util.spec_from_file_location(
+        "_pvm_build_spec", os.path.join(HERE, "pvm_kernels", "build_spec.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_spec = _load_build_spec()
 
 # torch.utils.cpp_extension reads CUDA_HOME when imported; the `nvcc` on PATH may be a
 # wrapper script whose directory is not a CUDA root.
@@ -21,62 +43,76 @@ if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
+SKIP_ALL = os.environ.get("PVM_SKIP_EXTENSIONS") == "1"
 STRICT = os.environ.get("PVM_STRICT_BUILD") == "1"
 
 
+class BuildPyWithSources(build_py):
+    """Also copies the extension sources into the package (pvm_kernels/_csrc), for the
+    just-in-time rebuild. An editable install reads the checkout's csrc/ instead."""
+
+    def run(self):
+        super().run()
+        if SKIP_ALL or getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "pvm_kernels", build_spec.SHIPPED_SOURCES)
+        for rel in build_spec.shipped_files(os.path.join(HERE, CSRC)):
+            dst = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(os.path.join(HERE, CSRC, rel), dst)
+
+
 def extensions():
-    if os.environ.get("PVM_SKIP_EXTENSIONS") == "1":
-        return [], {}
+    """(ext_modules, cmdclass). Raises, naming the fix, when the extensions cannot be built."""
+    if SKIP_ALL:
+        return [], {"build_py": BuildPyWithSources}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
-        warnings.warn("torch is not importable at build time: building no C++/CUDA extension "
-                      "(install torch first and use --no-build-isolation)")
-        return [], {}
-    cxx = ["-O3"]  # the C++ standard is torch's choice (C++20 for torch 2.14)
-    # at::parallel_for is a header template whose `#pragma omp parallel` is compiled into the
-    # extension: without -fopenmp it silently runs serially (the CPU kernels used one core
-    # of two until this flag: T 512, Nv 1024, 9.2 ms on 1 thread and 8.4 ms on 2). The
-    # OpenMP runtime is torch's own libgomp.so.1, already loaded by libtorch_cpu.
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    except ImportError as exc:
+        raise RuntimeError(
+            f"pvm-kernels: torch is not importable at build time ({exc}). `pip install .` "
+            "brings torch into its isolated build; with --no-build-isolation install torch "
+            "first. PVM_SKIP_EXTENSIONS=1 builds a pure-Python package on purpose.") from exc
     macros = [("PVM_PYTHON_MODULE", None)]
-    # libstdc++ linked as the shared library torch itself uses. A toolchain whose library
-    # folder has libstdc++.a but no usable libstdc++.so (the GPU boxes' /opt/gcc: a dangling
-    # symlink) otherwise links a private static copy into the extension; with Ubuntu Python's
-    # -Wl,-Bsymbolic-functions its functions bind to that copy but its data (std::locale
-    # facet ids) to the process's libstdc++.so.6, and formatting the first number into an
-    # error message (TORCH_CHECK(..., q.sizes())) segfaults.
-    link = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
-    exts = [CppExtension("pvm_kernels._C", ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
-                         include_dirs=[os.path.abspath("csrc")], define_macros=macros,
-                         extra_compile_args={"cxx": cxx + openmp},
+    include = [os.path.join(HERE, CSRC)]
+    link = build_spec.link_flags()
+    openmp = build_spec.openmp_flags()
+    exts = [CppExtension("pvm_kernels._C", build_spec.sources(CSRC, "_C"),
+                         include_dirs=include, define_macros=macros,
+                         extra_compile_args={"cxx": build_spec.CXX_FLAGS + openmp},
                          extra_link_args=link + openmp)]
-    want_cuda = os.environ.get("PVM_SKIP_CUDA") != "1"
-    if want_cuda and torch.version.cuda and CUDA_HOME:
+    plan = {"_C": None, "_C_cuda": None}
+    if os.environ.get("PVM_SKIP_CUDA") == "1":
+        plan["_C_cuda"] = "skipped at install (PVM_SKIP_CUDA=1)"
+    elif torch.version.cuda and CUDA_HOME:
         exts.append(CUDAExtension(
-            "pvm_kernels._C_cuda",
-            sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
-            include_dirs=[os.path.abspath("csrc")], define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link))
-    elif want_cuda:
-        why = "torch has no CUDA" if not torch.version.cuda else "nvcc not found (set CUDA_HOME)"
+            "pvm_kernels._C_cuda", build_spec.sources(CSRC, "_C_cuda"),
+            include_dirs=include, define_macros=macros,
+            extra_compile_args={"cxx": build_spec.CXX_FLAGS, "nvcc": build_spec.NVCC_FLAGS},
+            extra_link_args=link))
+    else:
+        why = f"the build's torch {torch.__version__} has no CUDA" if not torch.version.cuda \
+            else "nvcc was not found at install (set CUDA_HOME and reinstall)"
         if STRICT:
             raise RuntimeError(f"PVM_STRICT_BUILD=1 but the CUDA extension cannot be built: {why}")
-        warnings.warn(f"skipping the CUDA extension: {why}")
+        warnings.warn(f"pvm-kernels: skipping the CUDA extension: {why}")
+        plan["_C_cuda"] = why
 
-    class OptionalBuildExtension(BuildExtension):
-        """A failed extension build warns instead of failing the install (unless strict)."""
+    class BuildExtensionWithInfo(BuildExtension):
+        """Builds the extensions, then records the torch they were built against beside
+        them (in the wheel, and in the source tree for an editable install)."""
 
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
-                if STRICT:
-                    raise
-                warnings.warn(f"building {ext.name} failed, its backend will be unavailable: {exc}")
+        def run(self):
+            super().run()
+            folders = {os.path.join(self.build_lib, "pvm_kernels"),
+                       os.path.dirname(self.get_ext_fullpath("pvm_kernels._C"))}
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                build_spec.write_build_info(folder, build_spec.torch_identity(torch), plan)
 
-    return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+    return exts, {"build_ext": BuildExtensionWithInfo.with_options(use_ninja=True),
+                  "build_py": BuildPyWithSources}
 
 
 ext_modules, cmdclass = extensions()
@@ -85,7 +121,7 @@ setup(
     name="pvm-kernels",
     version="0.1.0",
     description="Fused Triton, CUDA and CPU kernels for Persistent Visual Memory (PVM)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     # The Triton kernels sit at the top of the repository beside csrc/ (both kernel trees
     # side by side) and install as pvm_kernels.triton_ops: no generic top-level name in
@@ -96,11 +132,13 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=[
-        # 2.11 is the GPU box's torch, 2.14 this project's CPU machines'.
+        # 2.11 is the GPU box's torch, 2.14 this project's CPU machines'. pyproject.toml's
+        # build requirement is the same range (tests/test_install.py checks it).
         "torch>=2.11,<2.15",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
         "tqdm>=4.60",  # progress bars of the CLI's bench and the compile gate
+        "ninja",  # the just-in-time rebuild of the extensions for another torch
     ],
     extras_require={
         # The CLI's model commands (demo, analyze) and its plots; bench and info need none.
