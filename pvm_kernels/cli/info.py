@@ -1,5 +1,6 @@
-"""``pvm-kernels info``: versions, devices, and which backends are built and usable (and
-why not)."""
+"""``pvm-kernels info``: versions, devices, the compiled extensions (the torch they were
+built for, and whether the installed build or a just-in-time rebuild for this torch was
+loaded), and which backends are usable (and why not)."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,23 @@ def add_parser(subparsers, parents) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(run=run)
+
+
+def _extensions() -> dict:
+    from ..ops.native_backend import EXTENSION_LOADS
+    from ..ops.native_loader import build_info
+    info = build_info() or {}
+    return {name: dict(loaded=load.how, built_for_torch=load.built_for, error=load.error,
+                       path=load.path,
+                       built_at_install=info.get("extensions", {}).get(name, {}).get("built"))
+            for name, load in EXTENSION_LOADS.items()}
+
+
+def _extension_line(name: str, ext: dict) -> str:
+    built = f"built for torch {ext['built_for_torch']}" if ext["built_for_torch"] else "not built"
+    how = {"installed": "loaded", "jit": f"rebuilt for this torch: {ext['path']}",
+           "none": f"not loaded: {ext['error']}"}[ext["loaded"]]
+    return f"  {'pvm_kernels.' + name:<21}{built}; {how}"
 
 
 def collect() -> dict:
@@ -40,7 +58,7 @@ def collect() -> dict:
             backends.setdefault(name, {})[device_type] = dict(usable=why is None, reason=why,
                                                               default=name == default)
     return dict(versions=versions(), cpu=device_description(torch.device("cpu")), gpus=gpus,
-                cuda_available=torch.cuda.is_available(),
+                cuda_available=torch.cuda.is_available(), extensions=_extensions(),
                 triton_interpret=os.environ.get("TRITON_INTERPRET") == "1", backends=backends)
 
 
@@ -63,6 +81,9 @@ def run(args) -> int:
                   f"{gpu['memory_gib']} GiB)")
     else:
         print(f"  {'cuda':<18}no CUDA GPU visible")
+    print("\ncompiled extensions")
+    for name, ext in report["extensions"].items():
+        print(_extension_line(name, ext))
     print("\nbackends (usable on cpu / cuda tensors)")
     rows = [[name, _cell(b["cpu"]), _cell(b["cuda"])] for name, b in report["backends"].items()]
     print("  " + format_table(["backend", "cpu", "cuda"], rows).replace("\n", "\n  "))

@@ -2,31 +2,24 @@
 
 Both run the same ops, ``pvm_kernels::native_*``, defined once in csrc/ops.cpp with a CPU
 and a CUDA implementation; their fake implementations and autograd formulas are attached
-here from registration.py, exactly as for the Triton ops. A missing or broken build only
-makes the backend unavailable, with the reason in ``backend_status()``.
+here from registration.py, exactly as for the Triton ops. A missing build, or one made
+for another torch that cannot be rebuilt (native_loader.py), makes the backend unavailable,
+with the reason in ``backend_status()``.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 
+from .native_loader import load_all
 from .registration import attach_fake_and_autograd, get_op
 from .registry import Backend, register_backend
 
-
-def _load(module: str) -> Optional[str]:
-    try:
-        importlib.import_module(f"pvm_kernels.{module}")
-        return None
-    except ImportError as exc:
-        return f"pvm_kernels.{module} is not built or failed to load ({exc})"
-
-
-CPU_LOAD_ERROR = _load("_C")
-CUDA_LOAD_ERROR = _load("_C_cuda") if CPU_LOAD_ERROR is None else \
-    "needs pvm_kernels._C, which defines the op schemas"
+#: How each extension was loaded (native_loader.ExtensionLoad), by name: "_C", "_C_cuda".
+EXTENSION_LOADS = load_all()
+CPU_LOAD_ERROR = EXTENSION_LOADS["_C"].error
+CUDA_LOAD_ERROR = EXTENSION_LOADS["_C_cuda"].error
 if CPU_LOAD_ERROR is None:
     attach_fake_and_autograd("native")
 
