@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 import torch
+from install_support import DROP_EDITABLE_FINDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +29,8 @@ def wheel(tmp_path_factory):
 
 def test_wheel_ships_the_triton_kernels_inside_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
+    assert not any(n.endswith((".so", "_build_info.json")) or "/_csrc/" in n for n in names), \
+        "PVM_SKIP_EXTENSIONS=1 builds a pure-Python wheel"
     for f in ("__init__.py", "common.py", "retrieval.py", "merge.py"):
         assert f"pvm_kernels/triton_ops/{f}" in names
     tops = {n.split("/")[0] for n in names if not n.startswith("pvm_kernels-")}
@@ -40,7 +43,7 @@ def test_regular_install_runs_the_triton_kernels(wheel, tmp_path):
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target",
                           str(target), str(wheel)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    code = (
+    code = DROP_EDITABLE_FINDER + (
         "import torch, pvm_kernels, pvm_kernels.triton_ops as t\n"
         "from pvm_kernels import pvm_retrieval\n"
         "from pvm_kernels.reference import retrieval_reference\n"
@@ -50,6 +53,9 @@ def test_regular_install_runs_the_triton_kernels(wheel, tmp_path):
         f"k = torch.randn(2, 5, 2, 16, device={device!r})\n"
         "got = pvm_retrieval(q, k, k, backend='triton')\n"
         "assert torch.allclose(got, retrieval_reference(q, k, k), atol=1e-5)\n"
+        # PVM_SKIP_EXTENSIONS=1: a pure-Python package on purpose, saying why cpu is off
+        "why = pvm_kernels.backend_status('cpu')['cpu']\n"
+        "assert 'not built' in why and 'PVM_SKIP_EXTENSIONS=1' in why, why\n"
         "print('ok')\n")
     # On a GPU machine the kernels compile for it; elsewhere they run in the interpreter.
     env = dict(os.environ, PYTHONPATH=str(target))
@@ -60,3 +66,4 @@ def test_regular_install_runs_the_triton_kernels(wheel, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    assert "pvm_kernels:" not in res.stderr, res.stderr  # no warning for a choice made
