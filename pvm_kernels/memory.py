@@ -52,6 +52,22 @@ class VisualMemory:
         """Nv, the padded number of visual tokens."""
         return self.key.shape[1]
 
+    def valid(self) -> torch.Tensor:
+        """[B, Nv] bool: the tokens retrieval reads (key_mask and below kv_len)."""
+        pos = torch.arange(self.num_tokens, device=self.key.device)
+        inside = pos[None, :] < self.kv_len[:, None]
+        return inside if self.key_mask is None else inside & self.key_mask
+
+    def concat(self, other: "VisualMemory") -> "VisualMemory":
+        """This memory followed by ``other``'s tokens, row by row (the images of a later turn
+        appended to a request's memory): [B, Nv + Nv', Hkv, hd], with both validity masks."""
+        if other.batch_size != self.batch_size:
+            raise ValueError(f"cannot concatenate memories of {self.batch_size} and "
+                             f"{other.batch_size} rows")
+        return VisualMemory.from_kv(torch.cat([self.key, other.key], dim=1),
+                                    torch.cat([self.value, other.value], dim=1),
+                                    torch.cat([self.valid(), other.valid()], dim=1))
+
     def index_select(self, batch_index: torch.Tensor) -> "VisualMemory":
         """Rows of the memory in a new order (beam search, batch reordering)."""
         pick = lambda t: None if t is None else t.index_select(0, batch_index)  # noqa: E731

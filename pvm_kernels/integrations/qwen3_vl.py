@@ -10,96 +10,28 @@
   to the call's cache object and passes it down as the ``pvm_state`` keyword, which the
   text model forwards to its layers. Each PVM layer encodes its VisualMemory inside its
   own forward (so sharded parameters are gathered there) and keeps it in the state. Decode
-  steps read the state back from the cache: nothing visual is projected again, and two
-  generate() calls never share state because they never share a cache.
+  steps read the state back from the cache (qwen3_vl_state.py: how it follows the cache's
+  reorders, crops and copies, and the guard that refuses a cache PVM never prefilled):
+  nothing visual is projected again, and two generate() calls never share state because
+  they never share a cache.
 """
 from __future__ import annotations
 
 import inspect
 import types
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..memory import PackedVisualMemory, VisualMemory
+from ..memory import PackedVisualMemory
 from ..modules import FusedPVM
-from .qwen3_vl_packing import Packing, find_packing, visual_boundaries
+from .qwen3_vl_packing import find_packing, visual_boundaries
+from .qwen3_vl_state import (TEXT_ONLY, PVMCacheError, PVMCall, PVMState, attach_state,
+                             cache_length, state_of)
 
 #: The paper's PVM layers by (num_hidden_layers, hidden_size).
 PAPER_LAYERS = {(36, 4096): [8, 16, 24], (36, 2560): [5, 11, 17]}
 DEFAULT_PVM_HIDDEN_SIZE = 512
-_STATE_ATTR = "_pvm_state"
-
-
-@dataclass
-class PVMState:
-    """The visual side of one request for every PVM layer.
-
-    At prefill it holds the gathered visual embeddings; each PVM layer encodes its own
-    VisualMemory inside its own forward (where FSDP2 / ZeRO-3 have gathered the layer's
-    parameters) and, when the state lives on a generation cache (``keep_memories``),
-    stores it for the decode steps; the embeddings are dropped once every layer has its
-    memory. Training calls (no cache) re-encode in each forward, which keeps activation
-    checkpointing's recomputation exact.
-    """
-
-    layers: Tuple[int, ...]
-    visual: Optional[torch.Tensor]
-    visual_mask: Optional[torch.Tensor]
-    keep_memories: bool
-    memories: Dict[int, VisualMemory] = field(default_factory=dict)
-    # Packed (padding-free) row: (text, visual) boundaries of its samples; visual is then
-    # [total_k, D] and the memories PackedVisualMemory.
-    packing: Optional[Tuple[Packing, Packing]] = None
-
-    def memory_for(self, index: int, block: FusedPVM):
-        memory = self.memories.get(index)
-        if memory is None:
-            if self.packing is not None:
-                vis = self.packing[1]
-                memory = block.encode_visual_varlen(self.visual, vis.cu_seqlens, vis.max_seqlen)
-            else:
-                memory = block.encode_visual(self.visual, self.visual_mask)
-            if self.keep_memories:
-                self.memories[index] = _static_addresses(memory)
-                if len(self.memories) == len(self.layers):
-                    self.visual = self.visual_mask = None
-        return memory
-
-    @property
-    def batch_size(self) -> int:
-        if self.visual is not None:
-            return self.visual.shape[0]
-        return next(iter(self.memories.values())).batch_size
-
-    def index_select(self, rows: torch.Tensor) -> "PVMState":
-        pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
-        return PVMState(self.layers, pick(self.visual), pick(self.visual_mask), self.keep_memories,
-                        {i: _static_addresses(m.index_select(rows.to(m.key.device)))
-                         for i, m in self.memories.items()})
-
-
-def _static_addresses(memory: VisualMemory) -> VisualMemory:
-    """Mark a kept memory's tensors as static inputs of compiled graphs (what transformers
-    does for a StaticCache's key/value tensors): they live for the whole request at fixed
-    addresses, so a CUDA graph captured on the first decode step ("reduce-overhead") reads
-    them in place at every replay instead of copying K and V into its own buffers per step."""
-    import torch._dynamo  # here, not at import: it imports triton (registry.py explains)
-
-    for t in (memory.key, memory.value, memory.key_mask, memory.kv_len, memory.has_visual):
-        if t is not None:
-            torch._dynamo.mark_static_address(t)
-    return memory
-
-
-@dataclass
-class PVMCall:
-    """What one forward call hands to the PVM layers: the state, and at prefill which
-    query positions are visual tokens (their update is silenced)."""
-
-    state: PVMState
-    query_is_visual: Optional[torch.Tensor]
 
 
 def default_pvm_layers(num_layers: int, hidden_size: int) -> List[int]:
@@ -136,45 +68,50 @@ def gather_visual(inputs_embeds: torch.Tensor, visual_pos_masks: torch.Tensor):
     return visual, mask
 
 
-# ---- the cache carries the state ------------------------------------------------------------
+def _image_call(text_model, cache, inputs_embeds, visual_pos_masks) -> PVMCall:
+    """A call whose inputs hold visual tokens: a prefill, or a continuation (a later turn)
+    that brings more images, whose memory is then appended to the request's."""
+    layers = tuple(text_model._pvm_layers)
+    visual, mask = gather_visual(inputs_embeds, visual_pos_masks)
+    if cache is None:  # training / scoring: no request to remember
+        return PVMCall(PVMState(layers, visual, mask, keep_memories=False), visual_pos_masks)
+    past = cache_length(cache)  # host reads are fine here: gather_visual has one already
+    visual_end = past + int(visual_pos_masks.any(dim=0).nonzero().max()) + 1
+    previous = state_of(cache) if past > 0 else None
+    if isinstance(previous, PVMState):
+        if previous.cut is not None:
+            raise PVMCacheError(previous.cut)
+        state = previous.continued_with(visual, mask, visual_end)
+    else:
+        state = PVMState(layers, visual, mask, keep_memories=True, visual_end=visual_end)
+    attach_state(cache, state)
+    return PVMCall(state, visual_pos_masks)
 
-def _attach_state(cache, state: PVMState) -> None:
-    """Store the state on this cache instance and keep it aligned with the cache's rows when
-    generate() reorders (beam search), repeats or selects them."""
-    setattr(cache, _STATE_ATTR, state)
-    if getattr(cache, "_pvm_wrapped", False):
-        return
-    cache._pvm_wrapped = True
 
-    def after(name, update):
-        """Run update(state, *args, **kwargs) -> new state after the cache's own `name`."""
-        original = getattr(cache, name, None)
-        if original is None:
-            return
-
-        def wrapped(*args, **kwargs):
-            result = original(*args, **kwargs)
-            current = getattr(cache, _STATE_ATTR, None)
-            if current is not None:
-                setattr(cache, _STATE_ATTR, update(current, *args, **kwargs))
-            return result
-        setattr(cache, name, wrapped)
-
-    def follow(name, rows_of):  # the state's rows follow the cache's
-        after(name, lambda s, *a, **k: s.index_select(rows_of(s, *a, **k)))
-
-    follow("reorder_cache", lambda s, beam_idx, *a, **k: beam_idx)
-    follow("batch_select_indices", lambda s, indices, *a, **k: indices)
-    follow("batch_repeat_interleave",
-           lambda s, repeats, *a, **k: torch.arange(s.batch_size).repeat_interleave(repeats))
-
-    # An emptied cache starts a new request, whose images are not these: reset() (what
-    # transformers 4.57 calls on a reused static cache, and a server on a pooled one) and
-    # crop to nothing drop the state. Deciding it here, outside the forward, is what keeps
-    # a decode step free of a host read of the cache length (issue 15: `if
-    # cache.get_seq_length() == 0` in the forward cut every compiled decode graph).
-    after("reset", lambda s, *a, **k: None)
-    after("crop", lambda s, max_length, *a, **k: None if max_length == 0 else s)
+def _text_call(text_model, cache) -> Optional[PVMCall]:
+    """A call without visual tokens: a decode step, candidate verification, a continued
+    prompt, or a text-only prefill. Reads the request's state from its cache."""
+    if cache is None or not isinstance(cache, text_model._pvm_cache_type):
+        return None
+    state = state_of(cache)
+    if state is None:
+        # The first call PVM sees on this cache. A compiled call cannot afford the length
+        # read; generate() never compiles a prefill, so its caches are always marked.
+        if torch.compiler.is_compiling():
+            return None
+        held = cache_length(cache)
+        if held > 0:
+            raise PVMCacheError(
+                f"this cache holds {held} tokens that no PVM model prefilled, so PVM cannot "
+                "know the request's images; prefill the prompt (with its images) through this "
+                "model, or reuse a cache it filled (copy.deepcopy keeps its PVM state)")
+        attach_state(cache, TEXT_ONLY)
+        return None
+    if state is TEXT_ONLY:
+        return None
+    if state.cut is not None:
+        raise PVMCacheError(state.cut)
+    return PVMCall(state, None)
 
 
 def _text_forward(self, *args, **kwargs):
@@ -187,11 +124,10 @@ def _text_forward(self, *args, **kwargs):
     cache = kwargs.get(cache_key)
     inputs_embeds = kwargs.get("inputs_embeds")
     visual_pos_masks = kwargs.get("visual_pos_masks")
-    call = None
     if visual_pos_masks is not None and inputs_embeds is not None and bool(visual_pos_masks.any()):
         packing = find_packing(kwargs, inputs_embeds.shape[0], inputs_embeds.shape[1])
         if packing is not None:
-            if cache is not None and cache.get_seq_length() > 0:
+            if cache is not None and cache_length(cache) > 0:
                 raise ValueError("packed inputs (several samples in one row) continue a cache: "
                                  "PVM supports packing for forward calls that start a sequence "
                                  "(training, scoring), not for generation")
@@ -206,16 +142,11 @@ def _text_forward(self, *args, **kwargs):
                 and not torch.is_grad_enabled():
             from transformers import DynamicCache
             cache = kwargs[cache_key] = DynamicCache(config=self.config)
-        visual, mask = gather_visual(inputs_embeds, visual_pos_masks)
-        state = PVMState(tuple(self._pvm_layers), visual, mask, keep_memories=cache is not None)
-        if cache is not None:
-            _attach_state(cache, state)
-        call = PVMCall(state, visual_pos_masks)
-    elif cache is not None and getattr(cache, _STATE_ATTR, None) is not None:
-        # A decode step (or a continued prompt) of the request whose images the state holds:
-        # a reset or emptied cache has already dropped it (_attach_state), so nothing here
-        # reads a tensor on the host and a compiled decode step stays one graph.
-        call = PVMCall(getattr(cache, _STATE_ATTR), None)
+        call = _image_call(self, cache, inputs_embeds, visual_pos_masks)
+    else:
+        # A reset or emptied cache has already dropped its state (qwen3_vl_state), so a
+        # decode step reads no tensor on the host and a compiled decode stays one graph.
+        call = _text_call(self, cache)
     if call is not None:
         kwargs["pvm_state"] = call
     return original(**kwargs)
@@ -307,6 +238,8 @@ def apply_pvm_to_qwen3_vl(model, layers: Optional[Sequence[int]] = None,
     text_model._pvm_original_forward = original
     text_model._pvm_param_names = names
     text_model._pvm_cache_key = "cache" if "cache" in names else "past_key_values"
+    from transformers.cache_utils import Cache
+    text_model._pvm_cache_type = Cache  # the caches a request's PVM state can live on
     text_model.forward = types.MethodType(_text_forward, text_model)
     return model
 

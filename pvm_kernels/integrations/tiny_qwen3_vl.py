@@ -7,7 +7,7 @@ and uses Qwen3-VL's real patch size, so the real image processor can feed it.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
