@@ -178,6 +178,10 @@ def test_continuing_a_returned_cache_and_a_copied_prompt_cache(backend_pvm, plai
             assert torch.equal(rest, plain["mixed"])
     assert pool.get_seq_length() == prompt_len  # continuing the copies left the pool alone
     assert pool.__dict__[STATE_ATTR] is not cache.__dict__[STATE_ATTR]
+    clone = copy.deepcopy(pool)  # a hooked call on a copy acts on the copy, rows and state
+    clone.batch_select_indices(torch.tensor([1]))
+    assert clone.__dict__[STATE_ATTR].batch_size == 1 and clone.layers[0].keys.shape[0] == 1
+    assert pool.__dict__[STATE_ATTR].batch_size == 3 and pool.layers[0].keys.shape[0] == 3
 
 
 def test_beam_search_and_several_sequences_per_prompt(backend_pvm, plain):
@@ -203,6 +207,10 @@ def test_continuous_batching_takes_no_images_and_equals_stock(base, pvm):
     extra = {"progress_bar": False} if "progress_bar" in params else {}
     if "warmup" in params:
         extra["warmup"] = False
+    if "continuous_batching_config" in params:  # a small paged cache: 0.5 s instead of 14
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        extra["continuous_batching_config"] = ContinuousBatchingConfig(num_blocks=16,
+                                                                       max_batch_tokens=64)
     try:
         stock = base.generate_batch(prompts, generation_config=config, **extra)
     except Exception as exc:  # noqa: BLE001 - the stock model itself cannot run it here

@@ -88,7 +88,7 @@ def test_decode_steps_do_not_reproject_the_image(base):
 def test_cache_state_follows_row_reordering(base):
     """generate() reorders (beam search) and repeats cache rows: the memories follow."""
     from transformers import DynamicCache
-    from pvm_kernels.integrations.qwen3_vl import _STATE_ATTR
+    from pvm_kernels.integrations.qwen3_vl_state import STATE_ATTR as _STATE_ATTR
     model = pvm_model(base)
     batch = tiny_batch(GRIDS)
     import inspect
