@@ -2,7 +2,8 @@
 
 Public API: ``FusedPVM``, ``PVMConfig``, ``VisualMemory``, ``available_backends``, the
 functional ops ``pvm_retrieval`` / ``pvm_retrieval_varlen`` / ``pvm_merge``, and the Qwen3-VL integration
-``apply_pvm_to_qwen3_vl`` / ``load_pvm_qwen3_vl`` (transformers imported only when called).
+``apply_pvm_to_qwen3_vl`` / ``load_pvm_qwen3_vl`` / ``PVMQwen3VLForConditionalGeneration`` /
+``PVMQwen3VLModel`` (transformers imported only when used).
 """
 from .config import PVMConfig, PVMDims
 from .memory import PackedVisualMemory, VisualMemory
@@ -23,9 +24,22 @@ def load_pvm_qwen3_vl(path, **from_pretrained_kwargs):
     return load(path, **from_pretrained_kwargs)
 
 
+_TRANSFORMERS_CLASSES = ("PVMQwen3VLForConditionalGeneration", "PVMQwen3VLModel")
+
+
+def __getattr__(name):
+    """The transformers classes, imported on first use (importing transformers takes
+    seconds; the kernels and FusedPVM do not need it)."""
+    if name in _TRANSFORMERS_CLASSES:
+        from .integrations import qwen3_vl_model
+        return getattr(qwen3_vl_model, name)
+    raise AttributeError(f"module 'pvm_kernels' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = ["FusedPVM", "PVMConfig", "PVMDims", "VisualMemory", "PackedVisualMemory", "available_backends",
            "backend_status", "pvm_retrieval", "pvm_retrieval_varlen", "cu_seqlens_from_lengths",
            "pvm_merge", "apply_pvm_to_qwen3_vl", "load_pvm_qwen3_vl",
+           "PVMQwen3VLForConditionalGeneration", "PVMQwen3VLModel",
            "__version__"]

@@ -203,8 +203,13 @@ def apply_pvm_to_qwen3_vl(model, layers: Optional[Sequence[int]] = None,
     decoder's device and dtype; ``model.config.text_config`` records both fields, so
     ``state_dict()`` keys are ``model.language_model.layers.N.pvm_block.*``.
     backend: the FusedPVM backend for every call (None: fastest for the device).
+    A stock Qwen3VLForConditionalGeneration / Qwen3VLModel instance becomes a
+    PVMQwen3VLForConditionalGeneration / PVMQwen3VLModel (a subclass): its
+    ``save_pretrained`` then writes a checkpoint that loads with PVM by model id
+    (qwen3_vl_model.py).
     """
     text_model = language_model_of(model)
+    from .qwen3_vl_model import PVM_CLASSES
     text_config = model.config.text_config if hasattr(model.config, "text_config") else model.config
     n_layers = len(text_model.layers)
     if getattr(text_model, "_pvm_layers", None):
@@ -241,6 +246,8 @@ def apply_pvm_to_qwen3_vl(model, layers: Optional[Sequence[int]] = None,
     from transformers.cache_utils import Cache
     text_model._pvm_cache_type = Cache  # the caches a request's PVM state can live on
     text_model.forward = types.MethodType(_text_forward, text_model)
+    if type(model) in PVM_CLASSES:  # its save_pretrained then writes a loadable checkpoint
+        model.__class__ = PVM_CLASSES[type(model)]
     return model
 
 

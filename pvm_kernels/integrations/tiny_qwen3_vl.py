@@ -141,3 +141,41 @@ def tiny_batch(image_grids: Sequence[Union[None, Tuple[int, int], Sequence[Tuple
         batch["pixel_values"] = torch.cat(pixels)
         batch["image_grid_thw"] = torch.tensor(grids)
     return batch
+
+
+def tiny_processor(config):
+    """A Qwen3VLProcessor for the tiny models, made offline: a word-level tokenizer whose
+    words are ``w0`` ... ``w499`` (ids 0-499), Qwen3-VL's vision tokens at their ids
+    (``<|image_pad|>`` 500, ...) and ``<|endoftext|>`` 511, with the real image processor
+    (qwen3_vl_inputs.image_processor_for). What ``pipeline("image-text-to-text")`` needs to
+    run a tiny model saved with it; Qwen3-VL's video processor needs torchvision."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from .qwen3_vl_inputs import image_processor_for
+
+    specials = {"<|image_pad|>": IMAGE_TOKEN, "<|video_pad|>": VIDEO_TOKEN,
+                "<|vision_start|>": VISION_START, "<|vision_end|>": VISION_END,
+                "<|endoftext|>": 511}
+    vocab = {f"w{i}": i for i in range(IMAGE_TOKEN)}
+    vocab.update({f"<|unused{i}|>": i for i in range(VISION_END + 1, 511)}, **specials)
+    words = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()  # words joined with spaces (no "##" in this vocab)
+
+    def make(cls):
+        return cls(tokenizer_object=words, unk_token="w0", pad_token="w0",
+                   eos_token="<|endoftext|>", additional_special_tokens=list(specials)[:4])
+
+    image_processor = image_processor_for(config)
+    video_processor = transformers.Qwen3VLVideoProcessor()
+    # transformers 5 saves and reloads a generic fast tokenizer as it is (its Qwen2Tokenizer
+    # rebuilds a byte-level BPE on load); 4.57's processor takes only Qwen2TokenizerFast.
+    try:
+        return transformers.Qwen3VLProcessor(image_processor=image_processor,
+                                             tokenizer=make(transformers.PreTrainedTokenizerFast),
+                                             video_processor=video_processor)
+    except TypeError:
+        return transformers.Qwen3VLProcessor(image_processor=image_processor,
+                                             tokenizer=make(transformers.Qwen2TokenizerFast),
+                                             video_processor=video_processor)

@@ -2,14 +2,11 @@
 and loading a published PVM checkpoint into a stock transformers Qwen3-VL."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, List
 
 import torch
 
 from ..modules import FusedPVM
-from .qwen3_vl import apply_pvm_to_qwen3_vl
 
 _PVM_KEY = ".pvm_block."
 
@@ -63,36 +60,18 @@ def load_pvm_weights(model: torch.nn.Module, path: str) -> None:
     load_pvm_state(model, load_file(path))
 
 
-def _checkpoint_files(path: str) -> List[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    raise FileNotFoundError(f"no safetensors checkpoint in {path!r}")
-
-
 def load_pvm_qwen3_vl(path: str, **from_pretrained_kwargs):
-    """Load a published PVM checkpoint directory into a stock Qwen3-VL with PVM applied.
+    """Load a PVM checkpoint directory (published, or saved by this package) with PVM.
 
     ``path`` holds safetensors shards and a config whose text_config has ``pvm_layers``
     and ``pvm_hidden_size``. Extra keyword arguments go to ``from_pretrained``
-    (e.g. torch_dtype, device_map). Raises if the PVM weights do not match exactly.
+    (e.g. torch_dtype, device_map). Returns a PVMQwen3VLForConditionalGeneration; raises if
+    the checkpoint has no PVM layers or its PVM weights do not match them exactly.
     """
-    from safetensors import safe_open
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import AutoConfig
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
-    if not getattr(model.config.text_config, "pvm_layers", None):
+    from .qwen3_vl_model import PVMQwen3VLForConditionalGeneration, has_pvm_layers
+
+    if not has_pvm_layers(AutoConfig.from_pretrained(path)):
         raise ValueError(f"{path!r} is not a PVM checkpoint: its text_config has no pvm_layers")
-    apply_pvm_to_qwen3_vl(model)
-    state = {}
-    for file in _checkpoint_files(path):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if _PVM_KEY in key:
-                    state[key] = f.get_tensor(key)
-    load_pvm_state(model, state)
-    return model
+    return PVMQwen3VLForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
