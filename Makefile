@@ -49,9 +49,9 @@ gpu-evidence:
 	$(PYTHON) bench/evidence_report.py $(EVIDENCE).json --markdown $(EVIDENCE).md --plots bench/results/evidence/plots
 
 # The ahead-of-time compile gate alone (make test runs it too), rewriting the resource
-# tables of docs/kernel_resources.md and the README.
+# tables of docs/kernel_resources.md and docs/verification.md (the 8B rows).
 compile-gate: install
-	env -u TRITON_INTERPRET $(PYTHON) tools/compile_gate.py --markdown docs/kernel_resources.md --readme README.md
+	env -u TRITON_INTERPRET $(PYTHON) tools/compile_gate.py --markdown docs/kernel_resources.md --readme docs/verification.md
 
 # Delete each __syncthreads of the CUDA kernels in turn and run the emulator tests; then
 # break the tensor-core wrappers' emulation and layouts one way at a time, then the

@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of the PVM spec (``../shared/PVM_SPEC.md``): the ground truth.
+"""Plain PyTorch reference of the PVM spec (``docs/spec.md``): the ground truth.
 
 Everything here is written for clarity, not speed: the score matrix is materialised and
 nothing is fused. Statistics (RMS, softmax) run in ``float32`` or the input dtype if wider,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-#: Peaks measured on this project's H100 80GB HBM3 machines (../shared/GPU_FACTS.md): an
+#: Peaks measured on this project's H100 80GB HBM3 machines (docs/gpu_facts.md): an
 #: 8192^3 bf16 torch.mm on random data and a large device-to-device copy (read + write).
 H100_BF16_TFLOPS = 798.0
 H100_COPY_GBS = 3000.0

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.cpu_verification
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "tests", "compile_gate_probe.py")
 TABLE = os.path.join(ROOT, "docs", "kernel_resources.md")
-README = os.path.join(ROOT, "README.md")
+# The page holding the compile-gate block that `make compile-gate` rewrites (--readme).
+README = os.path.join(ROOT, "docs", "verification.md")
 # The GPU machines' Triton, installed there by `make test` (pip --target).
 TRITON_GPU_BOX = os.path.join(ROOT, "build", "triton-3.6")
 
@@ -41,10 +42,10 @@ def probe(*args, interpret=False):
 @pytest.fixture(scope="module")
 def gate_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gate")
-    (out / "README.md").write_text(open(README).read())
+    (out / "verification.md").write_text(open(README).read())
     res = run([os.path.join("tools", "compile_gate.py"), "--no-progress", "--json",
                str(out / "gate.json"), "--markdown", str(out / "table.md"), "--readme",
-               str(out / "README.md")], timeout=1500)
+               str(out / "verification.md")], timeout=1500)
     return res, out
 
 
@@ -66,9 +67,9 @@ def test_every_specialisation_compiles_for_sm80_and_sm90(gate_run):
 
 
 def test_committed_resource_tables_are_the_gates(gate_run):
-    """docs/kernel_resources.md and the README's block are rewritten by `make compile-gate`;
-    a kernel or table change that alters registers or shared memory must update them (same
-    Triton only: other versions allocate differently)."""
+    """docs/kernel_resources.md and docs/verification.md's compile-gate block are rewritten
+    by `make compile-gate`; a kernel or table change that alters registers or shared memory
+    must update them (same Triton only: other versions allocate differently)."""
     res, out = gate_run
     committed = open(TABLE).read()
     m = re.search(r"triton (\d+\.\d+\.\d+)", committed)
@@ -76,12 +77,12 @@ def test_committed_resource_tables_are_the_gates(gate_run):
         pytest.skip(f"tables made with triton {m and m.group(1)}, here {triton.__version__}")
     assert committed == (out / "table.md").read_text(), \
         "docs/kernel_resources.md is stale: run `make compile-gate`"
-    assert open(README).read() == (out / "README.md").read_text(), \
-        "README.md's compile-gate block is stale: run `make compile-gate`"
+    assert open(README).read() == (out / "verification.md").read_text(), \
+        "docs/verification.md's compile-gate block is stale: run `make compile-gate`"
 
 
 def test_every_specialisation_compiles_with_the_gpu_machines_triton(tmp_path):
-    """The GPU machines run triton 3.6 (../shared/GPU_FACTS.md), which allocates registers
+    """The GPU machines run triton 3.6 (docs/gpu_facts.md), which allocates registers
     differently: the same gate with it (make test installs it in build/triton-3.6)."""
     if not os.path.isfile(os.path.join(TRITON_GPU_BOX, "triton", "__init__.py")):
         pytest.skip("build/triton-3.6 is missing: `make test` installs it")

@@ -1,4 +1,4 @@
-"""Every generation mode of transformers keeps PVM (issue 22; the README's table).
+"""Every generation mode of transformers keeps PVM (issue 22; the table in docs/qwen3_vl.md).
 
 The model: a tiny random Qwen3-VL with PVM on layers 1 and 3 and the gate at 2.0, where PVM
 changes the greedy tokens (asserted, so no test here can pass blind). Each speculative or

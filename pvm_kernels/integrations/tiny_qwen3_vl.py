@@ -1,9 +1,10 @@
 """Small random Qwen3-VL models built from transformers itself, and synthetic inputs.
 
-No weights are downloaded. The tests' tiny model follows the configuration checked in
-QWEN3VL_NOTES.md (text hidden 64, 4 layers, 4 heads, 2 KV heads, head_dim 16; vision depth
-2, patch 8, spatial merge 2, temporal patch 2); the CLI's small model is a little larger
-and uses Qwen3-VL's real patch size, so the real image processor can feed it.
+No weights are downloaded. The tests' tiny model is a configuration checked to build, run
+and generate on transformers 4.57 and 5.x (text hidden 64, 4 layers, 4 heads, 2 KV heads,
+head_dim 16; vision depth 2, patch 8, spatial merge 2, temporal patch 2; docs/qwen3_vl.md,
+"The tiny test and demo models"); the CLI's small model is a little larger and uses
+Qwen3-VL's real patch size, so the real image processor can feed it.
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ class PVMMLP(nn.Module):
 
 
 class FusedPVM(nn.Module):
-    """Persistent Visual Memory block (spec: ``PVM_SPEC.md``), parallel to a decoder FFN.
+    """Persistent Visual Memory block (spec: ``docs/spec.md``), parallel to a decoder FFN.
 
     ``FusedPVM(config)`` takes any object with ``hidden_size, num_attention_heads,
     num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, pvm_hidden_size``

@@ -38,7 +38,7 @@ def pvm_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     are invalid: a value above Nv means every key, 0 or below none; clamped inside the
     kernels, no host sync) or None; scale defaults to 1/sqrt(hd). Returns [B, T, H, hd] in
     q.dtype. Head dims: any on reference/cpu, up to 256 on cuda, multiples of 8 up to 256 on
-    triton (128 in float32) (``backend_status`` and the README list them).
+    triton (128 in float32) (``backend_status`` and docs/backends.md list them).
     Differentiable in q, k, v.
     """
     check_float("q", q, 4, "[B, T, H, hd]")
