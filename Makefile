@@ -48,10 +48,13 @@ gpu-evidence:
 	env -u TRITON_INTERPRET $(PYTHON) bench/gpu_evidence.py --parts $(PARTS) --out $(EVIDENCE).json
 	$(PYTHON) bench/evidence_report.py $(EVIDENCE).json --markdown $(EVIDENCE).md --plots bench/results/evidence/plots
 
-# The ahead-of-time compile gate alone (make test runs it too), rewriting the resource
-# tables of docs/kernel_resources.md and docs/verification.md (the 8B rows).
-compile-gate: install
-	env -u TRITON_INTERPRET $(PYTHON) tools/compile_gate.py --markdown docs/kernel_resources.md --readme docs/verification.md
+# The ahead-of-time compile gate alone (make test runs it too), compiling everything with
+# both Triton versions, rewriting the resource tables of docs/kernel_resources.md and
+# docs/verification.md (the 8B rows) and the compile record tools/compile_record/ that lets
+# make test recall unchanged specialisations (tools/compile_record.py).
+compile-gate: install $(TRITON_GPU_BOX_DIR)/triton/__init__.py
+	env -u TRITON_INTERPRET $(PYTHON) tools/compile_gate.py --no-recall --write-record --markdown docs/kernel_resources.md --readme docs/verification.md
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_GPU_BOX_DIR) $(PYTHON) tools/compile_gate.py --no-recall --write-record
 
 # Delete each __syncthreads of the CUDA kernels in turn and run the emulator tests; then
 # break the tensor-core wrappers' emulation and layouts one way at a time, then the

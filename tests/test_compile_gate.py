@@ -79,6 +79,55 @@ def test_committed_resource_tables_are_the_gates(gate_run):
         "docs/kernel_resources.md is stale: run `make compile-gate`"
     assert open(README).read() == (out / "verification.md").read_text(), \
         "docs/verification.md's compile-gate block is stale: run `make compile-gate`"
+    compiled = [r for r in json.loads((out / "gate.json").read_text())["records"]
+                if r["how"] == "compiled"]
+    assert not compiled, (f"{len(compiled)} specialisations are not in the compile record "
+                          "(tools/compile_record/): run `make compile-gate`")
+
+
+def _record_run(tmp_path, record: dict):
+    """The gate on the merge kernels for sm_90 (440 specialisations) with ``record`` as its
+    compile record; (exit status, summary line, output)."""
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"triton": triton.__version__, "results": record}))
+    res = run([os.path.join("tools", "compile_gate.py"), "--no-progress", "--only", "merge",
+               "--targets", "90", "--record", str(path)])
+    summary = next((line for line in res.stdout.splitlines() if line.startswith("compile gate")),
+                   "")
+    return res.returncode, summary, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def committed_record():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import compile_record
+    sys.path.pop(0)
+    record = compile_record.load(compile_record.record_path(triton.__version__))
+    if not record:
+        pytest.skip(f"no compile record for triton {triton.__version__}")
+    return compile_record, record
+
+
+def test_a_wrong_compile_record_fails_the_gate(tmp_path, committed_record):
+    """Recalled results are spot-checked by real compiles: a record entry that disagrees
+    (stale, or edited by hand) fails the gate."""
+    compile_record, record = committed_record
+    wrong = {k: dict(v, registers=v["registers"] + 8) if compile_record.spot_checked(k) else v
+             for k, v in record.items()}
+    code, summary, out = _record_run(tmp_path, wrong)
+    assert code == 1 and "stale or wrong compile record" in out, out[-3000:]
+    assert "recalled and compiled again" in summary and " 0 recalled and compiled" not in summary
+
+
+def test_specialisations_missing_from_the_record_are_compiled(tmp_path, committed_record):
+    """A changed kernel has new keys: what the record lacks compiles for real."""
+    compile_record, record = committed_record
+    missing = sorted(k for k, v in record.items() if v["kernel"] == "merge_fwd_kernel"
+                     and v["target"] == 90 and not compile_record.spot_checked(k))[:3]
+    assert len(missing) == 3
+    code, summary, out = _record_run(tmp_path, {k: v for k, v in record.items()
+                                                if k not in missing})
+    assert code == 0 and ": 3 compiled," in summary, summary + out[-2000:]
 
 
 def test_every_specialisation_compiles_with_the_gpu_machines_triton(tmp_path):
@@ -90,6 +139,8 @@ def test_every_specialisation_compiles_with_the_gpu_machines_triton(tmp_path):
                str(tmp_path / "gate.json")], timeout=1500, pythonpath=TRITON_GPU_BOX)
     assert "compile gate (triton 3.6" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert ": 0 compiled," in res.stdout, \
+        "tools/compile_record/triton-3.6.0.json is stale: run `make compile-gate`"
 
 
 def test_the_interpreter_accepts_what_the_gpu_compiler_rejects():

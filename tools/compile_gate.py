@@ -18,6 +18,11 @@ specialisation per layout (the launchers promise a closed set).
     python tools/compile_gate.py                      # both targets, 2 processes
     python tools/compile_gate.py --markdown docs/kernel_resources.md --json out.json
     PYTHONPATH=/path/to/triton-3.6 python tools/compile_gate.py   # another Triton
+    python tools/compile_gate.py --no-recall --write-record    # what make compile-gate does
+
+Specialisations whose Triton cache key is in the committed record (tools/compile_record.py)
+are recalled, not compiled; the rest compile, and a fixed sample of the recalled ones
+compiles anyway and must match the record.
 
 Exit status 0 when every check passes, 1 otherwise (the failures are listed).
 """
@@ -34,6 +39,9 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compile_record  # noqa: E402
 
 #: Per-target limits from docs/gpu_facts.md (opt-in shared memory per block, per SM).
 TARGETS = {
@@ -63,6 +71,9 @@ class Compiled:
     launches: int = 0
     problems: List[str] = field(default_factory=list)
     layout: str = ""            # retrieval: "padded" or "varlen" (VARLEN); merge: ""
+    compile_key: str = ""       # Triton's cache key (compile_record.py)
+    how: str = ""               # "compiled", "recalled" (from the record), "spot-checked"
+    record_mismatch: Optional[str] = None  # a spot check that disagreed with the record
 
 
 def blocks_per_sm(c: Compiled) -> int:
@@ -101,6 +112,14 @@ def describe(exc: BaseException) -> str:
         parts.append(f"{type(exc).__name__}: {exc}")
         exc = exc.__cause__ or exc.__context__
     return "\n  caused by ".join(parts)
+
+
+class _Recalled(Exception):
+    """Raised from the compile hook instead of compiling: the record holds the result."""
+
+    def __init__(self, result: dict):
+        super().__init__("recalled from the compile record")
+        self.result = result
 
 
 class _TargetDriver:
@@ -208,9 +227,14 @@ class CompileSession:
     accepts CPU tensors, and every kernel launch compiles (once per specialisation) into
     ``s.records`` instead of running. ``s.context`` names the problem and table entry."""
 
-    def __init__(self, cap: int, progress: bool = False, only: Optional[str] = None):
+    def __init__(self, cap: int, progress: bool = False, only: Optional[str] = None,
+                 recall: Optional[Dict[str, dict]] = None):
         self.cap = cap
+        self.recall = recall or {}  # compile key -> result (compile_record.py)
         self.records: Dict[tuple, Compiled] = {}
+        self._key: Optional[str] = None
+        self._spot = False
+        self._hooked = []
         self.context = {"progress": progress, "problem": "", "config": None, "only": only,
                         "cap": cap}
 
@@ -251,6 +275,8 @@ class CompileSession:
 
     def __exit__(self, *exc) -> None:
         from pvm_kernels.ops.registry import register_backend
+        for fn, compile_fn in self._hooked:
+            fn.compile = compile_fn
         self._target.__exit__(None, None, None)
         self._jit.run = self._original_run
         self._driver._active = None  # no real driver exists without a GPU: leave none set
@@ -275,18 +301,59 @@ class CompileSession:
                 layout=_layout(table, constexprs), config=repr(cfg),
                 dtype=dtype, constexprs=constexprs, signature=sig,
                 num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
+            self._hook(fn)
+            self._key, self._spot = None, False
             try:
                 kernel = self._original_run(fn, *args, grid=(1,), warmup=True, **kwargs)
                 res = _resources(kernel.asm["cubin"])
                 rec.registers, rec.local = res["registers"], res["local"]
                 rec.shared = kernel.metadata.shared + res["static_shared"]
+                rec.how = "spot-checked" if self._spot else "compiled"
+            except _Recalled as recalled:
+                known = recalled.result
+                rec.registers, rec.local = known["registers"], known["local"]
+                rec.shared, rec.error, rec.how = known["shared"], known["error"], "recalled"
             except Exception as exc:  # noqa: BLE001 - a compile error is the finding
                 rec.error = describe(exc)[:4000]
+                rec.how = "spot-checked" if self._spot else "compiled"
+            rec.compile_key = self._key or ""
+            if self._spot:
+                got = compile_record.result_of(rec.registers, rec.local, rec.shared, rec.error)
+                want = compile_record.result_in(self.recall[self._key])
+                if got != want:
+                    rec.record_mismatch = (f"the compile record says {want}, a real compile "
+                                           f"gives {got}")
         rec.launches += 1
         if repr(entry) not in rec.entries:
             rec.entries.append(repr(entry))
         if self.context["problem"] not in rec.problems:
             rec.problems.append(self.context["problem"])
+
+    def _hook(self, fn) -> None:
+        """Route ``fn``'s next compile through the record. Triton's JITFunction keeps its
+        compile function as an instance attribute, which triton 3.8 sets again whenever it
+        builds a device cache (create_binder): hooked before every compile."""
+        triton_compile = fn.compile
+        if getattr(triton_compile, "_pvm_recall_hook", False):
+            return
+        if not any(f is fn for f, _ in self._hooked):
+            self._hooked.append((fn, triton_compile))
+        session = self
+
+        def compile_or_recall(src, target=None, options=None, _env_vars=None):
+            if target is None:
+                from triton.runtime.driver import driver
+                target = driver.active.get_current_target()
+            key = compile_record.compile_key(src, target, options, _env_vars)
+            known = session.recall.get(key)
+            session._key = key
+            session._spot = known is not None and compile_record.spot_checked(key)
+            if known is not None and not session._spot:
+                raise _Recalled(known)
+            return triton_compile(src, target=target, options=options, _env_vars=_env_vars)
+
+        compile_or_recall._pvm_recall_hook = True
+        fn.compile = compile_or_recall
 
 
 def run_varlen_problem(dtype, T: int, H: int, Hkv: int, hd: int, transposed: bool = False,
@@ -331,9 +398,12 @@ def compile_entry_problem(cap: int, dc: str, bd: int, rc: str) -> "CompileSessio
     return s
 
 
-def run_target(cap: int, progress: bool, only: Optional[str] = None) -> List[dict]:
-    """Compile every specialisation for sm_<cap>; returns Compiled records as dicts."""
-    with CompileSession(cap, progress, only) as session:
+def run_target(cap: int, progress: bool, only: Optional[str] = None,
+               record: Optional[str] = None) -> List[dict]:
+    """Compile (or recall from the compile record at path ``record``) every specialisation
+    for sm_<cap>; returns Compiled records as dicts."""
+    recall = compile_record.load(record) if record else {}
+    with CompileSession(cap, progress, only, recall) as session:
         _drive_problems(session.context)
     return [asdict(r) for r in session.records.values()]
 
@@ -416,6 +486,9 @@ def check(records: List[dict], targets: List[int], only: Optional[str] = None) -
     failures = []
     for r in records:
         where = f"{r['kernel']} sm_{r['target']} {r['dtype']} {r['constexprs']} warps={r['num_warps']} stages={r['num_stages']}"
+        if r.get("record_mismatch"):
+            failures.append(f"stale or wrong compile record: {where}: {r['record_mismatch']} "
+                            "(rewrite it: make compile-gate)")
         if r["error"]:
             failures.append(f"compile error: {where}\n    {r['error'].splitlines()[0] if r['error'] else ''}\n"
                             + "\n".join("    " + line for line in r["error"].splitlines()[1:12]))
@@ -532,14 +605,22 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", help="rewrite the compile-gate block (8B rows) of this markdown file (docs/verification.md)")
     ap.add_argument("--only", choices=sorted(TABLES), help="one table's kernels only "
                     "(a partial run: coverage of the other table is not checked)")
+    ap.add_argument("--record", help="the compile record to recall from (default: "
+                    "tools/compile_record/triton-<version>.json)")
+    ap.add_argument("--no-recall", action="store_true",
+                    help="compile every specialisation, recalling nothing")
+    ap.add_argument("--write-record", action="store_true",
+                    help="rewrite the record (--record) with this run's results")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.worker is not None:
-        json.dump(run_target(args.worker, not args.no_progress, args.only), sys.stdout)
+        json.dump(run_target(args.worker, not args.no_progress, args.only,
+                             None if args.no_recall else args.record), sys.stdout)
         return 0
 
     import triton
+    record = args.record or compile_record.record_path(triton.__version__)
     targets = [int(t) for t in args.targets.split(",")]
     start = time.perf_counter()
     env = dict(os.environ)
@@ -550,7 +631,8 @@ def main(argv=None) -> int:
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
             cap = pending.pop(0)
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(cap)]
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(cap),
+                   "--record", record] + (["--no-recall"] if args.no_recall else [])
             if args.only:
                 cmd += ["--only", args.only]
             if args.no_progress or cap != targets[0]:
@@ -565,11 +647,23 @@ def main(argv=None) -> int:
     failures = check(records, targets, args.only)
     elapsed = time.perf_counter() - start
     n_ok = sum(1 for r in records if not r["error"])
+    how = {h: sum(1 for r in records if r["how"] == h)
+           for h in ("compiled", "recalled", "spot-checked")}
     print(f"compile gate (triton {triton.__version__}): {len(records)} specialisations "
-          f"({n_ok} compiled) for " + ", ".join(f"sm_{t}" for t in targets) +
+          f"({n_ok} without error: {how['compiled']} compiled, {how['recalled']} recalled from "
+          f"{os.path.relpath(record)}, {how['spot-checked']} recalled and compiled again) for "
+          + ", ".join(f"sm_{t}" for t in targets) +
           f" in {elapsed:.0f} s; {len(failures)} failure(s)")
     for f in failures:
         print("FAIL " + f)
+    if args.write_record:
+        results = {r["compile_key"]: compile_record.entry(
+                       r["kernel"], r["target"],
+                       compile_record.result_of(r["registers"], r["local"], r["shared"], r["error"]))
+                   for r in records if r["compile_key"]}
+        if not args.no_recall or args.only:
+            results = {**compile_record.load(record), **results}
+        compile_record.save(record, triton.__version__, results)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(triton=triton.__version__, records=records, failures=failures), fh,
