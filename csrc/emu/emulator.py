@@ -20,6 +20,7 @@ The package itself never imports this module.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import os
@@ -61,6 +62,7 @@ def _hash_inputs(paths: Iterable[str], extra: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
 def _compiler_version() -> str:
     try:
         return subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
@@ -71,6 +73,30 @@ def _compiler_version() -> str:
 def _headers(csrc: str) -> List[str]:
     pats = ["cuda/*.cuh", "cuda/*.h", "*.h", "emu/*.h", "emu/include/*.h"]
     return [p for pat in pats for p in glob.glob(os.path.join(csrc, pat))]
+
+
+def _object(src: str, csrc: str, flags: Sequence[str], includes: Sequence[str]) -> str:
+    """The object file of one source, compiled once per content: the source, every header
+    under ``csrc``, the flags and the compiler make its key (paths do not). The mutation
+    tools build a library per mutant of one kernel file; with the other files' objects
+    reused, a mutant costs that file's compile (0.5-2 s) instead of all nine (10.5 s)."""
+    key = _hash_inputs([src] + _headers(csrc), list(flags) + [_compiler_version()])
+    cache = os.path.join(BUILD_ROOT, "objects")
+    obj = os.path.join(cache, f"{os.path.basename(src)}-{key}.o")
+    if os.path.exists(obj):
+        return obj
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(src) + "-", suffix=".o", dir=cache)
+    os.close(fd)
+    lang = ["-x", "c++"] if src.endswith(".cu") else []
+    cmd = [CXX] + list(flags) + list(includes) + lang + ["-c", src, "-o", tmp]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        os.remove(tmp)
+        raise RuntimeError(f"building the emulated kernels failed:\n{' '.join(cmd)}\n"
+                           f"{res.stdout}{res.stderr}")
+    os.replace(tmp, obj)  # atomic: a concurrent compile of the same key may win
+    return obj
 
 
 def build_kernel_lib(csrc: str = CSRC, defines: Sequence[str] = (), out_root: str = BUILD_ROOT,
@@ -90,23 +116,13 @@ def build_kernel_lib(csrc: str = CSRC, defines: Sequence[str] = (), out_root: st
     os.makedirs(out_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="kernels-", dir=out_root)
     includes = ["-I", os.path.join(csrc, "emu", "include"), "-I", csrc, "-I", os.path.join(csrc, "emu")]
-    objs = []
     try:
-        for src in sources:  # one compiler at a time: the machine has 2 cores to share
-            obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            lang = ["-x", "c++"] if src.endswith(".cu") else []
-            cmd = [CXX] + flags + includes + lang + ["-c", src, "-o", obj]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"building the emulated kernels failed:\n{' '.join(cmd)}\n"
-                                   f"{res.stdout}{res.stderr}")
-            objs.append(obj)
+        # one compiler at a time: the machine has 2 cores to share
+        objs = [_object(src, csrc, flags, includes) for src in sources]
         tmp_lib = os.path.join(tmp, "libpvm_cuda_emu.so")
         res = subprocess.run([CXX, "-shared", "-o", tmp_lib] + objs, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"linking the emulated kernels failed:\n{res.stdout}{res.stderr}")
-        for o in objs:
-            os.remove(o)
         try:
             os.rename(tmp, out_dir)  # atomic: a concurrent build of the same key may win
         except OSError:
