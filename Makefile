@@ -28,8 +28,19 @@ TRITON_GPU_BOX_DIR ?= build/triton-3.6
 $(TRITON_GPU_BOX_DIR)/triton/__init__.py:
 	$(PIP) install --quiet --no-deps --target $(TRITON_GPU_BOX_DIR) "$(TRITON_GPU_BOX)"
 
-test: install $(TRITON_GPU_BOX_DIR)/triton/__init__.py
-	$(PYTHON) -m pytest tests -q
+# The suite runs on every core (pytest-xdist, whole modules per worker, the longest first:
+# tests/conftest.py), and the time of each phase is printed at the end.
+PYTEST_WORKERS ?= $(MAX_JOBS)
+test:
+	@t0=$$(date +%s.%N); \
+	$(MAKE) --no-print-directory install || exit $$?; t1=$$(date +%s.%N); \
+	$(MAKE) --no-print-directory $(TRITON_GPU_BOX_DIR)/triton/__init__.py || exit $$?; \
+	t2=$$(date +%s.%N); \
+	$(PYTHON) -m pytest tests -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder; \
+	rc=$$?; \
+	t3=$$(date +%s.%N); \
+	$(PYTHON) tools/phase_times.py install=$$t0:$$t1 triton-3.6=$$t1:$$t2 pytest=$$t2:$$t3; \
+	exit $$rc
 
 demo: install
 	$(PYTHON) -m pvm_kernels demo

@@ -147,7 +147,8 @@ setup(
         # statement of the tensor-core fragment layouts tests/test_mma_layouts.py checks the
         # CUDA emulator against (host code only; nothing of it is imported).
         # torchvision: Qwen3-VL's video processor, which pipeline("image-text-to-text") loads.
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "safetensors",
+        # pytest-xdist: make test runs the suite on every core (the machine has 2).
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "pytest-benchmark>=4", "safetensors",
                  "transformers>=4.57,<6", "pillow>=10", "matplotlib>=3.7", "nvidia-cutlass>=4.2,<5",
                  "torchvision"],
     },

@@ -59,17 +59,21 @@ def shape_mismatch():
     return {"errors": errors}
 
 
-def table_entry(key, fields):
-    """Replace one retrieval table entry, compile its problem for both targets and return
-    the gate's failures for it."""
+def table_entry(key, fields, targets=(80, 90)):
+    """Replace one retrieval table entry, compile its problem for ``targets`` and return the
+    gate's failures for it. The problem's other kernels, unchanged, are recalled from the
+    compile record: only the replaced entry compiles."""
     import compile_gate as gate
+    import compile_record
+    import triton
     from pvm_kernels.triton_ops import retrieval as R
     kernel, dc, bd, rc = key
     for arch in ("sm80", "sm90"):
         R.CONFIGS[(arch, kernel, dc, bd, rc)] = R.TileConfig(**fields)
-    records = [vars(r) for cap in (80, 90)
-               for r in gate.compile_entry_problem(cap, dc, bd, rc).records.values()]
-    return {"failures": [f for f in gate.check(records, [80, 90], only="retrieval")
+    recall = compile_record.load(compile_record.record_path(triton.__version__))
+    records = [vars(r) for cap in targets
+               for r in gate.compile_entry_problem(cap, dc, bd, rc, recall).records.values()]
+    return {"failures": [f for f in gate.check(records, list(targets), only="retrieval")
                          if "never compiled" not in f]}
 
 
@@ -88,7 +92,8 @@ if __name__ == "__main__":
     elif what == "shape-mismatch":
         result = shape_mismatch()
     elif what == "table-entry":
-        result = table_entry(json.loads(sys.argv[2]), json.loads(sys.argv[3]))
+        result = table_entry(json.loads(sys.argv[2]), json.loads(sys.argv[3]),
+                             json.loads(sys.argv[4]) if len(sys.argv) > 4 else (80, 90))
     else:
         result = unreachable_entry()
     print(json.dumps(result))

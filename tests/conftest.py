@@ -63,3 +63,37 @@ def lib():
     kl.configure(0)
     yield kl
     kl.configure(0)
+
+
+# ---- make test's workers (pytest-xdist, --dist loadfile) --------------------------------------
+
+# The modules that run for minutes, longest first: they start at once, one per worker, while
+# the other worker works through the many short ones. Seconds on the 2-core machine: a pip
+# install with build isolation (~150), the barrier deletions (~100), the CMake build (~45).
+LONG_MODULES = ["test_install", "test_sync_mutations", "test_cmake_build"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
+
+_MODULE_SECONDS: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    """Time spent per test module (setup, call and teardown), for the summary below."""
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where make test's time goes: the modules that took longest (test time summed over
+    the workers, so their sum exceeds the wall-clock time when workers run side by side)."""
+    if not _MODULE_SECONDS:
+        return
+    total = sum(_MODULE_SECONDS.values())
+    terminalreporter.write_sep("-", "test time by module (all workers)")
+    for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1])[:12]:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {module}")
+    terminalreporter.write_line(f"{total:8.1f} s  in all ({len(_MODULE_SECONDS)} modules)")

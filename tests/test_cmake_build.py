@@ -14,8 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
                     reason="cmake and ninja are needed for the standalone build")
 def test_cmake_builds_loadable_libraries(tmp_path):
     build = tmp_path / "cmake"
+    # One CUDA architecture: what is under test is the CMake build, not the code generation
+    # for each GPU (make install builds sm_80 and sm_90); 34 s instead of 50 on 2 cores.
     run = subprocess.run(["make", "-s", "cmake-build", f"CMAKE_BUILD_DIR={build}",
-                          f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True, text=True)
+                          f"PYTHON={sys.executable}", "TORCH_CUDA_ARCH_LIST=9.0"], cwd=ROOT,
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     libs = sorted(p.name for p in build.glob("libpvm_kernels_*.so"))
     assert "libpvm_kernels_cpu.so" in libs

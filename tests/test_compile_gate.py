@@ -155,7 +155,8 @@ def test_the_interpreter_accepts_what_the_gpu_compiler_rejects():
 def test_gate_fails_on_shared_memory_above_the_a100_limit():
     # fp32 64 x 64 tiles of hd 128 with 3 stages: the A100 cannot hold them (sm_90 can).
     failures = probe("table-entry", json.dumps(["fwd", "fp32", 128, "prefill"]),
-                     json.dumps(dict(block_m=64, block_n=64, num_warps=4, num_stages=3)))
+                     json.dumps(dict(block_m=64, block_n=64, num_warps=4, num_stages=3)),
+                     json.dumps([80]))
     assert any("shared memory" in f and "A100" in f for f in failures["failures"]), failures
 
 
@@ -163,7 +164,8 @@ def test_gate_fails_on_register_spills():
     # dK/dV at 64 x 64 x 128 on 4 warps: two fp32 accumulators of 64 registers each, plus
     # the tiles, exceed 255 registers per thread.
     failures = probe("table-entry", json.dumps(["dkdv", "16bit", 128, "prefill"]),
-                     json.dumps(dict(block_m=64, block_n=64, num_warps=4, num_stages=2)))
+                     json.dumps(dict(block_m=64, block_n=64, num_warps=4, num_stages=2)),
+                     json.dumps([90]))
     assert any("register spill" in f for f in failures["failures"]), failures
 
 

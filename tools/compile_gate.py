@@ -377,18 +377,20 @@ def run_varlen_problem(dtype, T: int, H: int, Hkv: int, hd: int, transposed: boo
     out.backward(torch.randn_like(out))
 
 
-def compile_entry_problem(cap: int, dc: str, bd: int, rc: str) -> "CompileSession":
+def compile_entry_problem(cap: int, dc: str, bd: int, rc: str,
+                          recall: Optional[Dict[str, dict]] = None) -> "CompileSession":
     """Compile, for sm_<cap>, the forward + backward of the one small retrieval problem
     that lands in table bucket (dtype class ``dc``, BLOCK_D ``bd``, row class ``rc``), in
     both layouts (padded, then varlen), with whatever the table holds now; the session's
     records. For tools that try one entry (tools/tile_sweep.py,
-    tests/compile_gate_probe.py)."""
+    tests/compile_gate_probe.py); ``recall``: a compile record to recall unchanged kernels
+    from (compile_record.py)."""
     import torch
     from pvm_kernels import pvm_retrieval
     from pvm_kernels.triton_ops import retrieval as R
     dtype = torch.float32 if dc == "fp32" else torch.bfloat16
     T, H, Hkv = (1, 4, 1) if rc == "decode" else (37, 4, 2)
-    with CompileSession(cap) as s:
+    with CompileSession(cap, recall=recall) as s:
         s.context["config"] = lambda k: ("retrieval", R.config_key(
             k, dtype, T * H // Hkv, bd, torch.device("cpu")))
         q = torch.randn(2, T, H, bd, dtype=dtype, requires_grad=True)
