@@ -36,7 +36,7 @@ test:
 	$(MAKE) --no-print-directory install || exit $$?; t1=$$(date +%s.%N); \
 	$(MAKE) --no-print-directory $(TRITON_GPU_BOX_DIR)/triton/__init__.py || exit $$?; \
 	t2=$$(date +%s.%N); \
-	$(PYTHON) -m pytest tests -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder; \
+	$(PYTHON) -m pytest tests -q -p no:benchmark -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder; \
 	rc=$$?; \
 	t3=$$(date +%s.%N); \
 	$(PYTHON) tools/phase_times.py install=$$t0:$$t1 triton-3.6=$$t1:$$t2 pytest=$$t2:$$t3; \

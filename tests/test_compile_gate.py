@@ -108,26 +108,19 @@ def committed_record():
     return compile_record, record
 
 
-def test_a_wrong_compile_record_fails_the_gate(tmp_path, committed_record):
-    """Recalled results are spot-checked by real compiles: a record entry that disagrees
-    (stale, or edited by hand) fails the gate."""
-    compile_record, record = committed_record
-    wrong = {k: dict(v, registers=v["registers"] + 8) if compile_record.spot_checked(k) else v
-             for k, v in record.items()}
-    code, summary, out = _record_run(tmp_path, wrong)
-    assert code == 1 and "stale or wrong compile record" in out, out[-3000:]
-    assert "recalled and compiled again" in summary and " 0 recalled and compiled" not in summary
-
-
-def test_specialisations_missing_from_the_record_are_compiled(tmp_path, committed_record):
-    """A changed kernel has new keys: what the record lacks compiles for real."""
+def test_the_compile_record_is_spot_checked_and_completed(tmp_path, committed_record):
+    """One gate run (merge kernels, sm_90) with a record that is wrong where it is
+    spot-checked (stale, or edited by hand) and lacks three keys (a changed kernel): the
+    wrong entries fail the gate, the missing ones compile for real."""
     compile_record, record = committed_record
     missing = sorted(k for k, v in record.items() if v["kernel"] == "merge_fwd_kernel"
                      and v["target"] == 90 and not compile_record.spot_checked(k))[:3]
     assert len(missing) == 3
-    code, summary, out = _record_run(tmp_path, {k: v for k, v in record.items()
-                                                if k not in missing})
-    assert code == 0 and ": 3 compiled," in summary, summary + out[-2000:]
+    edited = {k: dict(v, registers=v["registers"] + 8) if compile_record.spot_checked(k) else v
+              for k, v in record.items() if k not in missing}
+    code, summary, out = _record_run(tmp_path, edited)
+    assert code == 1 and "stale or wrong compile record" in out, out[-3000:]
+    assert ": 3 compiled," in summary and " 0 recalled and compiled" not in summary, summary
 
 
 def test_every_specialisation_compiles_with_the_gpu_machines_triton(tmp_path):
