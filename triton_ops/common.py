@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launches import kernel_launch
+
 #: True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -65,14 +67,21 @@ def head_dim_problem(hd: int, multiple: int, largest: int) -> Optional[str]:
 _INTERPRETER_LOCK = threading.Lock()
 
 
-def launch_guard(t: torch.Tensor):
-    """Context for one kernel launch: the tensor's GPU as current device (Triton launches
-    on the current device), or, in the CPU interpreter, one launch at a time."""
+def _device_guard(t: torch.Tensor):
     if t.is_cuda:
         return torch.cuda.device(t.device)
     if INTERPRET:
         return _INTERPRETER_LOCK
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def launch_guard(t: torch.Tensor):
+    """Context for one kernel launch: the tensor's GPU as current device (Triton launches
+    on the current device), or, in the CPU interpreter, one launch at a time; the launch is
+    counted (pvm_kernels.launches)."""
+    with _device_guard(t), kernel_launch():
+        yield
 
 
 # ---- the target GPU architecture --------------------------------------------------------

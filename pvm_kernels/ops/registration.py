@@ -140,11 +140,17 @@ def attach_fake_and_autograd(backend: str, ops=None) -> None:
                                             setup_context=setup)
 
 
+#: {"<backend>_<op>": the Python function implementing that custom op}: what
+#: pvm_kernels.launches.LaunchCounter runs to see the aten ops inside an op.
+PYTHON_IMPLS: Dict[str, Callable] = {}
+
+
 def define_python_backend(backend: str, impls: Dict[str, Callable],
                           device_types: Optional[str] = None) -> None:
     """Define ``backend``'s ops (any of SCHEMAS) from Python implementations (e.g. Triton
     launchers), with their fake impls and autograd formulas."""
     for op, fn in impls.items():
+        PYTHON_IMPLS[f"{backend}_{op}"] = fn
         torch.library.custom_op(op_name(backend, op), fn, mutates_args=(),
                                 device_types=device_types, schema=SCHEMAS[op])
     attach_fake_and_autograd(backend, impls)
