@@ -373,7 +373,7 @@ def published_behaviour():
 
     original = integ.PVMState.memory_for
 
-    def reproject(self, index, block):
+    def reproject(self, index, block, backend=None):
         return block.encode_visual(self.visual, self.visual_mask)
     integ.PVMState.memory_for = reproject
     try:

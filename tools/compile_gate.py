@@ -144,6 +144,8 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
     from pvm_kernels import pvm_merge, pvm_retrieval
     from pvm_kernels.triton_ops import merge as merge_mod
     from pvm_kernels.triton_ops import retrieval as retr_mod
+    from pvm_kernels.triton_ops import rms_norm as norm_mod
+    from pvm_kernels.triton_ops import swiglu as swiglu_mod
 
     dtypes = {"16bit": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}
     rows_for = {"decode": (1, 4, 1), "prefill": (37, 4, 2)}  # (T, H, Hkv): T * G rows 4 / 74
@@ -168,6 +170,14 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                 for ffn in (False, True):
                     for gate_fp32 in ({False, True} if dtype != torch.float32 else {False}):
                         problems.append(("merge", dtype, bd, aligned, ffn, gate_fp32))
+    for (kernel, dc, bn) in sorted(norm_mod.CONFIGS):
+        if kernel == "fwd":  # the backward of each forward reaches the bwd entry
+            problems += [("rms_norm", dtype, bn, aligned) for dtype in dtypes[dc]
+                         for aligned in (True, False)]
+    for (kernel, dc) in sorted(swiglu_mod.CONFIGS):
+        if kernel == "fwd":
+            problems += [("swiglu", dtype, aligned) for dtype in dtypes[dc]
+                         for aligned in (True, False)]
 
     problems = [p for p in problems if context["only"] in (None, p[0])]
     from tqdm import tqdm
@@ -200,6 +210,23 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                     "retrieval", retr_mod.config_key(kernel, dtype, rows, hd, torch.device("cpu")))
                 out = pvm_retrieval(q, k, v, mask, lens, backend="triton")
                 out.backward(torch.randn_like(out))
+            elif prob[0] == "rms_norm":
+                _, dtype, bn, aligned = prob
+                N = bn if aligned else bn - 3
+                context["config"] = lambda kernel, N=N, dtype=dtype: (
+                    "rms_norm", norm_mod.config_key(kernel, dtype, N))
+                x = torch.randn(5, N, dtype=dtype, requires_grad=True)
+                w = torch.ones(N, dtype=dtype, requires_grad=True)
+                y, _ = torch.ops.pvm_kernels.triton_rms_norm_fwd(x, w, 1e-6)
+                y.backward(torch.randn_like(y))
+            elif prob[0] == "swiglu":
+                _, dtype, aligned = prob
+                inter = 256 if aligned else 253
+                context["config"] = lambda kernel, dtype=dtype: (
+                    "swiglu", (kernel, "fp32" if dtype == torch.float32 else "16bit"))
+                g, u = (torch.randn(5, inter, dtype=dtype, requires_grad=True) for _ in range(2))
+                out = torch.ops.pvm_kernels.triton_swiglu_fwd(g, u)
+                out.backward(torch.randn_like(out))
             else:
                 _, dtype, bd, aligned, ffn, gate_fp32 = prob
                 D = bd if aligned else bd - 3
@@ -219,7 +246,9 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
 _KERNEL_TABLE_NAME = {"retrieval_fwd_kernel": "fwd", "retrieval_combine_kernel": "combine",
                       "retrieval_bwd_dq_kernel": "dq",
                       "retrieval_bwd_dkdv_kernel": "dkdv", "merge_fwd_kernel": "fwd",
-                      "merge_bwd_kernel": "bwd"}
+                      "merge_bwd_kernel": "bwd", "rms_norm_fwd_kernel": "fwd",
+                      "rms_norm_bwd_kernel": "bwd", "swiglu_fwd_kernel": "fwd",
+                      "swiglu_bwd_kernel": "bwd"}
 
 
 class CompileSession:
@@ -422,8 +451,19 @@ def _merge_table():
     return merge.CONFIGS
 
 
+def _rms_norm_table():
+    from pvm_kernels.triton_ops import rms_norm
+    return rms_norm.CONFIGS
+
+
+def _swiglu_table():
+    from pvm_kernels.triton_ops import swiglu
+    return swiglu.CONFIGS
+
+
 #: The launchers' configuration tables, by name: what the gate must cover.
-TABLES = {"retrieval": _retrieval_table, "merge": _merge_table}
+TABLES = {"retrieval": _retrieval_table, "merge": _merge_table, "rms_norm": _rms_norm_table,
+          "swiglu": _swiglu_table}
 DTYPES_OF_CLASS = {"16bit": ("float16", "bfloat16"), "fp32": ("float32",)}
 
 
@@ -439,7 +479,8 @@ def _dtype_class(table: str, key: tuple) -> str:
 
 #: The layouts each table's launchers compile: the retrieval's padded and varlen (packed,
 #: VARLEN=True) kernels; the merge has one.
-LAYOUTS = {"retrieval": ("padded", "varlen"), "merge": ("",)}
+LAYOUTS = {"retrieval": ("padded", "varlen"), "merge": ("",), "rms_norm": ("",),
+           "swiglu": ("",)}
 
 
 def _layout(table: str, constexprs: Dict[str, object]) -> str:
@@ -460,7 +501,7 @@ def expected_entries(cap: int) -> set:
 def uncovered_inputs() -> List[str]:
     """Inputs a launcher accepts whose table entry is missing (it would fail at launch):
     every head dim and row class the retrieval takes, every width the merge takes."""
-    from pvm_kernels.triton_ops import merge, retrieval
+    from pvm_kernels.triton_ops import merge, retrieval, rms_norm
     from pvm_kernels.triton_ops.common import ARCH_SMS
     missing = set()
     for dc, largest in retrieval.MAX_HEAD_DIM.items():
@@ -476,6 +517,10 @@ def uncovered_inputs() -> List[str]:
             for kernel in ("fwd", "bwd"):
                 if (kernel, dc, bd) not in merge.CONFIGS:
                     missing.add(f"merge {(kernel, dc, bd)}")
+        for bn in sorted({rms_norm.block_n_for(N) for N in range(1, rms_norm.MAX_N + 1)}):
+            for kernel in ("fwd", "bwd"):
+                if (kernel, dc, bn) not in rms_norm.CONFIGS:
+                    missing.add(f"rms_norm {(kernel, dc, bn)}")
     return sorted(missing)
 
 
@@ -529,7 +574,8 @@ def _rows(records: List[dict]) -> Dict[tuple, Dict[int, dict]]:
         if r["error"]:
             continue
         c = r["constexprs"]
-        tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in c)
+        tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_R", "BLOCK_N", "BLOCK_C",
+                                             "BLOCK_D") if k in c)
         flags = ",".join(k.lower() for k in ("HAS_FFN", "ALIGNED", "VARLEN") if c.get(k))
         key = (r["kernel"], r["dtype"], tile, flags, r["num_warps"], r["num_stages"])
         cell = rows[key].get(r["target"])
@@ -541,7 +587,7 @@ def _rows(records: List[dict]) -> Dict[tuple, Dict[int, dict]]:
 
 
 def _table(rows: Dict[tuple, Dict[int, dict]], keep=lambda key: True) -> List[str]:
-    out = ["| kernel | dtype | tile (M x N x D) | flags | warps | stages | "
+    out = ["| kernel | dtype | tile (BLOCK_M/R x N x C/D) | flags | warps | stages | "
            "H100: regs / smem B / spill B / blocks per SM | "
            "A100: regs / smem B / spill B / blocks per SM |",
            "|---|---|---|---|---|---|---|---|"]
@@ -559,10 +605,15 @@ def _table(rows: Dict[tuple, Dict[int, dict]], keep=lambda key: True) -> List[st
 
 
 def _eight_b(key) -> bool:
-    """The 8B shapes: retrieval at head dim 128, merge at D 4096 with aligned rows."""
+    """The 8B shapes: retrieval at head dim 128, merge at D 4096, RMSNorm over P 512 and
+    hd 128, SwiGLU; aligned rows."""
     kern, _, tile, flags, _, _ = key
     if kern.startswith("retrieval"):
         return tile.endswith("x128")
+    if kern.startswith("rms_norm"):
+        return tile.split("x")[1] in ("128", "512") and "aligned" in flags
+    if kern.startswith("swiglu"):
+        return "aligned" in flags
     return tile == "4096" and "aligned" in flags
 
 

@@ -5,6 +5,8 @@ them. Import this package only after deciding on ``TRITON_INTERPRET`` (it import
 """
 from .merge import merge_bwd, merge_fwd
 from .retrieval import retrieval_bwd, retrieval_fwd, retrieval_varlen_bwd, retrieval_varlen_fwd
+from .rms_norm import rms_norm_bwd, rms_norm_fwd
+from .swiglu import swiglu_bwd, swiglu_fwd
 
 __all__ = ["retrieval_fwd", "retrieval_bwd", "retrieval_varlen_fwd", "retrieval_varlen_bwd",
-           "merge_fwd", "merge_bwd"]
+           "merge_fwd", "merge_bwd", "rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd"]

@@ -37,7 +37,7 @@ def _extension_line(name: str, ext: dict) -> str:
 
 
 def collect() -> dict:
-    from ..ops import backend_status
+    from ..ops import backend_status, glue_status
     from ..ops.registry import resolve_backend
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
@@ -59,6 +59,7 @@ def collect() -> dict:
                                                               default=name == default)
     return dict(versions=versions(), cpu=device_description(torch.device("cpu")), gpus=gpus,
                 cuda_available=torch.cuda.is_available(), extensions=_extensions(),
+                glue=glue_status(),
                 triton_interpret=os.environ.get("TRITON_INTERPRET") == "1", backends=backends)
 
 
@@ -87,6 +88,9 @@ def run(args) -> int:
     print("\nbackends (usable on cpu / cuda tensors)")
     rows = [[name, _cell(b["cpu"]), _cell(b["cuda"])] for name, b in report["backends"].items()]
     print("  " + format_table(["backend", "cpu", "cuda"], rows).replace("\n", "\n  "))
+    print("\nthe block's glue (RMSNorm, SwiGLU) per backend")
+    for name, ops in report["glue"].items():
+        print(f"  {name:<12}" + ", ".join(f"{op} {how}" for op, how in ops.items()))
     reasons = [(name, t, b[t]["reason"]) for name, b in report["backends"].items()
                for t in ("cpu", "cuda") if b[t]["reason"]]
     if reasons:

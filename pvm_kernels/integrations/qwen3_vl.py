@@ -166,7 +166,7 @@ def _pvm_layer_forward(self, hidden_states, *args, pvm_state: Optional[PVMCall] 
     ffn = self.mlp(self.post_attention_layernorm(hidden_states))
     if pvm_state is None:  # text only: exactly the stock layer, no PVM work at all
         return residual + ffn
-    memory = pvm_state.state.memory_for(self._pvm_index, self.pvm_block)
+    memory = pvm_state.state.memory_for(self._pvm_index, self.pvm_block, self._pvm_backend)
     if isinstance(memory, PackedVisualMemory):  # one packed row: the varlen path
         text = pvm_state.state.packing[0]
         merged = self.pvm_block.forward_varlen(

@@ -96,9 +96,9 @@ class PVMState:
     # the layers whose memory already holds ``visual`` (a continuation appends it once)
     encoded: Set[int] = field(default_factory=set)
 
-    def memory_for(self, index: int, block: FusedPVM):
+    def memory_for(self, index: int, block: FusedPVM, backend: Optional[str] = None):
         """Layer ``index``'s memory of the request, encoding (and appending) ``visual`` for
-        it the first time this layer asks."""
+        it the first time this layer asks (with ``backend``'s glue)."""
         memory = self.memories.get(index)
         if self.visual is None or index in self.encoded:
             if memory is None:
@@ -107,9 +107,10 @@ class PVMState:
             return memory
         if self.packing is not None:
             vis = self.packing[1]
-            new = block.encode_visual_varlen(self.visual, vis.cu_seqlens, vis.max_seqlen)
+            new = block.encode_visual_varlen(self.visual, vis.cu_seqlens, vis.max_seqlen,
+                                             backend=backend)
         else:
-            new = block.encode_visual(self.visual, self.visual_mask)
+            new = block.encode_visual(self.visual, self.visual_mask, backend=backend)
         if not self.keep_memories:
             return new
         memory = new if memory is None else memory.concat(new)

@@ -16,6 +16,20 @@ from ..ops.checks import check_device, check_embeddings, check_like
 from ..reference import retrieval_probabilities, rms_norm
 
 
+def plain(module: nn.Module, cls: type) -> bool:
+    """Whether ``module`` is exactly a ``cls`` with no hook: a fused path may then read its
+    parameters instead of calling it. A module a tool wrapped (PEFT's LoRA layers, FSDP2's
+    sharded class, a parametrization) or hooked is called as it is, so the tool acts."""
+    return (type(module) is cls and not module._forward_hooks
+            and not module._forward_pre_hooks and not _GLOBAL_HOOKS[0]
+            and not _GLOBAL_HOOKS[1])
+
+
+# torch.nn's global forward hooks (register_module_forward_hook), which apply to every module
+_GLOBAL_HOOKS = (torch.nn.modules.module._global_forward_hooks,
+                 torch.nn.modules.module._global_forward_pre_hooks)
+
+
 class PVMRMSNorm(nn.Module):
     """RMSNorm with a gain (Qwen convention: float32 statistics, cast, then the gain)."""
 
@@ -108,13 +122,15 @@ class FusedPVM(nn.Module):
     # ---- visual side -----------------------------------------------------------------------
 
     def encode_visual(self, visual: torch.Tensor,
-                      visual_mask: Optional[torch.Tensor] = None) -> VisualMemory:
+                      visual_mask: Optional[torch.Tensor] = None,
+                      backend: Optional[str] = None) -> VisualMemory:
         """Project visual embeddings once: vision_reducer, k/v projections and k-norm.
 
         visual [B, Nv, D] (dtype of the block's input); visual_mask [B, Nv] bool, True =
         valid token, or None (all valid). Masked tokens are zeroed before projection so
-        padding can hold anything, NaN included. Returns a VisualMemory to pass as
-        ``visual`` to later calls (every decode step), which then only do the query side.
+        padding can hold anything, NaN included. backend: whose fused glue runs the k-norm
+        (None: the fastest for the device). Returns a VisualMemory to pass as ``visual`` to
+        later calls (every decode step), which then only do the query side.
         """
         d = self.dims
         check_embeddings("visual", visual, d.hidden_size, "Nv")
@@ -122,23 +138,48 @@ class FusedPVM(nn.Module):
         if visual_mask is not None:
             check_like("visual_mask", visual_mask, (B, Nv), visual.device, torch.bool, "visual")
             visual = visual.masked_fill(~visual_mask[..., None], 0.0)
-        return VisualMemory.from_kv(*self._keys_values(visual), visual_mask)
+        impl = resolve_backend(backend, visual.device)
+        return VisualMemory.from_kv(*self._keys_values(visual, impl), visual_mask)
 
-    def _keys_values(self, visual: torch.Tensor):
+    @staticmethod
+    def _norm(impl, norm: PVMRMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """``norm(x)``, through the backend's fused RMSNorm where it has one and the module
+        is plain (``plain``) and in x's dtype."""
+        if impl is not None and impl.rms_norm is not None and plain(norm, PVMRMSNorm) \
+                and norm.weight.dtype == x.dtype and x.dtype in impl.dtypes:
+            return impl.rms_norm(x, norm.weight, norm.eps)
+        return norm(x)
+
+    def _keys_values(self, visual: torch.Tensor, impl=None):
         """(k, v) [..., Hkv, hd] of visual [..., D] (padded or packed): vision_reducer, the
-        k / v projections and the per-head k-norm."""
+        k / v projections and the per-head k-norm (the backend's glue where ``impl``)."""
         d, attn = self.dims, self.cross_attn
         heads = (*visual.shape[:-1], d.num_kv_heads, d.head_dim)
         y = self.vision_reducer(visual)
-        return attn.k_norm(attn.k_proj(y).view(heads)), attn.v_proj(y).view(heads)
+        return self._norm(impl, attn.k_norm, attn.k_proj(y).view(heads)), attn.v_proj(y).view(heads)
 
-    def _queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _queries(self, hidden_states: torch.Tensor, impl=None) -> torch.Tensor:
         """q [..., H, hd] of hidden_states [..., D]: text_reducer, input_norm, q_proj and the
-        per-head q-norm."""
+        per-head q-norm (the backend's glue where ``impl``)."""
         d, attn = self.dims, self.cross_attn
-        x = self.input_norm(self.text_reducer(hidden_states))
-        return attn.q_norm(attn.q_proj(x).view(*hidden_states.shape[:-1], d.num_heads,
-                                               d.head_dim))
+        x = self._norm(impl, self.input_norm, self.text_reducer(hidden_states))
+        q = attn.q_proj(x).view(*hidden_states.shape[:-1], d.num_heads, d.head_dim)
+        return self._norm(impl, attn.q_norm, q)
+
+    def _mlp_residual(self, impl, m: torch.Tensor) -> torch.Tensor:
+        """``m + mlp(post_attn_norm(m))``: the norm and SwiGLU through the backend's fused
+        ops, and the residual add folded into the down projection (one addmm) where the
+        modules are plain."""
+        n = self._norm(impl, self.post_attn_norm, m)
+        mlp = self.mlp
+        if impl.swiglu is None or not plain(mlp, PVMMLP):
+            return m + mlp(n)
+        s = impl.swiglu(mlp.gate_proj(n), mlp.up_proj(n))
+        down = mlp.down_proj
+        if not plain(down, nn.Linear) or down.bias is not None or down.weight.dtype != s.dtype:
+            return m + down(s)
+        return torch.addmm(m.reshape(-1, m.shape[-1]), s.reshape(-1, s.shape[-1]),
+                           down.weight.t()).view(m.shape)
 
     def _update(self, impl, a: torch.Tensor, keep: Optional[torch.Tensor],
                 ffn_output: Optional[torch.Tensor]) -> torch.Tensor:
@@ -146,7 +187,7 @@ class FusedPVM(nn.Module):
         merge (keep / ffn_output as pvm_merge takes them)."""
         d = self.dims
         m = self.cross_attn.o_proj(a.reshape(*a.shape[:-2], d.num_heads * d.head_dim))
-        m = m + self.mlp(self.post_attn_norm(m))
+        m = self._mlp_residual(impl, m)
         return impl.merge(self.output_expander(m), self.gate_alpha, keep, ffn_output, d.eps)
 
     @torch.no_grad()
@@ -211,7 +252,7 @@ class FusedPVM(nn.Module):
             if visual.dtype != hidden_states.dtype:
                 raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "
                                 f"dtype {hidden_states.dtype}")
-            memory = self.encode_visual(visual, visual_mask)
+            memory = self.encode_visual(visual, visual_mask, backend=impl.name)
         if memory.batch_size != B:
             raise ValueError(f"visual has batch size {memory.batch_size}, hidden_states {B}")
         if memory.key.shape[2:] != (d.num_kv_heads, d.head_dim):
@@ -224,14 +265,15 @@ class FusedPVM(nn.Module):
         if query_is_visual is not None:
             keep = ~query_is_visual if keep is None else keep & ~query_is_visual
 
-        a = impl.retrieval(self._queries(hidden_states), memory.key, memory.value,
+        a = impl.retrieval(self._queries(hidden_states, impl), memory.key, memory.value,
                            memory.key_mask, memory.kv_len, 1.0 / math.sqrt(d.head_dim))
         return self._update(impl, a, keep, ffn_output)
 
     # ---- varlen (packed sequences) ---------------------------------------------------------
 
     def encode_visual_varlen(self, visual: torch.Tensor, cu_seqlens: torch.Tensor,
-                             max_seqlen: int) -> PackedVisualMemory:
+                             max_seqlen: int, backend: Optional[str] = None
+                             ) -> PackedVisualMemory:
         """Project packed visual embeddings once: visual [total_k, D], sequence b's tokens at
         rows cu_seqlens[b]:cu_seqlens[b + 1] (int32 [N + 1]); max_seqlen the most tokens of
         one sequence. Returns a PackedVisualMemory for ``forward_varlen``."""
@@ -241,7 +283,9 @@ class FusedPVM(nn.Module):
             raise ValueError(f"visual must be [total_k, {d.hidden_size}], got "
                              f"{tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual).__name__}")
         check_cu_seqlens("cu_seqlens", cu_seqlens, visual.device, None)
-        return PackedVisualMemory.from_kv(*self._keys_values(visual), cu_seqlens, max_seqlen)
+        impl = resolve_backend(backend, visual.device)
+        return PackedVisualMemory.from_kv(*self._keys_values(visual, impl), cu_seqlens,
+                                          max_seqlen)
 
     def forward_varlen(self, hidden_states: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        max_seqlen_q: int,
@@ -294,7 +338,8 @@ class FusedPVM(nn.Module):
             if visual.dtype != hidden_states.dtype:
                 raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "
                                 f"dtype {hidden_states.dtype}")
-            memory = self.encode_visual_varlen(visual, cu_seqlens_k, max_seqlen_k)
+            memory = self.encode_visual_varlen(visual, cu_seqlens_k, max_seqlen_k,
+                                               backend=impl.name)
         if memory.key.dtype != hidden_states.dtype:
             raise TypeError(f"visual (a PackedVisualMemory) is {memory.key.dtype}, "
                             f"hidden_states {hidden_states.dtype}")
@@ -312,7 +357,7 @@ class FusedPVM(nn.Module):
             keep = keep & ~query_is_visual
 
         # Through the functional op: on CPU it validates the lengths against max_seqlen.
-        a = pvm_retrieval_varlen(self._queries(hidden_states), memory.key, memory.value,
+        a = pvm_retrieval_varlen(self._queries(hidden_states, impl), memory.key, memory.value,
                                  cu_seqlens_q, memory.cu_seqlens, int(max_seqlen_q),
                                  memory.max_seqlen, 1.0 / math.sqrt(d.head_dim),
                                  backend=impl.name)

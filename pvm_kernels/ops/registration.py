@@ -36,6 +36,17 @@ SCHEMAS: Dict[str, str] = {
 }
 
 
+#: The block's glue around the retrieval, fused (issue 24): the Qwen RMSNorm with a gain
+#: (rstd [rows] float32 saved for the backward) and SwiGLU. A backend defines these or
+#: runs the PyTorch composite (Backend.glue_ops, registry.py).
+GLUE_SCHEMAS: Dict[str, str] = {
+    "rms_norm_fwd": "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
+    "rms_norm_bwd": "(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+    "swiglu_fwd": "(Tensor gate, Tensor up) -> Tensor",
+    "swiglu_bwd": "(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)",
+}
+
+
 def op_name(backend: str, op: str) -> str:
     return f"{NAMESPACE}::{backend}_{op}"
 
@@ -75,7 +86,26 @@ def merge_bwd_fake(grad_out, expanded, gate, keep, rstd):
     return expanded.new_empty(expanded.shape), gate.new_empty(gate.shape)
 
 
+def rms_norm_fwd_fake(x, weight, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty(x.shape), x.new_empty((rows,), dtype=torch.float32)
+
+
+def rms_norm_bwd_fake(grad_y, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def swiglu_fwd_fake(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+def swiglu_bwd_fake(grad, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
 FAKES: Dict[str, Callable] = {
+    "rms_norm_fwd": rms_norm_fwd_fake, "rms_norm_bwd": rms_norm_bwd_fake,
+    "swiglu_fwd": swiglu_fwd_fake, "swiglu_bwd": swiglu_bwd_fake,
     "retrieval_fwd": retrieval_fwd_fake, "retrieval_bwd": retrieval_bwd_fake,
     "retrieval_varlen_fwd": retrieval_varlen_fwd_fake,
     "retrieval_varlen_bwd": retrieval_varlen_bwd_fake,
@@ -88,41 +118,73 @@ FAKES: Dict[str, Callable] = {
 def _autograd_for(backend: str):
     """setup_context/backward pairs for ``backend``'s forward ops (backward calls its bwd op)."""
 
+    # Outputs that only the backward reads (lse, rstd) get no gradient: not materialised
+    # as zeros, which would be a kernel launch per op and backward.
     def retrieval_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
         q, k, v, key_mask, kv_len, scale = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, key_mask, kv_len)
         ctx.scale = scale
 
     def retrieval_backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return None, None, None, None, None, None
         q, k, v, out, lse, key_mask, kv_len = ctx.saved_tensors
         dq, dk, dv = get_op(backend, "retrieval_bwd")(
             grad_out, q, k, v, out, lse, key_mask, kv_len, ctx.scale)
         return dq, dk, dv, None, None, None
 
     def varlen_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
         q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
 
     def varlen_backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return None, None, None, None, None, None, None, None
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = get_op(backend, "retrieval_varlen_bwd")(
             grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale)
         return dq, dk, dv, None, None, None, None, None
 
     def merge_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
         expanded, gate, keep, ffn_output, eps = inputs
         ctx.save_for_backward(expanded, gate, keep, output[1])
         ctx.has_ffn = ffn_output is not None
 
     def merge_backward(ctx, grad_out, _grad_rstd):
+        if grad_out is None:
+            return None, None, None, None, None
         expanded, gate, keep, rstd = ctx.saved_tensors
         d_expanded, d_gate = get_op(backend, "merge_bwd")(grad_out, expanded, gate, keep, rstd)
         return d_expanded, d_gate, None, (grad_out if ctx.has_ffn else None), None
 
-    return {"retrieval_fwd": (retrieval_setup, retrieval_backward),
+    def rms_norm_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        x, weight, _eps = inputs
+        ctx.save_for_backward(x, weight, output[1])
+
+    def rms_norm_backward(ctx, grad_y, _grad_rstd):
+        if grad_y is None:
+            return None, None, None
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = get_op(backend, "rms_norm_bwd")(grad_y, x, weight, rstd)
+        return dx, dw, None
+
+    def swiglu_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)  # gate and up only: silu(gate) is recomputed
+
+    def swiglu_backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return get_op(backend, "swiglu_bwd")(grad, gate, up)
+
+    return {"rms_norm_fwd": (rms_norm_setup, rms_norm_backward),
+            "swiglu_fwd": (swiglu_setup, swiglu_backward),
+            "retrieval_fwd": (retrieval_setup, retrieval_backward),
             "retrieval_varlen_fwd": (varlen_setup, varlen_backward),
             "merge_fwd": (merge_setup, merge_backward)}
 
@@ -152,5 +214,6 @@ def define_python_backend(backend: str, impls: Dict[str, Callable],
     for op, fn in impls.items():
         PYTHON_IMPLS[f"{backend}_{op}"] = fn
         torch.library.custom_op(op_name(backend, op), fn, mutates_args=(),
-                                device_types=device_types, schema=SCHEMAS[op])
+                                device_types=device_types,
+                                schema=SCHEMAS[op] if op in SCHEMAS else GLUE_SCHEMAS[op])
     attach_fake_and_autograd(backend, impls)

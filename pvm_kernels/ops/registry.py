@@ -22,7 +22,9 @@ class Backend:
     ``head_dim_check(hd, dtype)`` returns None when the retrieval takes head dim ``hd`` in
     ``dtype``, else why. ``retrieval_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,
     max_seqlen_q, max_seqlen_k, scale) -> out``: the packed layout (``pvm_retrieval_varlen``),
-    None where the backend has none.
+    None where the backend has none. The block's glue (``rms_norm(x, weight, eps) -> y``,
+    ``swiglu(gate, up) -> out``, autograd-capable): the backend's fused ops, or None where
+    it runs the PyTorch composites (``glue_status()``).
     """
 
     name: str
@@ -33,6 +35,8 @@ class Backend:
     dtypes: Tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
     head_dim_check: Callable[[int, torch.dtype], Optional[str]] = lambda hd, dtype: None
     retrieval_varlen: Optional[Callable] = None
+    rms_norm: Optional[Callable] = None
+    swiglu: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -120,6 +124,15 @@ def backend_status(device: Union[str, torch.device, None] = None) -> Dict[str, O
         status[name] = None if usable else "; ".join(
             f"{t}: {_check_cached(name, t)}" for t in shown if _check_cached(name, t))
     return status
+
+
+def glue_status() -> Dict[str, Dict[str, str]]:
+    """{backend: {glue op: how it runs}} for the block's glue around the retrieval: its
+    fused kernels ("fused") or the PyTorch composite ("PyTorch composite"). The glue ops are
+    ``rms_norm`` (input_norm, post_attn_norm, q_norm, k_norm) and ``swiglu`` (the MLP)."""
+    how = lambda fn: "fused" if fn is not None else "PyTorch composite"  # noqa: E731
+    return {name: {"rms_norm": how(b.rms_norm), "swiglu": how(b.swiglu)}
+            for name, b in _REGISTRY.items()}
 
 
 def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:

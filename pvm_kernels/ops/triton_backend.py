@@ -48,10 +48,28 @@ def _merge_bwd(grad_out, expanded, gate, keep, rstd):
     return _kernels().merge_bwd(grad_out, expanded, gate, keep, rstd)
 
 
+def _rms_norm_fwd(x, weight, eps):
+    return _kernels().rms_norm_fwd(x, weight, eps)
+
+
+def _rms_norm_bwd(grad_y, x, weight, rstd):
+    return _kernels().rms_norm_bwd(grad_y, x, weight, rstd)
+
+
+def _swiglu_fwd(gate, up):
+    return _kernels().swiglu_fwd(gate, up)
+
+
+def _swiglu_bwd(grad, gate, up):
+    return _kernels().swiglu_bwd(grad, gate, up)
+
+
 define_python_backend("triton", {
     "retrieval_fwd": _retrieval_fwd, "retrieval_bwd": _retrieval_bwd,
     "retrieval_varlen_fwd": _retrieval_varlen_fwd, "retrieval_varlen_bwd": _retrieval_varlen_bwd,
     "merge_fwd": _merge_fwd, "merge_bwd": _merge_bwd,
+    "rms_norm_fwd": _rms_norm_fwd, "rms_norm_bwd": _rms_norm_bwd,
+    "swiglu_fwd": _swiglu_fwd, "swiglu_bwd": _swiglu_bwd,
 })
 
 
@@ -88,6 +106,14 @@ def _triton_merge(expanded, gate, keep, ffn_output, eps):
     return get_op("triton", "merge_fwd")(expanded, gate, keep, ffn_output, eps)[0]
 
 
+def _triton_rms_norm(x, weight, eps):
+    return get_op("triton", "rms_norm_fwd")(x, weight, eps)[0]
+
+
+def _triton_swiglu(gate, up):
+    return get_op("triton", "swiglu_fwd")(gate, up)
+
+
 def _triton_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
     return _kernels().retrieval.head_dim_unsupported(hd, dtype)
 
@@ -95,4 +121,5 @@ def _triton_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
 # On CPU the interpreter is far slower than the reference: usable there, never the default.
 register_backend(Backend("triton", _triton_retrieval, _triton_merge, check=_triton_check,
                          default_rank={"cuda": 10}, head_dim_check=_triton_head_dim,
-                         retrieval_varlen=_triton_retrieval_varlen))
+                         retrieval_varlen=_triton_retrieval_varlen, rms_norm=_triton_rms_norm,
+                         swiglu=_triton_swiglu))
