@@ -16,9 +16,18 @@ _POISON = False
 
 
 def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised tensor (NaN-filled while ``poisoned_outputs()`` is active)."""
+    """Uninitialised tensor (while ``poisoned_outputs()`` is active: NaN-filled; integers
+    hold their dtype's minimum and booleans True, values no kernel output here takes
+    unwritten: a missed kv_len reads as negative, a missed has_visual of an empty sample as
+    True)."""
     if _POISON:
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+        if dtype == torch.bool:
+            fill = True
+        elif dtype.is_floating_point or dtype.is_complex:
+            fill = float("nan")
+        else:
+            fill = torch.iinfo(dtype).min
+        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 

@@ -8,7 +8,7 @@ CPU in tests/test_launch_counts.py with ``LaunchCounter``:
   ops count 0);
 - a ``pvm_kernels`` custom op counts the kernels it really launches: its Triton kernels
   (each launch registers itself here through ``kernel_launch``) plus the aten ops it runs
-  inside (a copy, a reduction), so a split launch with its combine counts 2. A compiled
+  inside (a copy, a reduction), so a launch followed by a separate combine kernel counts 2. A compiled
   (C++) op whose launches cannot be seen counts 1, or what ``extra_sources`` report (the
   CUDA emulator's launch statistics).
 
@@ -59,6 +59,9 @@ _NO_KERNEL = {
     "lift_fresh_copy", "detach", "alias", "_unsafe_view", "set_", "resize_", "_reshape_alias",
     "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
     "_has_compatible_shallow_copy_type", "result_type", "promote_types",
+    # a Python number wrapped as a CPU scalar operand (torch.where(mask, x, 0.0)): no
+    # device kernel, whatever device the other operands are on
+    "scalar_tensor",
 }
 
 

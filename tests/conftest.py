@@ -11,6 +11,10 @@ import pytest  # noqa: E402
 
 from pvm_kernels.ops import available_backends  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_rounding  # noqa: E402
+    interpreter_rounding.install()  # bf16 rounded as the GPU rounds (see there)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = ["reference", "triton", "cpu", "cuda"]
 

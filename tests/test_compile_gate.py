@@ -57,11 +57,13 @@ def test_every_specialisation_compiles_for_sm80_and_sm90(gate_run):
     records = report["records"]
     assert {r["target"] for r in records} == {80, 90}
     assert all(r["error"] is None and r["local"] == 0 for r in records)
-    # forward, the split forward's combine, both backward kernels and both merge kernels,
-    # each in every dtype
+    # forward (merging its own splits), the backward's kernels, both merge kernels and the
+    # glue, each in every dtype
     kernels = {(r["kernel"], r["dtype"]) for r in records}
-    for k in ("retrieval_fwd_kernel", "retrieval_combine_kernel", "retrieval_bwd_dq_kernel",
-              "retrieval_bwd_dkdv_kernel", "merge_fwd_kernel", "merge_bwd_kernel"):
+    for k in ("retrieval_fwd_kernel", "retrieval_delta_kernel", "retrieval_bwd_dq_kernel",
+              "retrieval_bwd_dkdv_kernel", "retrieval_bwd_finish_kernel", "merge_fwd_kernel",
+              "merge_bwd_kernel", "rms_norm_fwd_kernel", "rms_norm_bwd_kernel",
+              "swiglu_fwd_kernel", "swiglu_bwd_kernel", "visual_kv_fwd_kernel"):
         for dt in ("float16", "bfloat16", "float32"):
             assert (k, dt) in kernels
 

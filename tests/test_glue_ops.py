@@ -102,6 +102,72 @@ def test_opcheck_glue_ops(backend, device, requires_grad):
 
 def test_glue_status_says_which_backends_fuse_the_glue():
     status = glue_status()
-    assert status["reference"] == {"rms_norm": "PyTorch composite", "swiglu": "PyTorch composite"}
-    assert status["triton"] == {"rms_norm": "fused", "swiglu": "fused"}
-    assert status["cpu"]["rms_norm"] == "PyTorch composite"
+    composite = "PyTorch composite"
+    assert status["reference"] == {"rms_norm": composite, "swiglu": composite,
+                                   "q_norm": composite, "k_norm": composite}
+    assert status["triton"] == {"rms_norm": "fused", "swiglu": "fused",
+                                "q_norm": "in the retrieval kernels",
+                                "k_norm": "with the memory's metadata"}
+    assert status["cpu"]["rms_norm"] == composite and status["cuda"]["q_norm"] == composite
+
+
+@pytest.mark.parametrize("backend,device", GLUE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hd", [128, 40, 13])
+def test_visual_kv_matches_float64(backend, device, dtype, hd):
+    """k_norm of every key head and the memory's metadata in one launch: kv_len = one past
+    the last valid token (holes inside count, an empty sample 0), has_visual = kv_len > 0;
+    the k_norm gradient through the op. Every output poisoned first."""
+    B, Nv, Hkv = 4, 9, 2
+    k = torch.randn(B, Nv, Hkv, hd, device=device).mul(3).to(dtype).requires_grad_()
+    w = (torch.rand(hd, device=device) + 0.5).to(dtype).requires_grad_()
+    mask = torch.ones(B, Nv, dtype=torch.bool, device=device)
+    mask[1, 6:] = False          # padded: kv_len 6
+    mask[2, :] = False           # no visual token: kv_len 0
+    mask[3, 2] = mask[3, 8] = False  # holes, the last one too: kv_len 8
+    for m, lens in ((mask, [9, 6, 0, 8]), (None, [Nv] * B)):
+        with poisoned_outputs():
+            y, rstd, kv_len, has = op(backend, "visual_kv_fwd")(k, w, m, 1e-6)
+        assert kv_len.tolist() == lens and has.tolist() == [n > 0 for n in lens]
+        assert kv_len.dtype == torch.int32 and has.dtype == torch.bool
+        k64, w64 = k.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        ref = rms_norm(k64, w64, 1e-6)
+        assert max_rel_err(y, ref) < TOLERANCE[dtype]
+        assert max_rel_err(rstd, torch.rsqrt(k64.pow(2).mean(-1) + 1e-6).reshape(-1)) < 1e-6
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        ref.backward(grad.double())
+        assert max_rel_err(k.grad, k64.grad) < TOLERANCE[dtype]
+        assert max_rel_err(w.grad, w64.grad) < TOLERANCE[dtype]
+        k.grad = w.grad = None
+
+
+@pytest.mark.parametrize("backend,device", GLUE)
+def test_visual_kv_checks_its_arguments(backend, device):
+    k = torch.randn(2, 3, 1, 16, device=device)
+    with pytest.raises(ValueError, match="mask"):
+        op(backend, "visual_kv_fwd")(k, torch.ones(16, device=device),
+                                     torch.ones(2, 4, dtype=torch.bool, device=device), 1e-6)
+    with pytest.raises(ValueError, match="k: .*head dims of up to 256"):
+        op(backend, "visual_kv_fwd")(torch.randn(1, 2, 1, 264, device=device),
+                                     torch.ones(264, device=device), None, 1e-6)
+    torch.library.opcheck(op(backend, "visual_kv_fwd"),
+                          (k.requires_grad_(), torch.ones(16, device=device), None, 1e-6))
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs the interpreter")
+def test_interpreter_rounds_bf16_to_nearest():
+    """The kernels' float32 -> bfloat16 casts round to nearest even in the interpreter, as
+    on a GPU (tests/interpreter_rounding.py): every element equal to torch's cast."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast_kernel(X, Y, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(Y + i, tl.load(X + i).to(tl.bfloat16))
+
+    x = torch.randn(4096) * 7
+    y = torch.empty(4096, dtype=torch.bfloat16)
+    cast_kernel[(1,)](x, y, N=4096)
+    assert torch.equal(y, x.to(torch.bfloat16))

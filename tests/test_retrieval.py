@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import backend_device_params
-from pvm_kernels import pvm_retrieval
+from pvm_kernels import available_backends, pvm_retrieval
 from pvm_kernels.reference import retrieval_reference
 from pvm_kernels.testing import TOLERANCE, max_rel_err, poisoned_outputs, random_mask
 
@@ -340,3 +340,19 @@ def test_each_architecture_table_runs_right_in_the_interpreter(cap):
     with compile_target(cap):
         run_case("triton", "cpu", torch.bfloat16, 2, 40, 4, 1, 128, 150, make_mask("pad", 2, 150),
                  with_len=True)
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs the triton backend")
+def test_split_forward_merges_in_kernel_and_leaves_its_tickets_at_zero():
+    """The last split of each row block merges the partials and resets its ticket: the
+    next launch on the stream (here the same problem again) must find every ticket at 0,
+    or its merge would run early or never."""
+    from pvm_kernels.triton_ops import retrieval as R
+    q, k, v = torch.randn(2, 3, 4, 32), torch.randn(2, 300, 2, 32), torch.randn(2, 300, 2, 32)
+    expected = pvm_retrieval(q, k, v, backend="reference")
+    for _ in range(2):
+        with poisoned_outputs():
+            got = pvm_retrieval(q, k, v, backend="triton")
+        assert max_rel_err(got, expected) < 1e-5
+        tickets = R._TICKETS[("cpu", None)]
+        assert tickets.abs().sum() == 0

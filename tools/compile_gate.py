@@ -160,8 +160,9 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
             # past Nv and transposed storage: all must compile to the same variant. The
             # same twice packed (varlen): own head dim, then smallest with transposed storage.
             for varlen in (False, True):
-                problems.append(("retrieval", dtype, bd, rc, False, varlen))
-                problems.append(("retrieval", dtype, bd, rc, True, varlen))
+                for qn in (False, True):
+                    problems.append(("retrieval", dtype, bd, rc, False, varlen, qn))
+                    problems.append(("retrieval", dtype, bd, rc, True, varlen, qn))
     for (kernel, dc, bd) in sorted(merge_mod.CONFIGS):
         if kernel != "fwd":  # the backward of each forward reaches the bwd entry
             continue
@@ -174,6 +175,10 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
         if kernel == "fwd":  # the backward of each forward reaches the bwd entry
             problems += [("rms_norm", dtype, bn, aligned) for dtype in dtypes[dc]
                          for aligned in (True, False)]
+    for (kernel, dc, bn) in sorted(_visual_kv_table()):
+        if kernel == "fwd":  # visual_kv's k_norm programs use rms_norm's forward entries
+            problems += [("visual_kv", dtype, bn, aligned, has_mask) for dtype in dtypes[dc]
+                         for aligned in (True, False) for has_mask in (True, False)]
     for (kernel, dc) in sorted(swiglu_mod.CONFIGS):
         if kernel == "fwd":
             problems += [("swiglu", dtype, aligned) for dtype in dtypes[dc]
@@ -186,14 +191,14 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
         for prob in problems:
             context["problem"] = f"{prob[0]} {prob[1:]}"
             if prob[0] == "retrieval" and prob[5]:
-                _, dtype, bd, rc, varied, _ = prob
+                _, dtype, bd, rc, varied, _, qn = prob
                 T, H, Hkv = rows_for[rc]
                 hd = (bd // 2 + 8 if bd > 16 else 8) if varied else bd
                 context["config"] = lambda kernel, rows=T * (H // Hkv), hd=hd, dtype=dtype: (
                     "retrieval", retr_mod.config_key(kernel, dtype, rows, hd, torch.device("cpu")))
-                run_varlen_problem(dtype, T, H, Hkv, hd, transposed=varied)
+                run_varlen_problem(dtype, T, H, Hkv, hd, transposed=varied, q_norm=qn)
             elif prob[0] == "retrieval":
-                _, dtype, bd, rc, varied, _ = prob
+                _, dtype, bd, rc, varied, _, qn = prob
                 T, H, Hkv = rows_for[rc]
                 B, Nv = 2, 77
                 hd = (bd // 2 + 8 if bd > 16 else 8) if varied else bd  # 8, 24, 40, 72, 136
@@ -208,7 +213,12 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                     lens = torch.tensor([Nv - 5, 2**20], dtype=torch.int32)
                 context["config"] = lambda kernel, rows=T * (H // Hkv), hd=hd, dtype=dtype: (
                     "retrieval", retr_mod.config_key(kernel, dtype, rows, hd, torch.device("cpu")))
-                out = pvm_retrieval(q, k, v, mask, lens, backend="triton")
+                if qn:
+                    w = torch.ones(hd, dtype=dtype, requires_grad=True)
+                    out = torch.ops.pvm_kernels.triton_retrieval_qn_fwd(
+                        q, w, k, v, mask, lens, hd ** -0.5, 1e-6)[0]
+                else:
+                    out = pvm_retrieval(q, k, v, mask, lens, backend="triton")
                 out.backward(torch.randn_like(out))
             elif prob[0] == "rms_norm":
                 _, dtype, bn, aligned = prob
@@ -219,6 +229,15 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                 w = torch.ones(N, dtype=dtype, requires_grad=True)
                 y, _ = torch.ops.pvm_kernels.triton_rms_norm_fwd(x, w, 1e-6)
                 y.backward(torch.randn_like(y))
+            elif prob[0] == "visual_kv":
+                _, dtype, bn, aligned, has_mask = prob
+                hd = bn if aligned else bn - 3
+                context["config"] = lambda kernel, hd=hd, dtype=dtype: (
+                    "visual_kv", norm_mod.config_key(kernel, dtype, hd))
+                k = torch.randn(2, 7, 3, hd, dtype=dtype)
+                mask = torch.rand(2, 7) > 0.3 if has_mask else None
+                torch.ops.pvm_kernels.triton_visual_kv_fwd(k, torch.ones(hd, dtype=dtype),
+                                                           mask, 1e-6)
             elif prob[0] == "swiglu":
                 _, dtype, aligned = prob
                 inter = 256 if aligned else 253
@@ -243,12 +262,13 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
             bar.update()
 
 
-_KERNEL_TABLE_NAME = {"retrieval_fwd_kernel": "fwd", "retrieval_combine_kernel": "combine",
-                      "retrieval_bwd_dq_kernel": "dq",
+_KERNEL_TABLE_NAME = {"retrieval_fwd_kernel": "fwd",
+                      "retrieval_bwd_dq_kernel": "dq", "retrieval_delta_kernel": "delta",
+                      "retrieval_bwd_finish_kernel": "finish",
                       "retrieval_bwd_dkdv_kernel": "dkdv", "merge_fwd_kernel": "fwd",
                       "merge_bwd_kernel": "bwd", "rms_norm_fwd_kernel": "fwd",
                       "rms_norm_bwd_kernel": "bwd", "swiglu_fwd_kernel": "fwd",
-                      "swiglu_bwd_kernel": "bwd"}
+                      "swiglu_bwd_kernel": "bwd", "visual_kv_fwd_kernel": "fwd"}
 
 
 class CompileSession:
@@ -318,7 +338,8 @@ class CompileSession:
         _, _, _, _, binder = fn.device_caches[0]
         bound, specialization, _ = binder(*args, **kwargs)
         constexprs = {k: v for k, v in bound.items() if isinstance(v, (bool, int))
-                      and k.startswith(("BLOCK", "HAS", "ALIGNED", "FP32", "UPCAST", "VARLEN"))}
+                      and k.startswith(("BLOCK", "HAS", "ALIGNED", "FP32", "UPCAST", "VARLEN",
+                                        "QN"))}
         dtype = str(bound[next(iter(bound))].dtype).replace("torch.", "")
         sig = repr(specialization) + repr(sorted(kwargs.items()))
         table, entry = self.context["config"](_KERNEL_TABLE_NAME[name])
@@ -386,11 +407,12 @@ class CompileSession:
 
 
 def run_varlen_problem(dtype, T: int, H: int, Hkv: int, hd: int, transposed: bool = False,
-                       Nv: int = 77) -> None:
+                       Nv: int = 77, q_norm: bool = False) -> None:
     """Forward + backward of the varlen (packed) retrieval on the triton backend for CPU
     tensors: two sequences, the longer of T query tokens and Nv keys (max_seqlen_q /
     max_seqlen_k, as a padded problem's T and Nv), then rows and keys of no sequence;
-    ``transposed``: q stored head-major (a strided view)."""
+    ``transposed``: q stored head-major (a strided view); ``q_norm``: the op with q_norm
+    fused (QN)."""
     import torch
     from pvm_kernels import pvm_retrieval_varlen
     q_lens, k_lens = (T, max(T // 2, 1)), (Nv, Nv // 2 + 2)
@@ -402,7 +424,13 @@ def run_varlen_problem(dtype, T: int, H: int, Hkv: int, hd: int, transposed: boo
     v = torch.randn(total_k, Hkv, hd, dtype=dtype, requires_grad=True)
     cu_q = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32)
     cu_k = torch.tensor([0, k_lens[0], sum(k_lens)], dtype=torch.int32)
-    out = pvm_retrieval_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), backend="triton")
+    if q_norm:
+        w = torch.ones(hd, dtype=dtype, requires_grad=True)
+        out = torch.ops.pvm_kernels.triton_retrieval_varlen_qn_fwd(
+            q, w, k, v, cu_q, cu_k, max(q_lens), max(k_lens), hd ** -0.5, 1e-6)[0]
+    else:
+        out = pvm_retrieval_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens),
+                                   backend="triton")
     out.backward(torch.randn_like(out))
 
 
@@ -425,7 +453,11 @@ def compile_entry_problem(cap: int, dc: str, bd: int, rc: str,
         q = torch.randn(2, T, H, bd, dtype=dtype, requires_grad=True)
         kv = torch.randn(2, 77, Hkv, bd, dtype=dtype, requires_grad=True)
         pvm_retrieval(q, kv, kv, None, None, backend="triton").sum().backward()
+        w = torch.ones(bd, dtype=dtype, requires_grad=True)  # and with q_norm fused
+        torch.ops.pvm_kernels.triton_retrieval_qn_fwd(q, w, kv, kv, None, None, bd ** -0.5,
+                                                      1e-6)[0].sum().backward()
         run_varlen_problem(dtype, T, H, Hkv, bd)
+        run_varlen_problem(dtype, T, H, Hkv, bd, q_norm=True)
     return s
 
 
@@ -456,6 +488,12 @@ def _rms_norm_table():
     return rms_norm.CONFIGS
 
 
+def _visual_kv_table():
+    from pvm_kernels.triton_ops import rms_norm, visual_kv
+    return {key: cfg for key, cfg in rms_norm.CONFIGS.items()
+            if key[0] == "fwd" and key[2] <= visual_kv.MAX_HEAD_DIM}
+
+
 def _swiglu_table():
     from pvm_kernels.triton_ops import swiglu
     return swiglu.CONFIGS
@@ -463,7 +501,7 @@ def _swiglu_table():
 
 #: The launchers' configuration tables, by name: what the gate must cover.
 TABLES = {"retrieval": _retrieval_table, "merge": _merge_table, "rms_norm": _rms_norm_table,
-          "swiglu": _swiglu_table}
+          "swiglu": _swiglu_table, "visual_kv": _visual_kv_table}
 DTYPES_OF_CLASS = {"16bit": ("float16", "bfloat16"), "fp32": ("float32",)}
 
 
@@ -478,15 +516,31 @@ def _dtype_class(table: str, key: tuple) -> str:
 
 
 #: The layouts each table's launchers compile: the retrieval's padded and varlen (packed,
-#: VARLEN=True) kernels; the merge has one.
+#: VARLEN=True) kernels, each also with q_norm fused (QN=True: "-qn") where the kernel has
+#: it; the other tables have one.
 LAYOUTS = {"retrieval": ("padded", "varlen"), "merge": ("",), "rms_norm": ("",),
-           "swiglu": ("",)}
+           "swiglu": ("",), "visual_kv": ("mask", "no-mask")}
+#: The retrieval kernels with a QN (fused q_norm) variant, by table kernel name.
+QN_KERNELS = ("fwd", "dq", "finish")
 
 
 def _layout(table: str, constexprs: Dict[str, object]) -> str:
+    if table == "visual_kv":
+        return "mask" if constexprs.get("HAS_MASK") else "no-mask"
     if table != "retrieval":
         return ""
-    return "varlen" if constexprs.get("VARLEN") else "padded"
+    return ("varlen" if constexprs.get("VARLEN") else "padded") + \
+        ("-qn" if constexprs.get("QN") else "")
+
+
+def _layouts(table: str, key: tuple) -> Tuple[str, ...]:
+    """The layouts table entry ``key`` must be compiled in."""
+    base = LAYOUTS[table]
+    if table == "retrieval" and key[1] == "finish":  # no layout: elements of dk and dv
+        base = ("padded",)
+    if table == "retrieval" and key[1] in QN_KERNELS:
+        return base + tuple(f"{layout}-qn" for layout in base)
+    return base
 
 
 def expected_entries(cap: int) -> set:
@@ -495,7 +549,7 @@ def expected_entries(cap: int) -> set:
     return {(table, repr(key), dt, layout) for table, get in TABLES.items() for key in get()
             if _table_arch(table, key) in (None, cap)
             for dt in DTYPES_OF_CLASS[_dtype_class(table, key)]
-            for layout in LAYOUTS[table]}
+            for layout in _layouts(table, key)}
 
 
 def uncovered_inputs() -> List[str]:
@@ -506,7 +560,7 @@ def uncovered_inputs() -> List[str]:
     missing = set()
     for dc, largest in retrieval.MAX_HEAD_DIM.items():
         for hd in range(retrieval.HEAD_DIM_MULTIPLE, largest + 1, retrieval.HEAD_DIM_MULTIPLE):
-            for kernel in ("fwd", "dq", "dkdv", "combine"):
+            for kernel in ("fwd", "dq", "dkdv", "delta", "finish"):
                 for rc in ("decode", "prefill"):
                     for cap in ARCH_SMS:
                         key = (f"sm{cap}", kernel, dc, retrieval.block_d_for(hd), rc)
@@ -606,10 +660,12 @@ def _table(rows: Dict[tuple, Dict[int, dict]], keep=lambda key: True) -> List[st
 
 def _eight_b(key) -> bool:
     """The 8B shapes: retrieval at head dim 128, merge at D 4096, RMSNorm over P 512 and
-    hd 128, SwiGLU; aligned rows."""
+    hd 128, visual K/V at hd 128, SwiGLU; aligned rows."""
     kern, _, tile, flags, _, _ = key
     if kern.startswith("retrieval"):
         return tile.endswith("x128")
+    if kern.startswith("visual_kv"):
+        return tile.split("x")[1] == "128" and "aligned" in flags
     if kern.startswith("rms_norm"):
         return tile.split("x")[1] in ("128", "512") and "aligned" in flags
     if kern.startswith("swiglu"):

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         arch = R.arch_of(dev)
         for key in sorted(R.CONFIGS):
             base = ("sm80",) + key[1:]
-            if key[0] == arch and key[1] != "combine" and R.CONFIGS[key] != R.CONFIGS[base]:
+            if key[0] == arch and key[1] not in ("delta", "finish") and R.CONFIGS[key] != R.CONFIGS[base]:
                 names = ("bf16", "fp16") if key[2] == "16bit" else ("fp32",)
                 jobs += [(key, [], name) for name in names]
     else:

@@ -153,6 +153,21 @@ def is_vector_layout(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
 
 
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> [rows, N] with unit last stride (a view whenever the layout allows): the
+    layout of the row kernels (merge, rms_norm, swiglu)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
+
+
+def rows_aligned(N: int, *rows: torch.Tensor) -> bool:
+    """The row kernels' ALIGNED flag: N and every [rows, N] tensor's row stride multiples
+    of VECTOR elements (a single row's stride is never used) and 16-byte aligned data, so
+    the vector-load hints hold."""
+    return N % VECTOR == 0 and all(
+        (t.stride(0) % VECTOR == 0 or t.shape[0] <= 1) and t.data_ptr() % 16 == 0 for t in rows)
+
+
 def with_vector_layout(t: torch.Tensor) -> torch.Tensor:
     """``t`` if the kernels can read it as is, else a contiguous copy (a rare layout costs
     one copy; the kernels' vector-load hints stay true). Inner dims must be multiples of 8."""

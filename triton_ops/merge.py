@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .common import (VECTOR, always_true, check_grid, dtype_class, expect, launch_guard,
-                     pow2_at_least)
+from .common import (always_true, as_rows, check_grid, dtype_class, expect, launch_guard,
+                     pow2_at_least, rows_aligned)
 
 #: Widest row the merge kernels take (the row lives in registers).
 MAX_D = 16384
@@ -109,12 +109,6 @@ def merge_bwd_kernel(GRAD, E, GATE, KEEP, RSTD, DE, DGATE_ROW, D: tl.int32, sg: 
     tl.store(DGATE_ROW + row, gn)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., D] -> [N, D] with unit last stride (a view whenever the layout allows)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
-
-
 def _keep_rows(keep: Optional[torch.Tensor], device: torch.device) -> Tuple[torch.Tensor, int]:
     """keep as [N] (any stride: an expanded per-sample flag reads at stride 0 where the
     flattening allows a view), or a stride-0 True for "keep every row"."""
@@ -131,11 +125,6 @@ def _gate(gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return gate if gate.dtype in (dtype, torch.float32) else gate.float()
 
 
-def _aligned(D: int, *rows: torch.Tensor) -> bool:
-    return D % VECTOR == 0 and all(
-        (t.stride(0) % VECTOR == 0 or t.shape[0] == 1) and t.data_ptr() % 16 == 0 for t in rows)
-
-
 def _check_width(D: int) -> None:
     if D > MAX_D:
         raise ValueError(f"the triton backend's merge takes rows of up to {MAX_D} elements, "
@@ -148,7 +137,7 @@ def _launch(kernel, kind: str, e2: torch.Tensor, rows, args, **flags) -> None:
     cfg = CONFIGS[config_key(kind, e2.dtype, D)]
     check_grid((N,))
     with launch_guard(e2):
-        kernel[(N,)](*args, BLOCK_D=block_d_for(D), ALIGNED=_aligned(D, *rows),
+        kernel[(N,)](*args, BLOCK_D=block_d_for(D), ALIGNED=rows_aligned(D, *rows),
                      num_warps=cfg.num_warps, **flags)
 
 
@@ -160,9 +149,9 @@ def merge_fwd(expanded: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.T
     expanded) and rstd [N] float32."""
     D = expanded.shape[-1]
     _check_width(D)
-    e2 = _rows(expanded)
+    e2 = as_rows(expanded)
     N = e2.shape[0]
-    f2 = _rows(ffn_output) if ffn_output is not None else e2
+    f2 = as_rows(ffn_output) if ffn_output is not None else e2
     out = new_output(expanded.shape, expanded.dtype, expanded.device)
     rstd = new_output((N,), torch.float32, expanded.device)
     if N == 0:
@@ -183,8 +172,8 @@ def merge_bwd(grad_out: torch.Tensor, expanded: torch.Tensor, gate: torch.Tensor
     D = expanded.shape[-1]
     _check_width(D)
     expect("grad_out", grad_out, expanded.shape, expanded.dtype, expanded.device)
-    e2 = _rows(expanded)
-    g2 = _rows(grad_out)
+    e2 = as_rows(expanded)
+    g2 = as_rows(grad_out)
     N = e2.shape[0]
     de = new_output(expanded.shape, expanded.dtype, expanded.device)
     dgate_row = new_output((N,), torch.float32, expanded.device)

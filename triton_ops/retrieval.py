@@ -45,8 +45,8 @@ import triton.language as tl
 
 from .._alloc import new_output
 from .common import (ARCH_SMS, always_valid_keys, check_grid, dot_flags, dtype_class, expect,
-                     head_dim_problem, launch_guard, mma, never_read_f32, target_capability,
-                     unlimited_kv_len, with_vector_layout)
+                     head_dim_problem, launch_guard, mma, never_read_f32, pow2_at_least,
+                     target_capability, unlimited_kv_len, with_vector_layout)
 
 LOG2E = 1.4426950408889634
 
@@ -98,8 +98,10 @@ _SM80: Dict[Tuple[str, str, int, str], TileConfig] = {
     ("fwd", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
     ("fwd", "16bit", 256, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 256, "prefill"): _T(64, 64, 8, 1),
     ("fwd", "fp32", 16, "decode"): _T(16, 32, 4, 1), ("fwd", "fp32", 16, "prefill"): _T(64, 64, 4, 1),
-    ("fwd", "fp32", 32, "decode"): _T(16, 64, 4, 2), ("fwd", "fp32", 32, "prefill"): _T(64, 32, 8, 2),
-    ("fwd", "fp32", 64, "decode"): _T(16, 64, 4, 2), ("fwd", "fp32", 64, "prefill"): _T(32, 32, 8, 2),
+    # fp32 decode at 16 x 64 keys spilled 8-16 B (sm_80 and sm_90, varlen) once the
+    # forward merged its own splits (issue 24): 32 keys.
+    ("fwd", "fp32", 32, "decode"): _T(16, 32, 4, 2), ("fwd", "fp32", 32, "prefill"): _T(64, 32, 8, 2),
+    ("fwd", "fp32", 64, "decode"): _T(16, 32, 4, 2), ("fwd", "fp32", 64, "prefill"): _T(32, 32, 8, 2),
     ("fwd", "fp32", 128, "decode"): _T(16, 64, 8, 2), ("fwd", "fp32", 128, "prefill"): _T(16, 32, 8, 2),
     # dQ: q, dO and the dq accumulator per row block; fp32 streams q/dO in 32-dim chunks.
     ("dq", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
@@ -107,9 +109,11 @@ _SM80: Dict[Tuple[str, str, int, str], TileConfig] = {
     ("dq", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 64, "prefill"): _T(64, 64, 4, 2),
     ("dq", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
     ("dq", "16bit", 256, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 256, "prefill"): _T(64, 32, 8, 2),
-    ("dq", "fp32", 16, "decode"): _T(16, 32, 4, 2), ("dq", "fp32", 16, "prefill"): _T(64, 32, 4, 2),
+    # fp32 dQ with q_norm fused (QN: three more pointers live across the loop) spilled
+    # 24-72 B on sm_80 at 64 x 32 x 16, 64 x 16 x 64 and 16 x 64 x 64: 32 rows / 32 keys.
+    ("dq", "fp32", 16, "decode"): _T(16, 32, 4, 2), ("dq", "fp32", 16, "prefill"): _T(32, 32, 4, 2),
     ("dq", "fp32", 32, "decode"): _T(16, 64, 4, 2), ("dq", "fp32", 32, "prefill"): _T(64, 32, 8, 1),
-    ("dq", "fp32", 64, "decode"): _T(16, 64, 4, 1), ("dq", "fp32", 64, "prefill"): _T(64, 16, 4, 2),
+    ("dq", "fp32", 64, "decode"): _T(16, 32, 4, 1), ("dq", "fp32", 64, "prefill"): _T(32, 16, 4, 2),
     ("dq", "fp32", 128, "decode"): _T(16, 64, 8, 1), ("dq", "fp32", 128, "prefill"): _T(32, 32, 8, 1),
     # dK/dV: one key block per program, two [BLOCK_N, BLOCK_D] fp32 accumulators resident
     # (64 x 64 x 128 on 4 warps: 255 registers + 152-408 B spill; 8 warps: 182-250; at
@@ -153,12 +157,16 @@ _SM90_CHANGES: Dict[Tuple[str, str, int, str], TileConfig] = {
 }
 
 
-def _with_combine(table: Dict[Tuple[str, str, int, str], TileConfig]):
-    """The table plus the split forward's merge: BLOCK_M (sample, head, token) rows a
-    program, a loop over the splits (block_n unused). It reads SPLITS x hd fp32 per row
-    once: memory-bound, no MMA, the same tile on every architecture."""
-    return {**table, **{("combine",) + key[1:]: _T(16, 16, 8 if key[2] == 256 else 4, 1)
-                        for key in table if key[0] == "fwd"}}
+def _with_row_kernels(table: Dict[Tuple[str, str, int, str], TileConfig]):
+    """The table plus the backward's row kernels around the tile kernels, memory-bound, no
+    MMA, the same tile on every architecture: the row term ("delta": rowsum(dO * O),
+    BLOCK_M rows a program) and the finish ("finish": block_m elements of dk and dv a
+    program summing the split partials, and q_norm's gain gradient). The split forward
+    merges its partials itself (_merge_splits): no row kernel."""
+    rows = lambda key: _T(16, 16, 8 if key[2] == 256 else 4, 1)  # noqa: E731
+    return {**table, **{("delta",) + key[1:]: rows(key) for key in table if key[0] == "dq"},
+            **{("finish",) + key[1:]: _T(1024, 16, 4, 1) for key in table
+               if key[0] == "dkdv"}}
 
 
 #: (architecture, kernel, dtype class, BLOCK_D, row class) -> TileConfig: the only source
@@ -167,7 +175,7 @@ def _with_combine(table: Dict[Tuple[str, str, int, str], TileConfig]):
 CONFIGS: Dict[Tuple[str, str, str, int, str], TileConfig] = {
     (arch,) + key: cfg
     for arch, table in (("sm80", _SM80), ("sm90", {**_SM80, **_SM90_CHANGES}))
-    for key, cfg in _with_combine(table).items()}
+    for key, cfg in _with_row_kernels(table).items()}
 
 
 def block_d_for(hd: int) -> int:
@@ -259,9 +267,9 @@ def _none_past(end, first, count, VARLEN: tl.constexpr):
     """The main loop's end for a program whose block starts at row ``first`` of its
     sample's ``count``: varlen, 0 when the block starts past a short sequence's rows, so
     the loop runs no step and every load and store is masked off (the program does
-    nothing). The dQ and combine kernels' "return at once" (the forward has an early
-    `return`): with one there, ptxas spilled where the padded kernel does not (compile
-    gate, sm_80: dQ fp32 at 255 registers + 16-64 B, the combine 8 B of stack), while the
+    nothing). The dQ kernel's "return at once" (the forward has an early `return`): with
+    one there, ptxas spilled where the padded kernel does not (compile gate, sm_80: dQ fp32
+    at 255 registers + 16-64 B, a since removed combine kernel 8 B of stack), while the
     zero-trip loop compiles as the padded kernel does. The forward is the other way round
     (64 x 64 x 32 on sm_80: 8-16 B of spill with the zero-trip loop under triton 3.6 or
     3.8, none with the return and _reread_seq_q)."""
@@ -397,8 +405,9 @@ def _chunked_dot(A, a_off, a_ok, B, b_off, b_ok, HD, BLOCK_M: tl.constexpr,
     """[BLOCK_M, BLOCK_N] = a @ b^T over the head dim, loaded and multiplied 32 dims at a
     time (rows of a at offsets a_off, of b at b_off)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for c in tl.static_range(0, BLOCK_D, 32):
-        dc = c + tl.arange(0, 32)
+    CHUNK: tl.constexpr = min(BLOCK_D, 32)
+    for c in tl.static_range(0, BLOCK_D, CHUNK):
+        dc = c + tl.arange(0, CHUNK)
         dc_ok = (dc // 8) < (HD // 8)
         a = tl.load(A + a_off[:, None] + dc[None, :], mask=a_ok[:, None] & dc_ok[None, :],
                     other=0.0)
@@ -408,9 +417,69 @@ def _chunked_dot(A, a_off, a_ok, B, b_off, b_ok, HD, BLOCK_M: tl.constexpr,
     return acc
 
 
+@triton.jit
+def _q_normed(q, QW, d, d_ok, HD, eps):
+    """q_norm fused into the retrieval (issue 24): each packed row of the q tile (one query
+    head's hd values) RMS-normalised with float32 statistics, rounded to q's dtype, times
+    the gain QW [hd], as the Qwen RMSNorm does; and the rows' rstd. Rows and dims outside
+    the problem are 0 in q and stay 0."""
+    qf = q.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(qf * qf, 1) / HD + eps)
+    w = tl.load(QW + d, mask=d_ok, other=0.0).to(tl.float32)
+    return ((qf * rstd[:, None]).to(q.dtype).to(tl.float32) * w[None, :]).to(q.dtype), rstd
+
+
+@triton.jit
+def _row_rstd(Q, q_off, row_ok, HD, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rstd of q rows read 32 dims at a time (the fp32 kernels never hold q whole)."""
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    CHUNK: tl.constexpr = min(BLOCK_D, 32)
+    for c in tl.static_range(0, BLOCK_D, CHUNK):
+        dc = c + tl.arange(0, CHUNK)
+        dc_ok = (dc // 8) < (HD // 8)
+        a = tl.load(Q + q_off[:, None] + dc[None, :], mask=row_ok[:, None] & dc_ok[None, :],
+                    other=0.0).to(tl.float32)
+        ss += tl.sum(a * a, 1)
+    return 1.0 / tl.sqrt(ss / HD + eps)
+
+
+@triton.jit
+def _q_norm_backward(DQ, Q_RAW, QW, DQW_PART, g_off, q_off, row_ok, HD, eps,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """q_norm's backward for a dQ program's rows, 32 dims at a time: DQ holds dL/dq_hat in
+    float32 (q_hat = w * cast(x * rstd), x = Q_RAW); it gets dL/dx = rstd * (g - xhat *
+    mean(g * xhat)), g = dq_hat * w, xhat = x * rstd; the program's partial of the gain's
+    gradient, sum over its rows of dq_hat * cast(xhat), goes to its row of DQW_PART."""
+    rstd = _row_rstd(Q_RAW, q_off, row_ok, HD, eps, BLOCK_M, BLOCK_D)
+    gx = tl.zeros([BLOCK_M], dtype=tl.float32)
+    CHUNK: tl.constexpr = min(BLOCK_D, 32)
+    for c in tl.static_range(0, BLOCK_D, CHUNK):
+        dc = c + tl.arange(0, CHUNK)
+        dc_ok = (dc // 8) < (HD // 8)
+        m = row_ok[:, None] & dc_ok[None, :]
+        dqh = tl.load(DQ + g_off[:, None] + dc[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(Q_RAW + q_off[:, None] + dc[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(QW + dc, mask=dc_ok, other=0.0).to(tl.float32)
+        gx += tl.sum(dqh * w[None, :] * (x * rstd[:, None]), 1)
+    mean = gx / HD
+    part = tl.program_id(0).to(tl.int64) * HD
+    for c in tl.static_range(0, BLOCK_D, CHUNK):
+        dc = c + tl.arange(0, CHUNK)
+        dc_ok = (dc // 8) < (HD // 8)
+        m = row_ok[:, None] & dc_ok[None, :]
+        dqh = tl.load(DQ + g_off[:, None] + dc[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(Q_RAW + q_off[:, None] + dc[None, :], mask=m, other=0.0)
+        xhat = x.to(tl.float32) * rstd[:, None]
+        w = tl.load(QW + dc, mask=dc_ok, other=0.0).to(tl.float32)
+        dx = (dqh * w[None, :] - xhat * mean[:, None]) * rstd[:, None]
+        tl.store(DQ + g_off[:, None] + dc[None, :], dx.to(DQ.dtype.element_ty), mask=m)
+        tl.store(DQW_PART + part + dc, tl.sum(dqh * xhat.to(x.dtype).to(tl.float32), 0),
+                 mask=dc_ok)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def retrieval_fwd_kernel(
-    Q, K, V, O, LSE, KEY_MASK, KV_LEN, O_PART, LSE_PART, CU_Q, CU_K,
+    Q, K, V, O, LSE, KEY_MASK, KV_LEN, O_PART, LSE_PART, TICKETS, CU_Q, CU_K, QW, QHAT,
     sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
     skb: tl.int64, skn: tl.int64, skh: tl.int64,
     svb: tl.int64, svn: tl.int64, svh: tl.int64,
@@ -418,15 +487,19 @@ def retrieval_fwd_kernel(
     smb: tl.int64, smn: tl.int64, slb: tl.int64,
     T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2,
     SPLITS: tl.int32, SPLIT_KEYS: tl.int32, N_STATS: tl.int64,
-    TOTAL_Q: tl.int64, TOTAL_K: tl.int64,
+    TOTAL_Q: tl.int64, TOTAL_K: tl.int64, qn_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr, QN: tl.constexpr,
 ):
     """One program per (row block, key split, sample, KV head). With SPLITS == 1 it writes
     out and lse; otherwise its split's normalised partial output and lse go to O_PART
-    [SPLITS, N_STATS, hd] / LSE_PART [SPLITS, N_STATS] (fp32, indexed like lse) for
-    retrieval_combine_kernel. Splitting the keys is what fills the GPU at decode: B x Hkv
-    programs alone are 1 at batch 1 (of 132 SMs), each walking all Nv keys in sequence."""
+    [SPLITS, N_STATS, hd] / LSE_PART [SPLITS, N_STATS] (fp32, indexed like lse), and the
+    last split of a row block to finish merges them (_merge_splits): one launch where a
+    separate combine kernel took two (issue 24: a launch costs 30-100 us of host time on
+    the GPU machines, more than the whole decode-step retrieval). TICKETS: one int32 per
+    (row block, sample, KV head), 0 on entry, left 0. Splitting the keys is what fills the
+    GPU at decode: B x Hkv programs alone are 1 at batch 1 (of 132 SMs), each walking all
+    Nv keys in sequence."""
     rb, split, b, kvh = _program_split(HKV, T * G, BLOCK_M, SPLITS)
     q_begin, q_len = _seq_q(CU_Q, b, TOTAL_Q, T, VARLEN)
     if VARLEN:
@@ -439,6 +512,16 @@ def retrieval_fwd_kernel(
     rd_ok = row_ok[:, None] & d_ok[None, :]
     q_off = _row_offsets(_base(b, q_begin, sqb, sqt, VARLEN), rows, kvh, G, sqt, sqh)
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
+    if QN:
+        # q arrives as q_proj's output: q_norm here, as it is loaded. The result goes to
+        # QHAT (laid out like q: the backward's scores read it; the splits of a row block
+        # write the same bits) and is read back, so the key loop holds a loaded tile as the
+        # plain kernel does: the computed one, kept in registers, spilled 8-40 B (sm_90,
+        # 128 x 64 x 128 and 64 x 64 x 256).
+        qn, _ = _q_normed(q, QW, d, d_ok, HD, qn_eps)
+        tl.store(QHAT + q_off[:, None] + d[None, :], qn, mask=rd_ok)
+        tl.debug_barrier()
+        q = tl.load(QHAT + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
     k_base = _base(b, k_begin, skb, skn, VARLEN)
     v_base = _base(b, k_begin, svb, svn, VARLEN)
     n_start = split * SPLIT_KEYS
@@ -486,12 +569,56 @@ def retrieval_fwd_kernel(
         part = split * N_STATS + stat
         tl.store(O_PART + tl.multiple_of(part * HD, 8)[:, None] + d[None, :], out, mask=rd_ok)
         tl.store(LSE_PART + part, lse, mask=row_ok)
+        # A ticket per row block: the split that draws the last one merges. The CTA barrier
+        # orders every thread's partial stores before the ticket, whose acq_rel (GPU scope)
+        # publishes them to, and acquires the others' for, the merging program (the "last
+        # block" reduction of CUDA's threadFenceReduction sample).
+        tl.debug_barrier()
+        n_blocks = (T * G + BLOCK_M - 1) // BLOCK_M
+        slot = rb + n_blocks * (b * HKV + kvh)
+        ticket = tl.atomic_add(TICKETS + slot, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLITS - 1:
+            tl.debug_barrier()
+            o_off = _row_offsets(_base(b, q_begin, sob, sot, VARLEN), rows, kvh, G, sot, soh)
+            _merge_splits(O, LSE, O_PART, LSE_PART, stat, row_ok, o_off, d, d_ok, SPLITS,
+                          N_STATS, HD, BLOCK_M, BLOCK_D)
+            tl.store(TICKETS + slot, 0)  # for the slot's next launch on this stream
 
 
 @triton.jit
-def _combine_rows(CU_Q, T, H, TOTAL_Q, N_STATS, sob, sot, soh, BLOCK_M: tl.constexpr,
+def _merge_splits(O, LSE, O_PART, LSE_PART, stat, ok, o_off, d, d_ok, SPLITS, N_STATS, HD,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse), lse = log sum exp,
+    over the splits in order (deterministic): the partials of rows ``stat`` merged. A row
+    no split saw a key of stays 0 with lse -inf; a NaN partial stays NaN. The partials
+    are read from L2 (.cg): other SMs wrote them, and L1 is not coherent."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(LSE_PART + s * N_STATS + stat, mask=ok,
+                                  other=float("-inf"), cache_modifier=".cg"))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        part = s * N_STATS + stat
+        w = tl.exp(tl.load(LSE_PART + part, mask=ok, other=float("-inf"),
+                           cache_modifier=".cg") - m_safe)
+        o = tl.load(O_PART + tl.multiple_of(part * HD, 8)[:, None] + d[None, :],
+                    mask=ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        l_sum += w
+        acc += w[:, None] * o
+    has = l_sum != 0.0
+    l_safe = tl.where(has, l_sum, 1.0)
+    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
+    tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty),
+             mask=ok[:, None] & d_ok[None, :])
+    tl.store(LSE + stat, tl.where(has, m_safe + tl.log(l_safe), float("-inf")), mask=ok)
+
+
+@triton.jit
+def _stat_rows(CU_Q, T, H, TOTAL_Q, N_STATS, sob, sot, soh, BLOCK_M: tl.constexpr,
                   VARLEN: tl.constexpr):
-    """This combine program's rows: (their statistics index, in range, their element
+    """This row program's rows (delta): (their statistics index, in range, their element
     offsets in out, the first row's position and the count it is checked against).
     Padded: BLOCK_M consecutive indices of [B, H, T] of the N_STATS. Varlen: a program per
     (block of (token, head) rows r = t * H + h, sequence b), its rows those of b's own
@@ -514,42 +641,6 @@ def _combine_rows(CU_Q, T, H, TOTAL_Q, N_STATS, sob, sot, soh, BLOCK_M: tl.const
         b = stat // (T * H)
         o_off = tl.multiple_of(b * sob + t * sot + h * soh, 8)
         return stat, stat < N_STATS, o_off, 0, 1
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
-def retrieval_combine_kernel(
-    O, LSE, O_PART, LSE_PART, CU_Q,
-    sob: tl.int64, sot: tl.int64, soh: tl.int64,
-    T: tl.int32, H: tl.int32, HD: tl.int32, SPLITS: tl.int32, N_STATS: tl.int64,
-    TOTAL_Q: tl.int64,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
-):
-    """out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse), lse = log sum exp:
-    the split forward's partials merged, for BLOCK_M (sample, head, token) rows a program.
-    A row no split saw a key of stays 0 with lse -inf; a NaN partial stays NaN."""
-    stat, ok, o_off, first, count = _combine_rows(CU_Q, T, H, TOTAL_Q, N_STATS, sob, sot, soh,
-                                                  BLOCK_M, VARLEN)
-    splits = _none_past(SPLITS, first, count, VARLEN)
-    d, d_ok = _dims(HD, BLOCK_D)
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(0, splits):
-        m = tl.maximum(m, tl.load(LSE_PART + s * N_STATS + stat, mask=ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(0, splits):
-        part = s * N_STATS + stat
-        w = tl.exp(tl.load(LSE_PART + part, mask=ok, other=float("-inf")) - m_safe)
-        o = tl.load(O_PART + tl.multiple_of(part * HD, 8)[:, None] + d[None, :],
-                    mask=ok[:, None] & d_ok[None, :], other=0.0)
-        l_sum += w
-        acc += w[:, None] * o
-    has = l_sum != 0.0
-    l_safe = tl.where(has, l_sum, 1.0)
-    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
-    tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty),
-             mask=ok[:, None] & d_ok[None, :])
-    tl.store(LSE + stat, tl.where(has, m_safe + tl.log(l_safe), float("-inf")), mask=ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
@@ -637,7 +728,7 @@ def retrieval_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def retrieval_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK, KV_LEN, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, KEY_MASK, KV_LEN, CU_Q, CU_K, Q_RAW, QW, DQW_PART,
     sqb: tl.int64, sqt: tl.int64, sqh: tl.int64,
     skb: tl.int64, skn: tl.int64, skh: tl.int64,
     svb: tl.int64, svn: tl.int64, svh: tl.int64,
@@ -645,13 +736,16 @@ def retrieval_bwd_dq_kernel(
     smb: tl.int64, smn: tl.int64, slb: tl.int64,
     sgb: tl.int64, sgt: tl.int64, sgh: tl.int64,
     T: tl.int32, G: tl.int32, NV: tl.int32, HD: tl.int32, HKV: tl.int32, qk_scale_log2, scale,
-    TOTAL_Q: tl.int64, TOTAL_K: tl.int64,
+    TOTAL_Q: tl.int64, TOTAL_K: tl.int64, qn_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr, QN: tl.constexpr,
 ):
     """One program per (row block, sample, KV head): loops over the valid keys.
 
-    Split from dK/dV so that neither needs atomics: results are deterministic.
+    Split from dK/dV so that neither needs atomics: results are deterministic. QN: Q is
+    the forward's q_norm(q) and the gradient goes on through q_norm to Q_RAW, q_proj's
+    output (laid out like Q); the gain's gradient, a partial per program at DQW_PART
+    [programs, hd], is summed by the finish kernel.
     """
     rb, b, kvh = _program(T, G, HKV, T * G, BLOCK_M)
     q_begin, q_len = _seq_q(CU_Q, b, TOTAL_Q, T, VARLEN)
@@ -697,7 +791,69 @@ def retrieval_bwd_dq_kernel(
         dq += mma(ds.to(k.dtype), k, UPCAST, FP32)
     dq = dq * scale
     g_off = _row_offsets(_base(b, q_begin, sgb, sgt, VARLEN), rows, kvh, G, sgt, sgh)
-    tl.store(DQ + g_off[:, None] + d[None, :], dq.to(DQ.dtype.element_ty), mask=rd_ok)
+    if QN:
+        # dq is the gradient of q_norm(q): through q_norm now, 32 dims at a time, reading
+        # it back from DQ (the accumulator is dead by then: whole-tile temporaries here
+        # spilled 208-216 B at 128 x 64 x 128 on sm_90).
+        tl.store(DQ + g_off[:, None] + d[None, :], dq.to(DQ.dtype.element_ty), mask=rd_ok)
+        tl.debug_barrier()
+        _q_norm_backward(DQ, Q_RAW, QW, DQW_PART, g_off, q_off, row_ok, HD, qn_eps, BLOCK_M,
+                         BLOCK_D)
+    else:
+        tl.store(DQ + g_off[:, None] + d[None, :], dq.to(DQ.dtype.element_ty), mask=rd_ok)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
+def retrieval_delta_kernel(
+    O, DO, DELTA, CU_Q,
+    sob: tl.int64, sot: tl.int64, soh: tl.int64,
+    sgb: tl.int64, sgt: tl.int64, sgh: tl.int64,
+    T: tl.int32, H: tl.int32, HD: tl.int32, N_STATS: tl.int64, TOTAL_Q: tl.int64,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """delta = rowsum(dO * O) in float32, laid out like lse: the softmax backward's row
+    term, BLOCK_M statistics rows a program (_stat_rows' row mapping; dO's strides
+    in the sg* slots). One launch where PyTorch took a cast, a product, a sum and a copy."""
+    stat, ok, o_off, first, count = _stat_rows(CU_Q, T, H, TOTAL_Q, N_STATS, sob, sot, soh,
+                                                  BLOCK_M, VARLEN)
+    _, _, g_off, _, _ = _stat_rows(CU_Q, T, H, TOTAL_Q, N_STATS, sgb, sgt, sgh, BLOCK_M,
+                                      VARLEN)
+    d, d_ok = _dims(HD, BLOCK_D)
+    m = ok[:, None] & d_ok[None, :]
+    o = tl.load(O + o_off[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.load(DO + g_off[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + stat, tl.sum(o * g, 1), mask=ok)
+
+
+@triton.jit(do_not_specialize=["N_ELEM", "SPLITS", "PARTS", "HD", "elem_programs"])
+def retrieval_bwd_finish_kernel(
+    DK, DV, PART, QW_PART, DQW, N_ELEM: tl.int64, SPLITS: tl.int32, PARTS: tl.int32,
+    HD: tl.int32, elem_programs: tl.int32,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, QN: tl.constexpr,
+):
+    """The backward's last launch. Element programs: dk and dv, the dK/dV kernel's fp32
+    split partials (PART [SPLITS, 2, N_ELEM]: dk then dv) summed in split order and cast.
+    With QN, one more program: q_norm's gain gradient, the dQ kernel's per-program
+    partials (QW_PART [PARTS, HD]) summed in program order. Deterministic, no atomics."""
+    pid = tl.program_id(0)
+    if pid < elem_programs:
+        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < N_ELEM
+        acc_k = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_v = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(0, SPLITS):
+            acc_k += tl.load(PART + (2 * s) * N_ELEM + i, mask=ok, other=0.0)
+            acc_v += tl.load(PART + (2 * s + 1) * N_ELEM + i, mask=ok, other=0.0)
+        tl.store(DK + i, acc_k.to(DK.dtype.element_ty), mask=ok)
+        tl.store(DV + i, acc_v.to(DV.dtype.element_ty), mask=ok)
+    else:
+        if QN:
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < HD
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for p in range(0, PARTS):
+                acc += tl.load(QW_PART + p * HD + d, mask=d_ok, other=0.0)  # < 2^31: programs x hd
+            tl.store(DQW + d, acc.to(DQW.dtype.element_ty), mask=d_ok)
 
 
 # ---- launchers ---------------------------------------------------------------------------
@@ -786,16 +942,28 @@ def split_loop(n_items: int, block: int, programs: int, device: torch.device) ->
 
 
 def _launch(kernel, cfg: TileConfig, programs: int, q: torch.Tensor, args, hd: int,
-            varlen: bool, tile: bool = True) -> None:
+            varlen: bool, tile: bool = True, **flags) -> None:
     """Launch ``programs`` programs of a tile kernel (BLOCK_M/N/D and the dot flags), or with
-    ``tile=False`` of a row kernel (BLOCK_M and BLOCK_D only: the combine), for the padded
-    or the varlen layout."""
+    ``tile=False`` of a row kernel (BLOCK_M and BLOCK_D only: delta), for the
+    padded or the varlen layout; ``flags``: more constexprs (QN)."""
     grid = (programs,)
     check_grid(grid)
     meta = dict(BLOCK_N=cfg.block_n, **dot_flags(q.dtype)) if tile else {}
     with launch_guard(q):
         kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_D=block_d_for(hd), **meta,
-                     VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                     VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     **flags)
+
+
+#: q_norm fused into the retrieval: (gain [hd] in q's dtype, eps), or None.
+QNorm = Optional[Tuple[torch.Tensor, float]]
+
+
+def _qn_args(q: torch.Tensor, qn: QNorm):
+    """(gain pointer, eps, QN): the gain, or a never-read stand-in without q_norm."""
+    if qn is None:
+        return never_read_f32(q.device), 0.0, False
+    return qn[0], float(qn[1]), True
 
 
 def _padded_layout(q: torch.Tensor, k: torch.Tensor) -> _Layout:
@@ -803,10 +971,13 @@ def _padded_layout(q: torch.Tensor, k: torch.Tensor) -> _Layout:
     return _Layout(False, q.shape[0], q.shape[1], k.shape[1], stand_in, stand_in)
 
 
-def _forward(q, k, v, out, lse, mask, lens, lay: _Layout, scale: float) -> None:
+def _forward(q, k, v, out, lse, mask, lens, lay: _Layout, scale: float, qn: QNorm = None,
+             q_hat: Optional[torch.Tensor] = None) -> None:
     """The forward's launches (q, k, v in the kernels' vector layout; out and lse
     allocated), for either layout: the table entry by rows = T * G (varlen: max_seqlen_q
-    * G), the key split planned over Nv (varlen: max_seqlen_k)."""
+    * G), the key split planned over Nv (varlen: max_seqlen_k); ``qn``: q_norm fused, the
+    normalised q written to ``q_hat`` (strided like q)."""
+    qw, qn_eps, has_qn = _qn_args(q, qn)
     H, hd = q.shape[-2], q.shape[-1]
     Hkv = k.shape[-2]
     G = H // Hkv
@@ -818,55 +989,147 @@ def _forward(q, k, v, out, lse, mask, lens, lay: _Layout, scale: float) -> None:
     if splits > 1:
         o_part = torch.empty((splits, n_stats, hd), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, n_stats), dtype=torch.float32, device=q.device)
+        tickets = split_tickets(q.device, programs)
     else:
         o_part = lse_part = never_read_f32(q.device)
-    args = (q, k, v, out, lse, mask, lens, o_part, lse_part, lay.cu_q, lay.cu_k,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mask.stride(),
+        tickets = unlimited_kv_len(q.device)  # an int32 never read without splits
+    args = (q, k, v, out, lse, mask, lens, o_part, lse_part, tickets, lay.cu_q, lay.cu_k, qw,
+            q_hat if has_qn else q, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mask.stride(),
             lens.stride(0), lay.t, G, lay.nv, hd, Hkv, scale * LOG2E, splits, split_keys,
-            n_stats, *lay.args())
-    _launch(retrieval_fwd_kernel, cfg, programs * splits, q, args, hd, lay.varlen)
-    if splits > 1:
-        comb = select_config("combine", q.dtype, rows, hd, q.device)
-        # Padded: blocks of the N_STATS rows; varlen: blocks of each sequence's own
-        # (token, head) rows, per sequence (the rows of no sequence have no partials).
-        comb_programs = (triton.cdiv(lay.t * H, comb.block_m) * lay.n if lay.varlen
-                         else triton.cdiv(n_stats, comb.block_m))
-        _launch(retrieval_combine_kernel, comb, comb_programs, q,
-                (out, lse, o_part, lse_part, lay.cu_q, *_strides3(out), lay.t, H, hd, splits,
-                 n_stats, *lay.args(with_k=False)), hd, lay.varlen, tile=False)
+            n_stats, *lay.args(), qn_eps)
+    _launch(retrieval_fwd_kernel, cfg, programs * splits, q, args, hd, lay.varlen, QN=has_qn)
 
 
-def _backward(grad_out, q, k, v, lse, delta, dq, dk, dv, mask, lens, lay: _Layout,
-              scale: float) -> None:
-    """The backward's launches (inputs in the kernels' vector layout, delta laid out like
-    lse, dq / dk / dv allocated), for either layout."""
+#: (device, stream) -> int32 tickets of the split forward's in-kernel merge, all 0 between
+#: launches (the merging program resets its own). Per stream: launches on one stream run
+#: in order, so they never share a slot at the same time; two streams get two buffers.
+_TICKETS: Dict[tuple, torch.Tensor] = {}
+
+
+def split_tickets(device: torch.device, slots: int) -> torch.Tensor:
+    """At least ``slots`` zeroed int32 tickets for a split forward on ``device``'s current
+    stream: allocated (one memset) the first time, or when a launch needs more; then
+    reused without any launch."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (str(device), stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < slots:
+        # grown to a power of two: a few sizes ever, each zeroed once
+        buf = _TICKETS[key] = torch.zeros(pow2_at_least(max(slots, 256)), dtype=torch.int32,
+                                          device=device)
+    return buf
+
+
+def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, mask, lens, lay: _Layout,
+              scale: float, qn: QNorm = None, dq_weight: Optional[torch.Tensor] = None,
+              q_hat: Optional[torch.Tensor] = None) -> None:
+    """The backward's launches (inputs in the kernels' vector layout, dq / dk / dv (and
+    with ``qn`` q_norm's gain gradient dq_weight) allocated contiguous), for either layout:
+    delta = rowsum(dO * O), dK/dV (its row splits into fp32 partials), dQ (with ``qn``
+    through q_norm, its gain's gradient in per-program partials), then one finish kernel
+    summing both kinds of partials in a fixed order: four launches, deterministic. With
+    ``qn`` the forward's ``q_hat`` (q_norm(q), strided like q) is what the scores read."""
     H, hd = q.shape[-2], q.shape[-1]
+    q_raw = q
+    if qn is not None:
+        q = q_hat
     Hkv = k.shape[-2]
     G = H // Hkv
+    qw, qn_eps, has_qn = _qn_args(q, qn)
+    rows = lay.t * G
+    n_stats = lse.numel()
+    delta = new_output(lse.shape, torch.float32, q.device)
+    cfg = select_config("delta", q.dtype, rows, hd, q.device)
+    _launch(retrieval_delta_kernel, cfg, triton.cdiv(lay.t * H, cfg.block_m) * lay.n
+            if lay.varlen else triton.cdiv(n_stats, cfg.block_m), q,
+            (out, grad_out, delta, lay.cu_q, *_strides3(out), *_strides3(grad_out), lay.t, H,
+             hd, n_stats, lay.total_q), hd, lay.varlen, tile=False)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
               *mask.stride(), lens.stride(0))
     sizes = (lay.t, G, lay.nv, hd, Hkv, scale * LOG2E, scale)
-    rows = lay.t * G
     cfg = select_config("dkdv", q.dtype, rows, hd, q.device)
     programs = triton.cdiv(lay.nv, cfg.block_n) * lay.n * Hkv
     splits, split_rows = split_loop(rows, cfg.block_m, programs, q.device)
-    # Contiguous like dk, so dk's strides address the partials too. Padded: keys past a
-    # sample's kv_len still get their zeros written by the kernel (it stores whole key
-    # blocks). Varlen: keys of no sequence are never visited, so the partials start zeroed.
+    # [splits, 2, *dk.shape] fp32: dk's then dv's partial of each split, contiguous like dk
+    # so dk's strides address them. Padded: keys past a sample's kv_len still get their
+    # zeros written (the kernel stores whole key blocks). Varlen: keys of no sequence are
+    # never visited, so the partials start zeroed.
     alloc = torch.zeros if lay.varlen else torch.empty
-    dk_part = alloc((splits, *dk.shape), dtype=torch.float32, device=q.device)
-    dv_part = alloc((splits, *dk.shape), dtype=torch.float32, device=q.device)
+    part = alloc((splits, 2, *dk.shape), dtype=torch.float32, device=q.device)
     _launch(retrieval_bwd_dkdv_kernel, cfg, programs * splits, q,
-            (q, k, v, grad_out, lse, delta, mask, lens, dk_part, dv_part, lay.cu_q, lay.cu_k,
-             *common, *_strides3(dk), *sizes, splits, split_rows, dk.numel(), *lay.args()),
-            hd, lay.varlen)
-    # Summed in split order by one reduction each (the same bits on every run), then cast.
-    for grad, part in ((dk, dk_part), (dv, dv_part)):
-        grad.copy_(part[0] if splits == 1 else part.sum(0))
+            (q, k, v, grad_out, lse, delta, mask, lens, part[:, 0], part[:, 1], lay.cu_q,
+             lay.cu_k, *common, *_strides3(dk), *sizes, splits, split_rows, 2 * dk.numel(),
+             *lay.args()), hd, lay.varlen)
     cfg = select_config("dq", q.dtype, rows, hd, q.device)
-    _launch(retrieval_bwd_dq_kernel, cfg, triton.cdiv(rows, cfg.block_m) * lay.n * Hkv, q,
-            (q, k, v, grad_out, lse, delta, dq, mask, lens, lay.cu_q, lay.cu_k, *common,
-             *_strides3(dq), *sizes, *lay.args()), hd, lay.varlen)
+    dq_programs = triton.cdiv(rows, cfg.block_m) * lay.n * Hkv
+    qw_part = (new_output((dq_programs, hd), torch.float32, q.device) if has_qn
+               else never_read_f32(q.device))
+    _launch(retrieval_bwd_dq_kernel, cfg, dq_programs, q,
+            (q, k, v, grad_out, lse, delta, dq, mask, lens, lay.cu_q, lay.cu_k, q_raw, qw, qw_part,
+             *common, *_strides3(dq), *sizes, *lay.args(), qn_eps), hd, lay.varlen,
+            QN=has_qn)
+    cfg = select_config("finish", q.dtype, rows, hd, q.device)
+    elem_programs = triton.cdiv(dk.numel(), cfg.block_m)
+    grid = (elem_programs + (1 if has_qn else 0),)
+    check_grid(grid)
+    with launch_guard(q):
+        retrieval_bwd_finish_kernel[grid](
+            dk, dv, part, qw_part, dq_weight if has_qn else dk, dk.numel(), splits,
+            dq_programs, hd, elem_programs, BLOCK=cfg.block_m, BLOCK_D=block_d_for(hd),
+            QN=has_qn, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _q_norm_of(q: torch.Tensor, q_weight: Optional[torch.Tensor], eps: float) -> QNorm:
+    """(gain, eps) of a fused q_norm after the launcher's own check, or None."""
+    if q_weight is None:
+        return None
+    expect("q_weight", q_weight, (q.shape[-1],), q.dtype, q.device)
+    return with_vector_layout(q_weight), eps
+
+
+def _padded_fwd(q, k, v, key_mask, kv_len, scale, qn: QNorm):
+    """(out, lse, q_hat: q_norm(q) with ``qn``, else None)."""
+    B, T, H, hd = q.shape
+    _check_head_dim(hd, q.dtype)
+    out = new_output((B, T, H, hd), q.dtype, q.device)
+    lse = new_output((B, H, T), torch.float32, q.device)
+    q_hat = None
+    if B * T * H == 0:
+        if qn is not None:
+            q_hat = q.new_empty(q.shape)
+        return out.zero_(), lse.fill_(float("-inf")), q_hat
+    q, k, v = (with_vector_layout(t) for t in (q, k, v))
+    if qn is not None:
+        q_hat = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
+    mask, lens = _masks(q, k, key_mask, kv_len)
+    _forward(q, k, v, out, lse, mask, lens, _padded_layout(q, k), scale, qn, q_hat)
+    return out, lse, q_hat
+
+
+def _padded_bwd(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, qn: QNorm, q_hat=None):
+    B, T, H, hd = q.shape
+    Nv = k.shape[1]
+    _check_head_dim(hd, q.dtype)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        expect(name, t, q.shape, q.dtype, q.device)
+    expect("lse", lse, (B, H, T), torch.float32, q.device)
+    if qn is not None:
+        expect("q_hat", q_hat, q.shape, q.dtype, q.device)
+    lse = lse.contiguous()  # indexed as [B, H, T] contiguous; a no-op for the forward's own
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    dqw = new_output((hd,), q.dtype, q.device) if qn is not None else None
+    if B * T * H == 0 or Nv == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dqw.zero_() if dqw is not None else None
+    q, k, v, grad_out, out = (with_vector_layout(t) for t in (q, k, v, grad_out, out))
+    if qn is not None:  # read with q's strides
+        q_hat = q_hat if q_hat.stride() == q.stride() else \
+            torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).copy_(q_hat)
+    mask, lens = _masks(q, k, key_mask, kv_len)
+    _backward(grad_out, q, k, v, out, lse, dq, dk, dv, mask, lens, _padded_layout(q, k),
+              scale, qn, dqw, q_hat)
+    return dq, dk, dv, dqw
 
 
 def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -879,16 +1142,7 @@ def retrieval_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     When B x Hkv x row blocks is under PROGRAMS_PER_SM programs per SM (decode: 1 program
     at batch 1), the keys are split among programs (split-KV) and a second kernel merges
     the splits' fp32 partials by their log-sum-exp."""
-    B, T, H, hd = q.shape
-    _check_head_dim(hd, q.dtype)
-    out = new_output((B, T, H, hd), q.dtype, q.device)
-    lse = new_output((B, H, T), torch.float32, q.device)
-    if B * T * H == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
-    q, k, v = (with_vector_layout(t) for t in (q, k, v))
-    mask, lens = _masks(q, k, key_mask, kv_len)
-    _forward(q, k, v, out, lse, mask, lens, _padded_layout(q, k), scale)
-    return out, lse
+    return _padded_fwd(q, k, v, key_mask, kv_len, scale, None)[:2]
 
 
 def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -897,25 +1151,28 @@ def retrieval_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. grad_out/out like q, lse [B, H, T] float32 contiguous (from the
     forward). Returns dq, dk, dv with the shapes and dtypes of q, k, v."""
-    B, T, H, hd = q.shape
-    Nv = k.shape[1]
-    _check_head_dim(hd, q.dtype)
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        expect(name, t, q.shape, q.dtype, q.device)
-    expect("lse", lse, (B, H, T), torch.float32, q.device)
-    lse = lse.contiguous()  # indexed as [B, H, T] contiguous; a no-op for the forward's own
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
-    if B * T * H == 0 or Nv == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    # delta_r = <dO_r, O_r>, the softmax-backward row term, laid out like lse.
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    q, k, v, grad_out = (with_vector_layout(t) for t in (q, k, v, grad_out))
-    mask, lens = _masks(q, k, key_mask, kv_len)
-    _backward(grad_out, q, k, v, lse, delta, dq, dk, dv, mask, lens, _padded_layout(q, k),
-              scale)
-    return dq, dk, dv
+    return _padded_bwd(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, None)[:3]
+
+
+def retrieval_qn_fwd(q: torch.Tensor, q_weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_mask: Optional[torch.Tensor], kv_len: Optional[torch.Tensor],
+                     scale: float, eps: float
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """retrieval_fwd of q_norm(q): q is q_proj's output [B, T, H, hd], normalised per head
+    as the kernels load it (q_weight [hd], q's dtype, the gain; eps the norm's). Returns
+    out, lse and q_hat = q_norm(q) (what the backward's scores read)."""
+    return _padded_fwd(q, k, v, key_mask, kv_len, scale, _q_norm_of(q, q_weight, eps))
+
+
+def retrieval_qn_bwd(grad_out: torch.Tensor, q: torch.Tensor, q_hat: torch.Tensor,
+                     q_weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, key_mask: Optional[torch.Tensor],
+                     kv_len: Optional[torch.Tensor], scale: float, eps: float
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of retrieval_qn_fwd: (dq of q_proj's output, dq_weight, dk, dv)."""
+    dq, dk, dv, dqw = _padded_bwd(grad_out, q, k, v, out, lse, key_mask, kv_len, scale,
+                                  _q_norm_of(q, q_weight, eps), q_hat)
+    return dq, dqw, dk, dv
 
 
 # ---- varlen (packed, flash-attention's cu_seqlens) ----------------------------------------
@@ -948,6 +1205,54 @@ def _varlen_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    cu_seqlens_k.contiguous(), total_q, total_k)
 
 
+def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                qn: QNorm):
+    """(out, lse, q_hat: q_norm(q) with ``qn``, else None)."""
+    lay = _varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    total_q, H, hd = q.shape
+    _check_head_dim(hd, q.dtype)
+    out = torch.zeros((total_q, H, hd), dtype=q.dtype, device=q.device)  # rows of none: 0
+    lse = new_output((H, total_q), torch.float32, q.device)
+    q_hat = None
+    if lay.n * lay.t * H * total_q == 0:
+        if qn is not None:
+            q_hat = q.new_zeros(q.shape)
+        return out, lse.fill_(float("-inf")), q_hat
+    q, k, v = (with_vector_layout(t) for t in (q, k, v))
+    if qn is not None:  # rows of no sequence are never normalised: 0
+        q_hat = torch.zeros_like(q, memory_format=torch.preserve_format)
+    _forward(q, k, v, out, lse, always_valid_keys(q.device), unlimited_kv_len(q.device), lay,
+             scale, qn, q_hat)
+    return out, lse, q_hat
+
+
+def _varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k, scale, qn: QNorm, q_hat=None):
+    lay = _varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    total_q, H, hd = q.shape
+    _check_head_dim(hd, q.dtype)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        expect(name, t, q.shape, q.dtype, q.device)
+    expect("lse", lse, (H, total_q), torch.float32, q.device)
+    if qn is not None:
+        expect("q_hat", q_hat, q.shape, q.dtype, q.device)
+    lse = lse.contiguous()  # indexed as [H, total_q] contiguous
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows of none: 0
+    # dk / dv are the sums of zeroed partials: 0 at keys of no sequence.
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    dqw = new_output((hd,), q.dtype, q.device) if qn is not None else None
+    if lay.n * lay.t * lay.nv * H * total_q * k.shape[0] == 0:
+        return dq, dk.zero_(), dv.zero_(), dqw.zero_() if dqw is not None else None
+    q, k, v, grad_out, out = (with_vector_layout(t) for t in (q, k, v, grad_out, out))
+    if qn is not None:  # read with q's strides
+        q_hat = q_hat if q_hat.stride() == q.stride() else \
+            torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).copy_(q_hat)
+    _backward(grad_out, q, k, v, out, lse, dq, dk, dv, always_valid_keys(q.device),
+              unlimited_kv_len(q.device), lay, scale, qn, dqw, q_hat)
+    return dq, dk, dv, dqw
+
+
 def retrieval_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, scale: float
@@ -960,17 +1265,8 @@ def retrieval_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     float32 (-inf for a row with no key; unspecified in rows of no sequence). The grids,
     the table entry (rows = max_seqlen_q * G) and the key split are those of a padded
     launch of N samples of max_seqlen_q tokens and max_seqlen_k keys."""
-    lay = _varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    total_q, H, hd = q.shape
-    _check_head_dim(hd, q.dtype)
-    out = torch.zeros((total_q, H, hd), dtype=q.dtype, device=q.device)  # rows of none: 0
-    lse = new_output((H, total_q), torch.float32, q.device)
-    if lay.n * lay.t * H * total_q == 0:
-        return out, lse.fill_(float("-inf"))
-    q, k, v = (with_vector_layout(t) for t in (q, k, v))
-    _forward(q, k, v, out, lse, always_valid_keys(q.device), unlimited_kv_len(q.device), lay,
-             scale)
-    return out, lse
+    return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                       None)[:2]
 
 
 def retrieval_varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -981,22 +1277,28 @@ def retrieval_varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     """Launch the varlen backward. grad_out/out like q, lse [H, total_q] float32 (from the
     forward). Returns dq, dk, dv with the shapes and dtypes of q, k, v: exactly 0 in the
     rows and keys of no sequence."""
-    lay = _varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    total_q, H, hd = q.shape
-    _check_head_dim(hd, q.dtype)
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        expect(name, t, q.shape, q.dtype, q.device)
-    expect("lse", lse, (H, total_q), torch.float32, q.device)
-    lse = lse.contiguous()  # indexed as [H, total_q] contiguous
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows of none: 0
-    # dk / dv are the sums of zeroed partials: 0 at keys of no sequence.
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
-    if lay.n * lay.t * lay.nv * H * total_q * k.shape[0] == 0:
-        return dq, dk.zero_(), dv.zero_()
-    # delta[h, i] = <dO_i,h, O_i,h>, laid out like lse ([H, total_q]).
-    delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()
-    q, k, v, grad_out = (with_vector_layout(t) for t in (q, k, v, grad_out))
-    _backward(grad_out, q, k, v, lse, delta, dq, dk, dv, always_valid_keys(q.device),
-              unlimited_kv_len(q.device), lay, scale)
-    return dq, dk, dv
+    return _varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, scale, None)[:3]
+
+
+def retrieval_varlen_qn_fwd(q: torch.Tensor, q_weight: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                            scale: float, eps: float
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """retrieval_varlen_fwd of q_norm(q) (as retrieval_qn_fwd): out, lse, q_hat."""
+    return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                       _q_norm_of(q, q_weight, eps))
+
+
+def retrieval_varlen_qn_bwd(grad_out: torch.Tensor, q: torch.Tensor, q_hat: torch.Tensor,
+                            q_weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                            scale: float, eps: float
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of retrieval_varlen_qn_fwd: (dq, dq_weight, dk, dv)."""
+    dq, dk, dv, dqw = _varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                  max_seqlen_q, max_seqlen_k, scale,
+                                  _q_norm_of(q, q_weight, eps), q_hat)
+    return dq, dqw, dk, dv

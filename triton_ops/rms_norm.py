@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .common import VECTOR, check_grid, dtype_class, expect, launch_guard, pow2_at_least
+from .common import as_rows, check_grid, dtype_class, expect, launch_guard, pow2_at_least, rows_aligned
 
 #: Widest row the kernels take (a row lives in registers).
 MAX_N = 8192
@@ -89,7 +89,15 @@ def _tile(rows, s, N, cols, n_rows, ALIGNED: tl.constexpr):
 def rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows: tl.int32, N: tl.int32, sx: tl.int64,
                         sy: tl.int64, eps, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                         ALIGNED: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    norm_rows(tl.program_id(0), X, W, Y, RSTD, n_rows, N, sx, sy, eps, BLOCK_R, BLOCK_N,
+              ALIGNED)
+
+
+@triton.jit
+def norm_rows(pid, X, W, Y, RSTD, n_rows, N, sx, sy, eps, BLOCK_R: tl.constexpr,
+              BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """The forward of program ``pid``'s BLOCK_R rows (also the k-norm of visual_kv.py)."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     x_off, ok = _tile(rows, sx, N, cols, n_rows, ALIGNED)
     x = tl.load(X + x_off, mask=ok, other=0.0).to(tl.float32)
@@ -152,17 +160,6 @@ def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW, n_rows: tl.int32, N: tl.int32, s
         _dw_columns(pid - row_programs, DY, X, RSTD, DW, n_rows, N, sdy, sx, BLOCK_C, ROWS)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., N] -> [rows, N] with unit last stride (a view whenever the layout allows)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
-
-
-def _aligned(N: int, *rows: torch.Tensor) -> bool:
-    return N % VECTOR == 0 and all(
-        (t.stride(0) % VECTOR == 0 or t.shape[0] <= 1) and t.data_ptr() % 16 == 0 for t in rows)
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
     N = x.shape[-1]
     if N > MAX_N:
@@ -177,7 +174,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float
     """x [..., N] (fp16/bf16/fp32, N <= 8192), weight [N] of x's dtype. Returns y (shape and
     dtype of x) and rstd [rows] float32."""
     N = _check(x, weight)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     n_rows = x2.shape[0]
     y = new_output(x.shape, x.dtype, x.device)
     rstd = new_output((n_rows,), torch.float32, x.device)
@@ -190,7 +187,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float
     with launch_guard(x2):
         rms_norm_fwd_kernel[grid](x2, weight, y2, rstd, n_rows, N, x2.stride(0), y2.stride(0),
                                   eps, BLOCK_R=cfg.block_r, BLOCK_N=block_n_for(N),
-                                  ALIGNED=_aligned(N, x2, y2), num_warps=cfg.num_warps)
+                                  ALIGNED=rows_aligned(N, x2, y2), num_warps=cfg.num_warps)
     return y, rstd
 
 
@@ -200,7 +197,7 @@ def rms_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     grad_weight (like weight), in one launch."""
     N = _check(x, weight)
     expect("grad_y", grad_y, x.shape, x.dtype, x.device)
-    x2, dy2 = _rows(x), _rows(grad_y)
+    x2, dy2 = as_rows(x), as_rows(grad_y)
     n_rows = x2.shape[0]
     expect("rstd", rstd, (n_rows,), torch.float32, x.device)
     dx = new_output(x.shape, x.dtype, x.device)
@@ -217,5 +214,5 @@ def rms_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                   x2.stride(0), dx2.stride(0), row_programs,
                                   BLOCK_R=cfg.block_r, BLOCK_N=block_n_for(N),
                                   BLOCK_C=cfg.block_c, ROWS=cfg.rows,
-                                  ALIGNED=_aligned(N, x2, dy2, dx2), num_warps=cfg.num_warps)
+                                  ALIGNED=rows_aligned(N, x2, dy2, dx2), num_warps=cfg.num_warps)
     return dx, dw

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .common import VECTOR, check_grid, dtype_class, expect, launch_guard
+from .common import as_rows, check_grid, dtype_class, expect, launch_guard, rows_aligned
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,6 @@ def swiglu_bwd_kernel(D, G, U, DG, DU, n_rows: tl.int32, I: tl.int32, sd: tl.int
     tl.store(DU + du_off, (d * s).to(DU.dtype.element_ty), mask=ok)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
-
-
-def _aligned(I: int, *rows: torch.Tensor) -> bool:
-    return I % VECTOR == 0 and all(
-        (t.stride(0) % VECTOR == 0 or t.shape[0] <= 1) and t.data_ptr() % 16 == 0 for t in rows)
-
-
 def _launch(kernel, kind: str, like: torch.Tensor, rows, args) -> None:
     n_rows, I = rows[0].shape
     cfg = CONFIGS[(kind, dtype_class(like.dtype))]
@@ -102,7 +92,7 @@ def _launch(kernel, kind: str, like: torch.Tensor, rows, args) -> None:
     check_grid(grid)
     with launch_guard(like):
         kernel[grid](*args, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
-                     ALIGNED=_aligned(I, *rows), num_warps=cfg.num_warps)
+                     ALIGNED=rows_aligned(I, *rows), num_warps=cfg.num_warps)
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -111,7 +101,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = new_output(gate.shape, gate.dtype, gate.device)
     if gate.numel() == 0:
         return out
-    g2, u2, o2 = _rows(gate), _rows(up), out.view(-1, gate.shape[-1])
+    g2, u2, o2 = as_rows(gate), as_rows(up), out.view(-1, gate.shape[-1])
     _launch(swiglu_fwd_kernel, "fwd", gate, (g2, u2, o2),
             (g2, u2, o2, g2.shape[0], g2.shape[1], g2.stride(0), u2.stride(0), o2.stride(0)))
     return out
@@ -127,7 +117,7 @@ def swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     if gate.numel() == 0:
         return dg, du
     I = gate.shape[-1]
-    d2, g2, u2 = _rows(grad), _rows(gate), _rows(up)
+    d2, g2, u2 = as_rows(grad), as_rows(gate), as_rows(up)
     dg2, du2 = dg.view(-1, I), du.view(-1, I)
     _launch(swiglu_bwd_kernel, "bwd", gate, (d2, g2, u2, dg2, du2),
             (d2, g2, u2, dg2, du2, g2.shape[0], I, d2.stride(0), g2.stride(0), u2.stride(0),

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .native_loader import load_all
+from .recompute import expand_merge
 from .registration import attach_fake_and_autograd, get_op
 from .registry import Backend, register_backend
 
@@ -64,7 +65,9 @@ def _cuda_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
 # cpu beats the reference at decode shapes (bench/test_bench_native.py): the CPU default.
 # cuda ranks after triton until GPU measurements show it faster (bench/results).
 register_backend(Backend("cpu", _native_retrieval, _native_merge, check=_cpu_check,
-                         default_rank={"cpu": 1}, retrieval_varlen=_native_retrieval_varlen))
+                         default_rank={"cpu": 1}, retrieval_varlen=_native_retrieval_varlen,
+                         expand_merge=expand_merge("native")))
 register_backend(Backend("cuda", _native_retrieval, _native_merge, check=_cuda_check,
                          default_rank={"cuda": 20}, head_dim_check=_cuda_head_dim,
-                         retrieval_varlen=_native_retrieval_varlen))
+                         retrieval_varlen=_native_retrieval_varlen,
+                         expand_merge=expand_merge("native")))

@@ -27,4 +27,5 @@ register_backend(Backend("reference", _reference_retrieval, _reference_merge,
                          check=lambda device_type: None,
                          default_rank={"cpu": 100, "cuda": 100},
                          dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                         retrieval_varlen=_reference_retrieval_varlen))
+                         retrieval_varlen=_reference_retrieval_varlen,
+                         stacked_projections=False))

@@ -44,6 +44,26 @@ GLUE_SCHEMAS: Dict[str, str] = {
     "rms_norm_bwd": "(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
     "swiglu_fwd": "(Tensor gate, Tensor up) -> Tensor",
     "swiglu_bwd": "(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)",
+    # The visual side's k_norm with the memory's metadata: (k_norm(k), rstd, kv_len int32
+    # [B], has_visual bool [B]); its backward is rms_norm_bwd.
+    "visual_kv_fwd": "(Tensor k, Tensor weight, Tensor? mask, float eps) "
+                     "-> (Tensor, Tensor, Tensor, Tensor)",
+    # The retrieval with q_norm fused: q is q_proj's output, q_weight the norm's gain [hd];
+    # the forward also returns q_hat = q_norm(q) (what the backward's scores read), the
+    # backward also the gain's gradient (dq, dq_weight, dk, dv).
+    "retrieval_qn_fwd": "(Tensor q, Tensor q_weight, Tensor k, Tensor v, Tensor? key_mask, "
+                        "Tensor? kv_len, float scale, float eps) -> (Tensor, Tensor, Tensor)",
+    "retrieval_qn_bwd": "(Tensor grad_out, Tensor q, Tensor q_hat, Tensor q_weight, Tensor k, "
+                        "Tensor v, Tensor out, Tensor lse, Tensor? key_mask, Tensor? kv_len, "
+                        "float scale, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    "retrieval_varlen_qn_fwd": "(Tensor q, Tensor q_weight, Tensor k, Tensor v, "
+                               "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+                               "int max_seqlen_k, float scale, float eps) "
+                               "-> (Tensor, Tensor, Tensor)",
+    "retrieval_varlen_qn_bwd": "(Tensor grad_out, Tensor q, Tensor q_hat, Tensor q_weight, "
+                               "Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+                               "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+                               "float scale, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 
@@ -103,9 +123,41 @@ def swiglu_bwd_fake(grad, gate, up):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
+def visual_kv_fwd_fake(k, weight, mask, eps):
+    rows = k.numel() // k.shape[-1] if k.shape[-1] else 0
+    return (k.new_empty(k.shape), k.new_empty((rows,), dtype=torch.float32),
+            k.new_empty((k.shape[0],), dtype=torch.int32),
+            k.new_empty((k.shape[0],), dtype=torch.bool))
+
+
+def retrieval_qn_fwd_fake(q, q_weight, k, v, key_mask, kv_len, scale, eps):
+    return (*retrieval_fwd_fake(q, k, v, key_mask, kv_len, scale), q.new_empty(q.shape))
+
+
+def retrieval_qn_bwd_fake(grad_out, q, q_hat, q_weight, k, v, out, lse, key_mask, kv_len,
+                          scale, eps):
+    return (q.new_empty(q.shape), q_weight.new_empty(q_weight.shape), k.new_empty(k.shape),
+            v.new_empty(v.shape))
+
+
+def retrieval_varlen_qn_fwd_fake(q, q_weight, k, v, cu_q, cu_k, max_q, max_k, scale, eps):
+    return (*retrieval_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale),
+            q.new_empty(q.shape))
+
+
+def retrieval_varlen_qn_bwd_fake(grad_out, q, q_hat, q_weight, k, v, out, lse, cu_q, cu_k,
+                                 max_q, max_k, scale, eps):
+    return retrieval_qn_bwd_fake(grad_out, q, q_hat, q_weight, k, v, out, lse, None, None,
+                                 scale, eps)
+
+
 FAKES: Dict[str, Callable] = {
     "rms_norm_fwd": rms_norm_fwd_fake, "rms_norm_bwd": rms_norm_bwd_fake,
     "swiglu_fwd": swiglu_fwd_fake, "swiglu_bwd": swiglu_bwd_fake,
+    "visual_kv_fwd": visual_kv_fwd_fake,
+    "retrieval_qn_fwd": retrieval_qn_fwd_fake, "retrieval_qn_bwd": retrieval_qn_bwd_fake,
+    "retrieval_varlen_qn_fwd": retrieval_varlen_qn_fwd_fake,
+    "retrieval_varlen_qn_bwd": retrieval_varlen_qn_bwd_fake,
     "retrieval_fwd": retrieval_fwd_fake, "retrieval_bwd": retrieval_bwd_fake,
     "retrieval_varlen_fwd": retrieval_varlen_fwd_fake,
     "retrieval_varlen_bwd": retrieval_varlen_bwd_fake,
@@ -182,7 +234,53 @@ def _autograd_for(backend: str):
         gate, up = ctx.saved_tensors
         return get_op(backend, "swiglu_bwd")(grad, gate, up)
 
+    def visual_kv_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        k, weight, _mask, _eps = inputs
+        ctx.save_for_backward(k, weight, output[1])
+
+    def visual_kv_backward(ctx, grad_k, _grad_rstd, _grad_len, _grad_has):
+        if grad_k is None:
+            return None, None, None, None
+        k, weight, rstd = ctx.saved_tensors
+        dk, dw = get_op(backend, "rms_norm_bwd")(grad_k, k, weight, rstd)
+        return dk, dw, None, None
+
+    def qn_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        q, q_weight, k, v, key_mask, kv_len, scale, eps = inputs
+        out, lse, q_hat = output
+        ctx.save_for_backward(q, q_hat, q_weight, k, v, out, lse, key_mask, kv_len)
+        ctx.scale, ctx.eps = scale, eps
+
+    def qn_backward(ctx, grad_out, _grad_lse, _grad_q_hat):
+        if grad_out is None:
+            return (None,) * 8
+        q, q_hat, q_weight, k, v, out, lse, key_mask, kv_len = ctx.saved_tensors
+        dq, dqw, dk, dv = get_op(backend, "retrieval_qn_bwd")(
+            grad_out, q, q_hat, q_weight, k, v, out, lse, key_mask, kv_len, ctx.scale, ctx.eps)
+        return dq, dqw, dk, dv, None, None, None, None
+
+    def varlen_qn_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        q, q_weight, k, v, cu_q, cu_k, max_q, max_k, scale, eps = inputs
+        out, lse, q_hat = output
+        ctx.save_for_backward(q, q_hat, q_weight, k, v, out, lse, cu_q, cu_k)
+        ctx.max_q, ctx.max_k, ctx.scale, ctx.eps = max_q, max_k, scale, eps
+
+    def varlen_qn_backward(ctx, grad_out, _grad_lse, _grad_q_hat):
+        if grad_out is None:
+            return (None,) * 10
+        q, q_hat, q_weight, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dqw, dk, dv = get_op(backend, "retrieval_varlen_qn_bwd")(
+            grad_out, q, q_hat, q_weight, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k,
+            ctx.scale, ctx.eps)
+        return dq, dqw, dk, dv, None, None, None, None, None, None
+
     return {"rms_norm_fwd": (rms_norm_setup, rms_norm_backward),
+            "visual_kv_fwd": (visual_kv_setup, visual_kv_backward),
+            "retrieval_qn_fwd": (qn_setup, qn_backward),
+            "retrieval_varlen_qn_fwd": (varlen_qn_setup, varlen_qn_backward),
             "swiglu_fwd": (swiglu_setup, swiglu_backward),
             "retrieval_fwd": (retrieval_setup, retrieval_backward),
             "retrieval_varlen_fwd": (varlen_setup, varlen_backward),

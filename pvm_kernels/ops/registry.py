@@ -37,6 +37,22 @@ class Backend:
     retrieval_varlen: Optional[Callable] = None
     rms_norm: Optional[Callable] = None
     swiglu: Optional[Callable] = None
+    # The retrieval with q_norm fused: (q_raw, q_weight, eps, k, v, key_mask, kv_len, scale)
+    # and the varlen one (q_raw, q_weight, eps, k, v, cu_q, cu_k, max_q, max_k, scale).
+    retrieval_qnorm: Optional[Callable] = None
+    retrieval_varlen_qnorm: Optional[Callable] = None
+    # The padded memory's k_norm and metadata: (k [B, Nv, Hkv, hd], weight, mask or None,
+    # eps) -> (k_norm(k), kv_len int32 [B], has_visual bool [B]).
+    visual_kv: Optional[Callable] = None
+    # The expander and the merge, saving the expander's input instead of its [N, D] output
+    # (recompute.py): (m2, w_e, gate, keep, ffn_output, eps) -> out.
+    expand_merge: Optional[Callable] = None
+    # ``m + down(swiglu(gate(n), up(n)))`` saving only n (recompute.py):
+    # (m, n, w_gate, w_up, w_down, stacked [w_gate; w_up]) -> out.
+    mlp_residual: Optional[Callable] = None
+    # gate/up and k/v as one GEMM each with stacked weights (modules/paired_linear.py); the
+    # reference computes the block as written, one module at a time.
+    stacked_projections: bool = True
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -115,7 +131,8 @@ def _machine_device_types() -> List[str]:
 
 def backend_status(device: Union[str, torch.device, None] = None) -> Dict[str, Optional[str]]:
     """{backend name: None if usable on ``device`` (default: on a device of this machine),
-    else why not, per device type}."""
+    else why not, per device type}. Which of the block's glue (norms, SwiGLU) a usable
+    backend fuses and which it leaves to PyTorch: ``glue_status()``."""
     here = [torch.device(device).type] if device is not None else _machine_device_types()
     shown = here if device is not None else ["cpu", "cuda"]
     status = {}
@@ -129,9 +146,14 @@ def backend_status(device: Union[str, torch.device, None] = None) -> Dict[str, O
 def glue_status() -> Dict[str, Dict[str, str]]:
     """{backend: {glue op: how it runs}} for the block's glue around the retrieval: its
     fused kernels ("fused") or the PyTorch composite ("PyTorch composite"). The glue ops are
-    ``rms_norm`` (input_norm, post_attn_norm, q_norm, k_norm) and ``swiglu`` (the MLP)."""
+    ``rms_norm`` (input_norm, post_attn_norm, k_norm), ``swiglu`` (the MLP) and
+    ``q_norm`` (inside the retrieval kernels, or an rms_norm before them)."""
     how = lambda fn: "fused" if fn is not None else "PyTorch composite"  # noqa: E731
-    return {name: {"rms_norm": how(b.rms_norm), "swiglu": how(b.swiglu)}
+    return {name: {"rms_norm": how(b.rms_norm), "swiglu": how(b.swiglu),
+                   "q_norm": ("in the retrieval kernels" if b.retrieval_qnorm is not None
+                              else how(b.rms_norm)),
+                   "k_norm": ("with the memory's metadata" if b.visual_kv is not None
+                              else how(b.rms_norm))}
             for name, b in _REGISTRY.items()}
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .registration import define_python_backend, get_op
+from .recompute import expand_merge, mlp_residual
 from .registry import Backend, register_backend
 
 
@@ -64,12 +65,41 @@ def _swiglu_bwd(grad, gate, up):
     return _kernels().swiglu_bwd(grad, gate, up)
 
 
+def _retrieval_qn_fwd(q, q_weight, k, v, key_mask, kv_len, scale, eps):
+    return _kernels().retrieval_qn_fwd(q, q_weight, k, v, key_mask, kv_len, scale, eps)
+
+
+def _retrieval_qn_bwd(grad_out, q, q_hat, q_weight, k, v, out, lse, key_mask, kv_len, scale,
+                      eps):
+    return _kernels().retrieval_qn_bwd(grad_out, q, q_hat, q_weight, k, v, out, lse, key_mask,
+                                       kv_len, scale, eps)
+
+
+def _retrieval_varlen_qn_fwd(q, q_weight, k, v, cu_q, cu_k, max_q, max_k, scale, eps):
+    return _kernels().retrieval_varlen_qn_fwd(q, q_weight, k, v, cu_q, cu_k, max_q, max_k,
+                                              scale, eps)
+
+
+def _retrieval_varlen_qn_bwd(grad_out, q, q_hat, q_weight, k, v, out, lse, cu_q, cu_k, max_q,
+                             max_k, scale, eps):
+    return _kernels().retrieval_varlen_qn_bwd(grad_out, q, q_hat, q_weight, k, v, out, lse,
+                                              cu_q, cu_k, max_q, max_k, scale, eps)
+
+
+def _visual_kv_fwd(k, weight, mask, eps):
+    return _kernels().visual_kv_fwd(k, weight, mask, eps)
+
+
 define_python_backend("triton", {
     "retrieval_fwd": _retrieval_fwd, "retrieval_bwd": _retrieval_bwd,
     "retrieval_varlen_fwd": _retrieval_varlen_fwd, "retrieval_varlen_bwd": _retrieval_varlen_bwd,
     "merge_fwd": _merge_fwd, "merge_bwd": _merge_bwd,
     "rms_norm_fwd": _rms_norm_fwd, "rms_norm_bwd": _rms_norm_bwd,
     "swiglu_fwd": _swiglu_fwd, "swiglu_bwd": _swiglu_bwd,
+    "retrieval_qn_fwd": _retrieval_qn_fwd, "retrieval_qn_bwd": _retrieval_qn_bwd,
+    "retrieval_varlen_qn_fwd": _retrieval_varlen_qn_fwd,
+    "retrieval_varlen_qn_bwd": _retrieval_varlen_qn_bwd,
+    "visual_kv_fwd": _visual_kv_fwd,
 })
 
 
@@ -114,6 +144,21 @@ def _triton_swiglu(gate, up):
     return get_op("triton", "swiglu_fwd")(gate, up)
 
 
+def _triton_visual_kv(k, weight, mask, eps):
+    k_normed, _, kv_len, has_visual = get_op("triton", "visual_kv_fwd")(k, weight, mask, eps)
+    return k_normed, kv_len, has_visual
+
+
+def _triton_retrieval_qnorm(q, q_weight, eps, k, v, key_mask, kv_len, scale):
+    return get_op("triton", "retrieval_qn_fwd")(q, q_weight, k, v, key_mask, kv_len, scale,
+                                                eps)[0]
+
+
+def _triton_retrieval_varlen_qnorm(q, q_weight, eps, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return get_op("triton", "retrieval_varlen_qn_fwd")(q, q_weight, k, v, cu_q, cu_k, max_q,
+                                                       max_k, scale, eps)[0]
+
+
 def _triton_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
     return _kernels().retrieval.head_dim_unsupported(hd, dtype)
 
@@ -122,4 +167,7 @@ def _triton_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
 register_backend(Backend("triton", _triton_retrieval, _triton_merge, check=_triton_check,
                          default_rank={"cuda": 10}, head_dim_check=_triton_head_dim,
                          retrieval_varlen=_triton_retrieval_varlen, rms_norm=_triton_rms_norm,
-                         swiglu=_triton_swiglu))
+                         swiglu=_triton_swiglu, retrieval_qnorm=_triton_retrieval_qnorm,
+                         retrieval_varlen_qnorm=_triton_retrieval_varlen_qnorm,
+                         visual_kv=_triton_visual_kv, expand_merge=expand_merge("triton"),
+                         mlp_residual=mlp_residual("triton")))
