@@ -148,9 +148,10 @@ setup(
         # CUDA emulator against (host code only; nothing of it is imported).
         # torchvision: Qwen3-VL's video processor, which pipeline("image-text-to-text") loads.
         # pytest-xdist: make test runs the suite on every core (the machine has 2).
+        # peft: LoRA on the block's projections must reach the fused paths (issue 24).
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "pytest-benchmark>=4", "safetensors",
                  "transformers>=4.57,<6", "pillow>=10", "matplotlib>=3.7", "nvidia-cutlass>=4.2,<5",
-                 "torchvision"],
+                 "torchvision", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["pvm-kernels = pvm_kernels.cli:main_exit"]},
 )

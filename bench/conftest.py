@@ -1,7 +1,8 @@
 """Benchmark set-up: device, dtype and 8B-shaped blocks.
 
 GPU: bf16 at the issue's shapes (T in {1, 2048, 8192}, Nv in {256, 1024, 4096}).
-Every case also records its roofline fields (``time_and_roofline``).
+Every case also records its roofline fields and its kernel launches per call
+(``time_and_roofline``: ``extra_info["launches"]``).
 CPU: fp32 at small sizes; decode at B {1, 8}, Nv {256, 1024, 4096}. Every usable backend
 but Triton on CPU (its interpreter measures numpy, not a kernel).
 """
@@ -72,6 +73,17 @@ def time_and_roofline(benchmark, work, cost) -> None:
         ms = benchmark.stats.stats.median * 1e3
     tflops, gbs = measured_peaks()
     benchmark.extra_info.update(cost.fields(ms, tflops, gbs))
+    benchmark.extra_info["launches"] = count_launches(work)
+
+
+def count_launches(work) -> int:
+    """Kernels one call of ``work`` launches (pvm_kernels.launches.LaunchCounter: every
+    kernel-launching aten op and each custom op at its real kernel count), counted after
+    the timed calls, so nothing built once is counted."""
+    from pvm_kernels.launches import LaunchCounter
+    with LaunchCounter() as counter:
+        work()
+    return counter.total
 
 
 @pytest.fixture

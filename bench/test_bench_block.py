@@ -1,13 +1,15 @@
 """PVM block at Qwen3-VL-8B shapes: forward, forward+backward and a cached decode step,
-every backend against the reference; peak memory of forward+backward in extra_info.
+every backend against the reference; peak memory of forward+backward, the bytes saved for
+backward and the kernel launches per call in extra_info.
 
 Run: ``pytest bench/ --benchmark-only`` (``--benchmark-json=FILE`` to keep raw times).
 """
 import pytest
 import torch
 
+from pvm_kernels import PVMConfig
 from pvm_kernels.roofline import block_cost
-from pvm_kernels.testing import saved_tensor_bytes
+from pvm_kernels.testing import block_saved_bytes, saved_tensor_bytes
 from conftest import (BACKENDS, BATCH, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, TOKENS, VISUAL,
                       time_and_roofline)
 
@@ -51,8 +53,13 @@ def test_forward_backward(benchmark, block, backend, T, Nv):
         h.grad = visual.grad = None
         block(h, visual, backend=backend).backward(grad)
 
+    # Saved for backward, not counting the block's inputs or parameters (issue 24), and
+    # the same at the 8B long-sequence point (bf16, T 8192, Nv 2048) under FakeTensorMode,
+    # which any machine can measure.
     extra = dict(saved_activation_bytes=saved_tensor_bytes(
-        lambda: block(h, visual, backend=backend)))
+        lambda: block(h, visual, backend=backend), [h, visual, *block.parameters()]),
+        saved_bytes_8b_t8192_nv2048=block_saved_bytes(PVMConfig.qwen3_vl_8b(), backend,
+                                                      8192, 2048, device=DEVICE.type))
     if DEVICE.type == "cuda":
         work()
         torch.cuda.synchronize()

@@ -5,14 +5,14 @@ tolerances are stated in) and builders of random PVM inputs.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
 from ._alloc import poisoned_outputs
 
 __all__ = ["poisoned_outputs", "max_rel_err", "TOLERANCE", "random_mask", "double_params",
-           "saved_tensor_bytes", "live_block"]
+           "saved_tensor_bytes", "block_saved_bytes", "live_block"]
 
 #: max_rel_err allowed per compute dtype against a float64 reference.
 TOLERANCE: Dict[torch.dtype, float] = {
@@ -59,13 +59,19 @@ def double_params(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
             for k, v in module.state_dict().items()}
 
 
-def saved_tensor_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while ``fn()`` runs: the
-    activation memory of a forward, measured the same way on any device."""
+def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs: the
+    activation memory of a forward, measured the same way on any device, and under
+    FakeTensorMode (no memory at all: shapes only). A storage saved through several views
+    counts once, whole (it is what stays allocated). ``exclude``: tensors whose storages
+    are not counted (the block's inputs and parameters, which exist anyway)."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
     seen = {}
 
     def pack(t):
-        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage._cdata not in skip:
+            seen[storage._cdata] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -87,3 +93,33 @@ def live_block(config, dtype: torch.dtype = torch.float32, device="cpu", gate: f
             elif p.dim() == 2:
                 p.normal_(0, weight_std)
     return block.to(device=device, dtype=dtype)
+
+
+def block_saved_bytes(config, backend: str, T: int, Nv: int, dtype: torch.dtype = torch.bfloat16,
+                      batch: int = 1, device: str = "cpu") -> int:
+    """What a FusedPVM at ``config`` saves for backward (``saved_tensor_bytes``) in one
+    forward on [batch, T, D] hidden states requiring grad, [batch, Nv, D] visual embeddings
+    with a mask, and an FFN output, on ``backend``, not counting those inputs or the
+    parameters (the call's stacked projection weights count: they live until the
+    backward). Runs under
+    FakeTensorMode: any size, no memory, no kernel (each op's fake implementation)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from .modules import FusedPVM
+    from .ops import resolve_backend
+    resolve_backend(backend, torch.device(device))  # its usability probe runs real kernels
+    old = torch.get_default_dtype()
+    with FakeTensorMode():
+        torch.set_default_dtype(dtype)  # parameters made fake in dtype and place: fake
+        try:                            # parameters cannot be swapped by .to()
+            with torch.device(device):
+                block = FusedPVM(config)
+        finally:
+            torch.set_default_dtype(old)
+        D = block.dims.hidden_size
+        h = torch.randn(batch, T, D, dtype=dtype, device=device, requires_grad=True)
+        visual = torch.randn(batch, Nv, D, dtype=dtype, device=device)
+        ffn = torch.randn(batch, T, D, dtype=dtype, device=device)
+        mask = torch.ones(batch, Nv, dtype=torch.bool, device=device)
+        inputs = [h, visual, ffn, mask, *block.parameters()]
+        return saved_tensor_bytes(
+            lambda: block(h, visual, mask, ffn_output=ffn, backend=backend), inputs)

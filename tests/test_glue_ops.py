@@ -75,7 +75,7 @@ def test_swiglu_takes_the_two_halves_of_one_gemm_output(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rms_norm_weight_gradient_is_deterministic(backend, device, dtype):
     """dw is reduced over rows in a fixed order in one launch: the same bits every run."""
-    x = torch.randn(1000, 512, device=device, dtype=dtype)
+    x = torch.randn(300, 512, device=device, dtype=dtype)  # 5 row steps of each dw program
     w = torch.rand(512, device=device, dtype=dtype)
     _, rstd = op(backend, "rms_norm_fwd")(x, w, 1e-6)
     grad = torch.randn_like(x)

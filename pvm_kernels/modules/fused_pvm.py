@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +11,10 @@ from torch import nn
 from ..config import PVMDims
 from ..memory import PackedVisualMemory, VisualMemory
 from ..ops import check_backend_dtype, check_backend_head_dim, resolve_backend
-from ..ops.varlen import check_cu_seqlens, pvm_retrieval_varlen
+from ..ops.varlen import check_cu_seqlens, pvm_retrieval_varlen, validate_cu_seqlens
 from ..ops.checks import check_device, check_embeddings, check_like
 from ..reference import retrieval_probabilities, rms_norm
+from .paired_linear import can_pair, paired_linear, stack_weights
 
 
 def plain(module: nn.Module, cls: type) -> bool:
@@ -132,14 +133,66 @@ class FusedPVM(nn.Module):
         (None: the fastest for the device). Returns a VisualMemory to pass as ``visual`` to
         later calls (every decode step), which then only do the query side.
         """
-        d = self.dims
-        check_embeddings("visual", visual, d.hidden_size, "Nv")
+        check_embeddings("visual", visual, self.dims.hidden_size, "Nv")
+        impl = resolve_backend(backend, visual.device)
+        # k and v stacked (one GEMM) only where a backward follows: without one, the cat
+        # costs the launch it saves
+        stacks = self._stacks(impl, visual, kv=torch.is_grad_enabled(), gate_up=False)
+        return self._encode(visual, visual_mask, impl, stacks)
+
+    def _encode(self, visual: torch.Tensor, visual_mask: Optional[torch.Tensor], impl,
+                stacks: Dict[str, torch.Tensor]) -> VisualMemory:
+        """encode_visual on a resolved backend, with k/v stacked where ``stacks`` has
+        "kv" (``_stacks``)."""
+        d, attn = self.dims, self.cross_attn
         B, Nv, _ = visual.shape
         if visual_mask is not None:
             check_like("visual_mask", visual_mask, (B, Nv), visual.device, torch.bool, "visual")
-            visual = visual.masked_fill(~visual_mask[..., None], 0.0)
-        impl = resolve_backend(backend, visual.device)
-        return VisualMemory.from_kv(*self._keys_values(visual, impl), visual_mask)
+            visual = torch.where(visual_mask[..., None], visual, 0.0)
+        norm = attn.k_norm
+        if impl.visual_kv is None or not plain(norm, PVMRMSNorm) or \
+                norm.weight.dtype != visual.dtype or visual.dtype not in impl.dtypes:
+            return VisualMemory.from_kv(*self._keys_values(visual, impl, stacks), visual_mask)
+        # k_norm and the memory's kv_len / has_visual in one launch
+        heads = (B, Nv, d.num_kv_heads, d.head_dim)
+        k, v = self._kv_projections(self.vision_reducer(visual), stacks)
+        key, kv_len, has_visual = impl.visual_kv(k.view(heads), norm.weight, visual_mask,
+                                                 norm.eps)
+        return VisualMemory(key, v.view(heads), visual_mask, kv_len, has_visual)
+
+    def _stacks(self, impl, x: torch.Tensor, kv: bool, gate_up: bool
+                ) -> Dict[str, torch.Tensor]:
+        """The stacked weights ([k; v] as "kv", [gate; up] as "gate_up") of the pairs asked
+        for that can be paired (plain modules, ``can_pair``, a backend that stacks), made
+        in one launch for all of them (modules/paired_linear.py); x: the block's input
+        (dtype and device)."""
+        attn, mlp = self.cross_attn, self.mlp
+        pairs = []
+        if impl.stacked_projections:
+            if kv:
+                pairs.append(("kv", attn.k_proj, attn.v_proj))
+            if gate_up and plain(mlp, PVMMLP):
+                pairs.append(("gate_up", mlp.gate_proj, mlp.up_proj))
+        pairs = [(name, a, b) for name, a, b in pairs
+                 if plain(a, nn.Linear) and plain(b, nn.Linear)
+                 and can_pair(a, b, x.dtype, x.device)]
+        if not pairs:
+            return {}
+        stacked = stack_weights(*[m for _, a, b in pairs for m in (a, b)])
+        out, row = {}, 0
+        for name, a, b in pairs:
+            rows = a.weight.shape[0] + b.weight.shape[0]
+            out[name] = stacked[row:row + rows]
+            row += rows
+        return out
+
+    def _kv_projections(self, y: torch.Tensor, stacks: Dict[str, torch.Tensor]):
+        """(k_proj(y), v_proj(y)) [..., Hkv * hd] of the reduced visual tokens y [..., P]:
+        one GEMM where ``stacks`` has "kv"."""
+        attn = self.cross_attn
+        if "kv" in stacks:
+            return paired_linear(y, attn.k_proj, attn.v_proj, stacks["kv"])
+        return attn.k_proj(y), attn.v_proj(y)
 
     @staticmethod
     def _norm(impl, norm: PVMRMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -150,45 +203,75 @@ class FusedPVM(nn.Module):
             return impl.rms_norm(x, norm.weight, norm.eps)
         return norm(x)
 
-    def _keys_values(self, visual: torch.Tensor, impl=None):
+    def _keys_values(self, visual: torch.Tensor, impl, stacks: Dict[str, torch.Tensor]):
         """(k, v) [..., Hkv, hd] of visual [..., D] (padded or packed): vision_reducer, the
-        k / v projections and the per-head k-norm (the backend's glue where ``impl``)."""
+        k / v projections (stacked where ``stacks`` has "kv") and the per-head k-norm (the
+        backend's glue)."""
         d, attn = self.dims, self.cross_attn
         heads = (*visual.shape[:-1], d.num_kv_heads, d.head_dim)
-        y = self.vision_reducer(visual)
-        return self._norm(impl, attn.k_norm, attn.k_proj(y).view(heads)), attn.v_proj(y).view(heads)
+        k, v = self._kv_projections(self.vision_reducer(visual), stacks)
+        return self._norm(impl, attn.k_norm, k.view(heads)), v.view(heads)
 
-    def _queries(self, hidden_states: torch.Tensor, impl=None) -> torch.Tensor:
+    def _queries(self, hidden_states: torch.Tensor, impl=None,
+                 raw: bool = False) -> torch.Tensor:
         """q [..., H, hd] of hidden_states [..., D]: text_reducer, input_norm, q_proj and the
-        per-head q-norm (the backend's glue where ``impl``)."""
+        per-head q-norm (the backend's glue where ``impl``); ``raw``: without the q-norm
+        (the retrieval kernels apply it)."""
         d, attn = self.dims, self.cross_attn
         x = self._norm(impl, self.input_norm, self.text_reducer(hidden_states))
         q = attn.q_proj(x).view(*hidden_states.shape[:-1], d.num_heads, d.head_dim)
-        return self._norm(impl, attn.q_norm, q)
+        return q if raw else self._norm(impl, attn.q_norm, q)
 
-    def _mlp_residual(self, impl, m: torch.Tensor) -> torch.Tensor:
+    def _fused_q_norm(self, impl, varlen: bool, dtype: torch.dtype) -> bool:
+        """Whether ``impl``'s retrieval applies q_norm itself (a plain module, its dtype)."""
+        fused = impl.retrieval_varlen_qnorm if varlen else impl.retrieval_qnorm
+        norm = self.cross_attn.q_norm
+        return fused is not None and plain(norm, PVMRMSNorm) and norm.weight.dtype == dtype
+
+    def _mlp_residual(self, impl, m: torch.Tensor, stacks: Dict[str, torch.Tensor]
+                      ) -> torch.Tensor:
         """``m + mlp(post_attn_norm(m))``: the norm and SwiGLU through the backend's fused
-        ops, and the residual add folded into the down projection (one addmm) where the
+        ops, gate and up as one GEMM where ``stacks`` has "gate_up", the residual add
+        folded into the down projection (one addmm), and, where a backward follows and the
+        backend has it, only the MLP's input saved for it (ops/recompute.py); each where the
         modules are plain."""
         n = self._norm(impl, self.post_attn_norm, m)
         mlp = self.mlp
-        if impl.swiglu is None or not plain(mlp, PVMMLP):
+        if not impl.stacked_projections or not plain(mlp, PVMMLP):
             return m + mlp(n)
-        s = impl.swiglu(mlp.gate_proj(n), mlp.up_proj(n))
-        down = mlp.down_proj
-        if not plain(down, nn.Linear) or down.bias is not None or down.weight.dtype != s.dtype:
+        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        down_plain = plain(down, nn.Linear) and down.bias is None and \
+            down.weight.dtype == n.dtype
+        if impl.mlp_residual is not None and down_plain and "gate_up" in stacks and \
+                torch.is_grad_enabled():
+            return impl.mlp_residual(m, n, gate.weight, up.weight, down.weight,
+                                     stacks["gate_up"])
+        if "gate_up" in stacks:
+            g, u = paired_linear(n, gate, up, stacks["gate_up"])
+        else:
+            g, u = gate(n), up(n)
+        s = impl.swiglu(g, u) if impl.swiglu is not None else F.silu(g) * u
+        if not down_plain:
             return m + down(s)
         return torch.addmm(m.reshape(-1, m.shape[-1]), s.reshape(-1, s.shape[-1]),
                            down.weight.t()).view(m.shape)
 
     def _update(self, impl, a: torch.Tensor, keep: Optional[torch.Tensor],
-                ffn_output: Optional[torch.Tensor]) -> torch.Tensor:
+                ffn_output: Optional[torch.Tensor], stacks: Dict[str, torch.Tensor]
+                ) -> torch.Tensor:
         """From the retrieval a [..., H, hd]: o_proj, the inner MLP, the expander and the
-        merge (keep / ffn_output as pvm_merge takes them)."""
+        merge (keep / ffn_output as pvm_merge takes them); the expansion recomputed in
+        backward rather than saved where the backend has ``expand_merge``."""
         d = self.dims
         m = self.cross_attn.o_proj(a.reshape(*a.shape[:-2], d.num_heads * d.head_dim))
-        m = self._mlp_residual(impl, m)
-        return impl.merge(self.output_expander(m), self.gate_alpha, keep, ffn_output, d.eps)
+        m = self._mlp_residual(impl, m, stacks)
+        expander = self.output_expander
+        if impl.expand_merge is not None and plain(expander, nn.Linear) and \
+                expander.bias is None and expander.weight.dtype == m.dtype and \
+                not torch.compiler.is_compiling():
+            return impl.expand_merge(m, expander.weight, self.gate_alpha, keep, ffn_output,
+                                     d.eps)
+        return impl.merge(expander(m), self.gate_alpha, keep, ffn_output, d.eps)
 
     @torch.no_grad()
     def visual_attention(self, hidden_states: torch.Tensor, memory: VisualMemory) -> torch.Tensor:
@@ -237,6 +320,12 @@ class FusedPVM(nn.Module):
         check_backend_dtype(impl, hidden_states.dtype)
         check_backend_head_dim(impl, d.head_dim, hidden_states.dtype)
 
+        # The stacked projection weights of this call, all in one launch: k/v and gate/up
+        # with raw visual embeddings; gate/up alone with a memory when a backward follows
+        # (without one, stacking a single pair costs the launch it saves).
+        raw = not isinstance(visual, VisualMemory)
+        stacks = self._stacks(impl, hidden_states, kv=raw,
+                              gate_up=raw or torch.is_grad_enabled())
         if isinstance(visual, VisualMemory):
             if visual_mask is not None:
                 raise ValueError("visual_mask must be None when visual is a VisualMemory "
@@ -252,7 +341,7 @@ class FusedPVM(nn.Module):
             if visual.dtype != hidden_states.dtype:
                 raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "
                                 f"dtype {hidden_states.dtype}")
-            memory = self.encode_visual(visual, visual_mask, backend=impl.name)
+            memory = self._encode(visual, visual_mask, impl, stacks)
         if memory.batch_size != B:
             raise ValueError(f"visual has batch size {memory.batch_size}, hidden_states {B}")
         if memory.key.shape[2:] != (d.num_kv_heads, d.head_dim):
@@ -265,9 +354,16 @@ class FusedPVM(nn.Module):
         if query_is_visual is not None:
             keep = ~query_is_visual if keep is None else keep & ~query_is_visual
 
-        a = impl.retrieval(self._queries(hidden_states, impl), memory.key, memory.value,
-                           memory.key_mask, memory.kv_len, 1.0 / math.sqrt(d.head_dim))
-        return self._update(impl, a, keep, ffn_output)
+        scale = 1.0 / math.sqrt(d.head_dim)
+        if self._fused_q_norm(impl, False, hidden_states.dtype):
+            norm = self.cross_attn.q_norm
+            a = impl.retrieval_qnorm(self._queries(hidden_states, impl, raw=True), norm.weight,
+                                     norm.eps, memory.key, memory.value, memory.key_mask,
+                                     memory.kv_len, scale)
+        else:
+            a = impl.retrieval(self._queries(hidden_states, impl), memory.key, memory.value,
+                               memory.key_mask, memory.kv_len, scale)
+        return self._update(impl, a, keep, ffn_output, stacks)
 
     # ---- varlen (packed sequences) ---------------------------------------------------------
 
@@ -277,14 +373,24 @@ class FusedPVM(nn.Module):
         """Project packed visual embeddings once: visual [total_k, D], sequence b's tokens at
         rows cu_seqlens[b]:cu_seqlens[b + 1] (int32 [N + 1]); max_seqlen the most tokens of
         one sequence. Returns a PackedVisualMemory for ``forward_varlen``."""
+        self._check_packed_visual(visual, cu_seqlens)
+        impl = resolve_backend(backend, visual.device)
+        stacks = self._stacks(impl, visual, kv=torch.is_grad_enabled(), gate_up=False)
+        return self._encode_varlen(visual, cu_seqlens, max_seqlen, impl, stacks)
+
+    def _check_packed_visual(self, visual, cu_seqlens) -> None:
         d = self.dims
         if not isinstance(visual, torch.Tensor) or visual.dim() != 2 or \
                 visual.shape[-1] != d.hidden_size:
             raise ValueError(f"visual must be [total_k, {d.hidden_size}], got "
                              f"{tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual).__name__}")
         check_cu_seqlens("cu_seqlens", cu_seqlens, visual.device, None)
-        impl = resolve_backend(backend, visual.device)
-        return PackedVisualMemory.from_kv(*self._keys_values(visual, impl), cu_seqlens,
+
+    def _encode_varlen(self, visual, cu_seqlens, max_seqlen, impl,
+                       stacks: Dict[str, torch.Tensor]) -> PackedVisualMemory:
+        """encode_visual_varlen on a resolved backend (``_encode``'s packed twin)."""
+        self._check_packed_visual(visual, cu_seqlens)
+        return PackedVisualMemory.from_kv(*self._keys_values(visual, impl, stacks), cu_seqlens,
                                           max_seqlen)
 
     def forward_varlen(self, hidden_states: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -325,6 +431,9 @@ class FusedPVM(nn.Module):
         check_backend_head_dim(impl, d.head_dim, hidden_states.dtype)
         if impl.retrieval_varlen is None:
             raise ValueError(f"backend {impl.name!r} has no varlen retrieval")
+        raw = not isinstance(visual, PackedVisualMemory)  # stacked weights: see forward
+        stacks = self._stacks(impl, hidden_states, kv=raw,
+                              gate_up=raw or torch.is_grad_enabled())
         if isinstance(visual, PackedVisualMemory):
             if cu_seqlens_k is not None or max_seqlen_k is not None:
                 raise ValueError("cu_seqlens_k / max_seqlen_k must be None when visual is a "
@@ -338,8 +447,7 @@ class FusedPVM(nn.Module):
             if visual.dtype != hidden_states.dtype:
                 raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "
                                 f"dtype {hidden_states.dtype}")
-            memory = self.encode_visual_varlen(visual, cu_seqlens_k, max_seqlen_k,
-                                               backend=impl.name)
+            memory = self._encode_varlen(visual, cu_seqlens_k, max_seqlen_k, impl, stacks)
         if memory.key.dtype != hidden_states.dtype:
             raise TypeError(f"visual (a PackedVisualMemory) is {memory.key.dtype}, "
                             f"hidden_states {hidden_states.dtype}")
@@ -356,9 +464,23 @@ class FusedPVM(nn.Module):
         if query_is_visual is not None:
             keep = keep & ~query_is_visual
 
-        # Through the functional op: on CPU it validates the lengths against max_seqlen.
-        a = pvm_retrieval_varlen(self._queries(hidden_states, impl), memory.key, memory.value,
-                                 cu_seqlens_q, memory.cu_seqlens, int(max_seqlen_q),
-                                 memory.max_seqlen, 1.0 / math.sqrt(d.head_dim),
-                                 backend=impl.name)
-        return self._update(impl, a, keep, ffn_output)
+        scale = 1.0 / math.sqrt(d.head_dim)
+        if self._fused_q_norm(impl, True, hidden_states.dtype):
+            # The lengths validated as the functional op does (CPU tensors only: no sync)
+            if device.type == "cpu" and not torch.compiler.is_compiling():
+                validate_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, int(max_seqlen_q),
+                                    "max_seqlen_q")
+                validate_cu_seqlens("cu_seqlens_k", memory.cu_seqlens, memory.key.shape[0],
+                                    memory.max_seqlen, "max_seqlen_k")
+            norm = self.cross_attn.q_norm
+            a = impl.retrieval_varlen_qnorm(
+                self._queries(hidden_states, impl, raw=True), norm.weight, norm.eps, memory.key,
+                memory.value, cu_seqlens_q, memory.cu_seqlens, int(max_seqlen_q),
+                memory.max_seqlen, scale)
+        else:
+            # Through the functional op: on CPU it validates the lengths against max_seqlen.
+            a = pvm_retrieval_varlen(self._queries(hidden_states, impl), memory.key,
+                                     memory.value, cu_seqlens_q, memory.cu_seqlens,
+                                     int(max_seqlen_q), memory.max_seqlen, scale,
+                                     backend=impl.name)
+        return self._update(impl, a, keep, ffn_output, stacks)
