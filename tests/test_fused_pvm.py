@@ -216,3 +216,26 @@ def test_unusable_backend_is_an_error_not_a_fallback(monkeypatch):
         monkeypatch.undo()
         backends._CHECKS.clear()
     assert backends.resolve_backend(None, torch.device("cpu")).name in ("cpu", "reference")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_device_params()
+                                            if p.values[0] == "triton"])
+def test_block_under_autocast(backend, device):
+    """fp32 parameters under torch.autocast(bfloat16), as TRL's bf16 training runs: the
+    fused paths that read weights step aside (q_proj's output is bf16, its gain fp32), and
+    forward + backward stay within bf16 error of the fp32 block. (The reference and cpu
+    backends do not run under autocast yet.)"""
+    cfg = tiny_config()
+    block = live_block(cfg, torch.float32, device)
+    h = torch.randn(2, 5, 64, device=device, requires_grad=True)
+    visual = torch.randn(2, 7, 64, device=device)
+    mask = random_mask(2, 7, pad_from={1: 4}).to(device)
+    g = torch.randn(2, 5, 64, device=device)
+    expected = block(h, visual, mask, backend=backend)
+    expected_grad, = torch.autograd.grad(expected, h, g)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = block(h, visual, mask, backend=backend)
+    grad, = torch.autograd.grad(out, h, g.to(out.dtype))
+    assert out.dtype == torch.bfloat16
+    assert max_rel_err(out, expected) < 2 * TOLERANCE[torch.bfloat16]
+    assert max_rel_err(grad, expected_grad) < 4 * TOLERANCE[torch.bfloat16]

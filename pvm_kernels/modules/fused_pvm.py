@@ -150,15 +150,15 @@ class FusedPVM(nn.Module):
             check_like("visual_mask", visual_mask, (B, Nv), visual.device, torch.bool, "visual")
             visual = torch.where(visual_mask[..., None], visual, 0.0)
         norm = attn.k_norm
-        if impl.visual_kv is None or not plain(norm, PVMRMSNorm) or \
-                norm.weight.dtype != visual.dtype or visual.dtype not in impl.dtypes:
-            return VisualMemory.from_kv(*self._keys_values(visual, impl, stacks), visual_mask)
-        # k_norm and the memory's kv_len / has_visual in one launch
         heads = (B, Nv, d.num_kv_heads, d.head_dim)
         k, v = self._kv_projections(self.vision_reducer(visual), stacks)
-        key, kv_len, has_visual = impl.visual_kv(k.view(heads), norm.weight, visual_mask,
-                                                 norm.eps)
-        return VisualMemory(key, v.view(heads), visual_mask, kv_len, has_visual)
+        k, v = k.view(heads), v.view(heads)
+        if impl.visual_kv is None or not plain(norm, PVMRMSNorm) or \
+                norm.weight.dtype != k.dtype or k.dtype not in impl.dtypes:
+            return VisualMemory.from_kv(self._norm(impl, norm, k), v, visual_mask)
+        # k_norm and the memory's kv_len / has_visual in one launch
+        key, kv_len, has_visual = impl.visual_kv(k, norm.weight, visual_mask, norm.eps)
+        return VisualMemory(key, v, visual_mask, kv_len, has_visual)
 
     def _stacks(self, impl, x: torch.Tensor, kv: bool, gate_up: bool
                 ) -> Dict[str, torch.Tensor]:
@@ -168,7 +168,9 @@ class FusedPVM(nn.Module):
         (dtype and device)."""
         attn, mlp = self.cross_attn, self.mlp
         pairs = []
-        if impl.stacked_projections:
+        # Under autocast the GEMMs' inputs are not x's dtype, and a custom backward runs
+        # outside autocast: the modules run as written.
+        if impl.stacked_projections and not torch.is_autocast_enabled(x.device.type):
             if kv:
                 pairs.append(("kv", attn.k_proj, attn.v_proj))
             if gate_up and plain(mlp, PVMMLP):
@@ -223,7 +225,9 @@ class FusedPVM(nn.Module):
         return q if raw else self._norm(impl, attn.q_norm, q)
 
     def _fused_q_norm(self, impl, varlen: bool, dtype: torch.dtype) -> bool:
-        """Whether ``impl``'s retrieval applies q_norm itself (a plain module, its dtype)."""
+        """Whether ``impl``'s retrieval applies q_norm itself to q_proj's output of ``dtype``
+        (a plain module with its gain in that dtype: under autocast q is the autocast dtype
+        and an fp32 gain is applied by the module)."""
         fused = impl.retrieval_varlen_qnorm if varlen else impl.retrieval_qnorm
         norm = self.cross_attn.q_norm
         return fused is not None and plain(norm, PVMRMSNorm) and norm.weight.dtype == dtype
@@ -268,7 +272,8 @@ class FusedPVM(nn.Module):
         expander = self.output_expander
         if impl.expand_merge is not None and plain(expander, nn.Linear) and \
                 expander.bias is None and expander.weight.dtype == m.dtype and \
-                not torch.compiler.is_compiling():
+                not torch.compiler.is_compiling() and \
+                not torch.is_autocast_enabled(m.device.type):
             return impl.expand_merge(m, expander.weight, self.gate_alpha, keep, ffn_output,
                                      d.eps)
         return impl.merge(expander(m), self.gate_alpha, keep, ffn_output, d.eps)
@@ -355,13 +360,13 @@ class FusedPVM(nn.Module):
             keep = ~query_is_visual if keep is None else keep & ~query_is_visual
 
         scale = 1.0 / math.sqrt(d.head_dim)
-        if self._fused_q_norm(impl, False, hidden_states.dtype):
-            norm = self.cross_attn.q_norm
-            a = impl.retrieval_qnorm(self._queries(hidden_states, impl, raw=True), norm.weight,
-                                     norm.eps, memory.key, memory.value, memory.key_mask,
-                                     memory.kv_len, scale)
+        q = self._queries(hidden_states, impl, raw=True)
+        norm = self.cross_attn.q_norm
+        if self._fused_q_norm(impl, False, q.dtype):
+            a = impl.retrieval_qnorm(q, norm.weight, norm.eps, memory.key, memory.value,
+                                     memory.key_mask, memory.kv_len, scale)
         else:
-            a = impl.retrieval(self._queries(hidden_states, impl), memory.key, memory.value,
+            a = impl.retrieval(self._norm(impl, norm, q), memory.key, memory.value,
                                memory.key_mask, memory.kv_len, scale)
         return self._update(impl, a, keep, ffn_output, stacks)
 
@@ -465,21 +470,21 @@ class FusedPVM(nn.Module):
             keep = keep & ~query_is_visual
 
         scale = 1.0 / math.sqrt(d.head_dim)
-        if self._fused_q_norm(impl, True, hidden_states.dtype):
+        q = self._queries(hidden_states, impl, raw=True)
+        norm = self.cross_attn.q_norm
+        if self._fused_q_norm(impl, True, q.dtype):
             # The lengths validated as the functional op does (CPU tensors only: no sync)
             if device.type == "cpu" and not torch.compiler.is_compiling():
                 validate_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, int(max_seqlen_q),
                                     "max_seqlen_q")
                 validate_cu_seqlens("cu_seqlens_k", memory.cu_seqlens, memory.key.shape[0],
                                     memory.max_seqlen, "max_seqlen_k")
-            norm = self.cross_attn.q_norm
             a = impl.retrieval_varlen_qnorm(
-                self._queries(hidden_states, impl, raw=True), norm.weight, norm.eps, memory.key,
-                memory.value, cu_seqlens_q, memory.cu_seqlens, int(max_seqlen_q),
-                memory.max_seqlen, scale)
+                q, norm.weight, norm.eps, memory.key, memory.value, cu_seqlens_q,
+                memory.cu_seqlens, int(max_seqlen_q), memory.max_seqlen, scale)
         else:
             # Through the functional op: on CPU it validates the lengths against max_seqlen.
-            a = pvm_retrieval_varlen(self._queries(hidden_states, impl), memory.key,
+            a = pvm_retrieval_varlen(self._norm(impl, norm, q), memory.key,
                                      memory.value, cu_seqlens_q, memory.cu_seqlens,
                                      int(max_seqlen_q), memory.max_seqlen, scale,
                                      backend=impl.name)
