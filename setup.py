@@ -128,6 +128,8 @@ setup(
     # site-packages.
     packages=find_packages(include=["pvm_kernels", "pvm_kernels.*"]) + ["pvm_kernels.triton_ops"],
     package_dir={"pvm_kernels.triton_ops": "triton_ops"},
+    # the retrieval's tile tables, one file per GPU architecture (triton_ops/tile_tables.py)
+    package_data={"pvm_kernels.triton_ops": ["configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

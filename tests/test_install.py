@@ -127,7 +127,8 @@ def test_sdist_carries_every_source_the_extensions_compile(venv):
               for f in build_spec.sources(os.path.join(ROOT, "csrc"), ext)}
     needed |= {os.path.join("csrc", f) for f in build_spec.shipped_files(os.path.join(ROOT, "csrc"))}
     assert needed and not needed - names, sorted(needed - names)
-    assert {"pyproject.toml", "setup.py", "README.md", "triton_ops/retrieval.py"} <= names
+    assert {"pyproject.toml", "setup.py", "README.md", "triton_ops/retrieval.py",
+            "triton_ops/configs/sm80.json", "triton_ops/configs/sm90.json"} <= names
 
 
 def test_pip_install_dot_builds_the_extensions_and_cpu_matches_float64(venv, tmp_path):

@@ -31,7 +31,8 @@ def test_wheel_ships_the_triton_kernels_inside_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert not any(n.endswith((".so", "_build_info.json")) or "/_csrc/" in n for n in names), \
         "PVM_SKIP_EXTENSIONS=1 builds a pure-Python wheel"
-    for f in ("__init__.py", "common.py", "retrieval.py", "merge.py"):
+    for f in ("__init__.py", "common.py", "retrieval.py", "merge.py", "tile_tables.py",
+              "configs/sm80.json", "configs/sm90.json"):
         assert f"pvm_kernels/triton_ops/{f}" in names
     tops = {n.split("/")[0] for n in names if not n.startswith("pvm_kernels-")}
     assert tops == {"pvm_kernels"}, tops  # no top-level triton_ops, tools, tests

@@ -47,6 +47,7 @@ from .._alloc import new_output
 from .common import (ARCH_SMS, always_valid_keys, check_grid, dot_flags, dtype_class, expect,
                      head_dim_problem, launch_guard, mma, never_read_f32, pow2_at_least,
                      target_capability, unlimited_kv_len, with_vector_layout)
+from .tile_tables import ARCHS, load_table
 
 LOG2E = 1.4426950408889634
 
@@ -82,79 +83,15 @@ class TileConfig:
 
 
 _T = TileConfig
-#: The sm_80 (A100) table: (kernel, dtype class, BLOCK_D, row class) -> TileConfig. Each
-#: entry is the largest tile (rows, then keys; fewer warps and more stages first) that
-#: compiled for sm_80 with both triton 3.8 (CPU machines) and 3.6 (the GPU machines), with
-#: no register spill and within the A100's 166,912 B of shared memory per block, found by
-#: sweeping candidates through the compile gate's session (tools/tile_sweep.py); the gate
-#: recompiles every entry in `make test` and the README's table lists their registers,
-#: shared memory and occupancy.
-_SM80: Dict[Tuple[str, str, int, str], TileConfig] = {
-    # forward: accumulator [BLOCK_M, BLOCK_D] fp32 in registers. 4 warps at 64 x 64 x 128
-    # spilled on sm_80 (255 registers + 40-80 B); 8 warps hold it in 184.
-    ("fwd", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
-    ("fwd", "16bit", 32, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 32, "prefill"): _T(64, 64, 4, 2),
-    ("fwd", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 64, "prefill"): _T(64, 64, 4, 2),
-    ("fwd", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
-    ("fwd", "16bit", 256, "decode"): _T(16, 64, 4, 2), ("fwd", "16bit", 256, "prefill"): _T(64, 64, 8, 1),
-    ("fwd", "fp32", 16, "decode"): _T(16, 32, 4, 1), ("fwd", "fp32", 16, "prefill"): _T(64, 64, 4, 1),
-    # fp32 decode at 16 x 64 keys spilled 8-16 B (sm_80 and sm_90, varlen) once the
-    # forward merged its own splits (issue 24): 32 keys.
-    ("fwd", "fp32", 32, "decode"): _T(16, 32, 4, 2), ("fwd", "fp32", 32, "prefill"): _T(64, 32, 8, 2),
-    ("fwd", "fp32", 64, "decode"): _T(16, 32, 4, 2), ("fwd", "fp32", 64, "prefill"): _T(32, 32, 8, 2),
-    ("fwd", "fp32", 128, "decode"): _T(16, 64, 8, 2), ("fwd", "fp32", 128, "prefill"): _T(16, 32, 8, 2),
-    # dQ: q, dO and the dq accumulator per row block; fp32 streams q/dO in 32-dim chunks.
-    ("dq", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
-    ("dq", "16bit", 32, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 32, "prefill"): _T(64, 64, 4, 2),
-    ("dq", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 64, "prefill"): _T(64, 64, 4, 2),
-    ("dq", "16bit", 128, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
-    ("dq", "16bit", 256, "decode"): _T(16, 64, 4, 2), ("dq", "16bit", 256, "prefill"): _T(64, 32, 8, 2),
-    # fp32 dQ with q_norm fused (QN: three more pointers live across the loop) spilled
-    # 24-72 B on sm_80 at 64 x 32 x 16, 64 x 16 x 64 and 16 x 64 x 64: 32 rows / 32 keys.
-    ("dq", "fp32", 16, "decode"): _T(16, 32, 4, 2), ("dq", "fp32", 16, "prefill"): _T(32, 32, 4, 2),
-    ("dq", "fp32", 32, "decode"): _T(16, 64, 4, 2), ("dq", "fp32", 32, "prefill"): _T(64, 32, 8, 1),
-    ("dq", "fp32", 64, "decode"): _T(16, 32, 4, 1), ("dq", "fp32", 64, "prefill"): _T(32, 16, 4, 2),
-    ("dq", "fp32", 128, "decode"): _T(16, 64, 8, 1), ("dq", "fp32", 128, "prefill"): _T(32, 32, 8, 1),
-    # dK/dV: one key block per program, two [BLOCK_N, BLOCK_D] fp32 accumulators resident
-    # (64 x 64 x 128 on 4 warps: 255 registers + 152-408 B spill; 8 warps: 182-250; at
-    # 64 x 64 x 64 on sm_80, 4 and 8 warps with 2 stages spill 8 B; 1 stage fits in 219).
-    ("dkdv", "16bit", 16, "decode"): _T(16, 64, 4, 2), ("dkdv", "16bit", 16, "prefill"): _T(64, 64, 4, 2),
-    ("dkdv", "16bit", 32, "decode"): _T(16, 64, 4, 1), ("dkdv", "16bit", 32, "prefill"): _T(64, 64, 4, 2),
-    ("dkdv", "16bit", 64, "decode"): _T(16, 64, 4, 2), ("dkdv", "16bit", 64, "prefill"): _T(64, 64, 4, 1),
-    # 16 x 64 x 128 on 4 warps with 2 stages compiles cleanly but computes dK wrongly on
-    # the H100 with triton 3.6 (max rel. error 0.27-0.73 in bf16 and fp16; dQ, dV and the
-    # other tiles right: tools/tile_probe.py); 8 warps are right and the fastest probed.
-    ("dkdv", "16bit", 128, "decode"): _T(16, 64, 8, 2), ("dkdv", "16bit", 128, "prefill"): _T(64, 64, 8, 2),
-    ("dkdv", "16bit", 256, "decode"): _T(16, 32, 8, 2), ("dkdv", "16bit", 256, "prefill"): _T(32, 32, 8, 2),
-    ("dkdv", "fp32", 16, "decode"): _T(16, 32, 4, 2), ("dkdv", "fp32", 16, "prefill"): _T(16, 32, 4, 2),
-    ("dkdv", "fp32", 32, "decode"): _T(16, 16, 4, 1), ("dkdv", "fp32", 32, "prefill"): _T(32, 16, 4, 2),
-    ("dkdv", "fp32", 64, "decode"): _T(16, 32, 4, 2), ("dkdv", "fp32", 64, "prefill"): _T(16, 32, 4, 2),
-    ("dkdv", "fp32", 128, "decode"): _T(16, 32, 8, 2), ("dkdv", "fp32", 128, "prefill"): _T(16, 32, 8, 2),
-}
-#: sm_90 (H100/H200) entries that differ from sm_80's. Candidates started from published
-#: H100 attention tiles (the Triton fused-attention tutorial: 128-row forward blocks on 8
-#: warps with 3 stages, 32-64 rows x 128 keys for dK/dV; flash-attention 2: 128 x 64
-#: forward at head dim 128) and the first, in that order of preference, that compiled for
-#: sm_90 with triton 3.8 and 3.6 without a spill won (tools/tile_sweep.py; the H100's
-#: 232,448 B of shared memory per block takes 3 stages where the A100's 166,912 did not):
-#:   fwd  hd 128: 128 x 64, 8 warps, 3 stages (233-239 registers; 128 x 128 spilled 104 B);
-#:   fwd  hd 64:  128 x 64 (145 registers; 128 x 128 compiled at 252-255, no margin left);
-#:   dq   hd 64/128: 128 x 64, 8 warps, 3 stages (162 / 222-232 registers);
-#:   dkdv hd 64: 32 x 128 keys (triton 3.6 spilled 64 x 128); hd 128: 64 x 64, 3 stages.
-#: Head dim 256 kept sm_80's (every larger candidate spilled), so did 16 and 32.
-#: Decode entries stay sm_80's, the tiles the H100 run verified: 16 x 128 with 3 stages
-#: compiles cleanly too, but a tile that compiled cleanly has computed wrongly on the H100
-#: before (dK/dV, above), and decode is memory-bound with split-KV filling the SMs.
-#: None of these has run on a GPU yet: `make gpu-check` checks each against float64
-#: (tools/tile_probe.py --arch-changes) before the suite's numbers are trusted.
-_SM90_CHANGES: Dict[Tuple[str, str, int, str], TileConfig] = {
-    ("fwd", "16bit", 64, "prefill"): _T(128, 64, 8, 3),
-    ("fwd", "16bit", 128, "prefill"): _T(128, 64, 8, 3),
-    ("dq", "16bit", 64, "prefill"): _T(128, 64, 8, 3),
-    ("dq", "16bit", 128, "prefill"): _T(128, 64, 8, 3),
-    ("dkdv", "16bit", 64, "prefill"): _T(32, 128, 8, 3),
-    ("dkdv", "16bit", 128, "prefill"): _T(64, 64, 8, 3),
-}
+
+
+def _tile_table(arch: str) -> Dict[Tuple[str, str, int, str], TileConfig]:
+    """The tile table of ``arch`` ("sm80": A100, "sm90": H100/H200) from its file,
+    triton_ops/configs/<arch>.json (tile_tables.py): (kernel, dtype class, BLOCK_D, row
+    class) -> TileConfig. Why each tile is what it is stands in the file's notes; the
+    compile gate recompiles every entry in make test (docs/kernel_resources.md lists
+    their registers, shared memory and occupancy)."""
+    return {key: _T(*values) for key, values in load_table(arch).items()}
 
 
 def _with_row_kernels(table: Dict[Tuple[str, str, int, str], TileConfig]):
@@ -173,9 +110,7 @@ def _with_row_kernels(table: Dict[Tuple[str, str, int, str], TileConfig]):
 #: of launch shapes. One table per architecture ("sm80", "sm90"), chosen by the device's
 #: compute capability (triton_ops.common.target_capability).
 CONFIGS: Dict[Tuple[str, str, str, int, str], TileConfig] = {
-    (arch,) + key: cfg
-    for arch, table in (("sm80", _SM80), ("sm90", {**_SM80, **_SM90_CHANGES}))
-    for key, cfg in _with_row_kernels(table).items()}
+    (arch,) + key: cfg for arch in ARCHS for key, cfg in _with_row_kernels(_tile_table(arch)).items()}
 
 
 def block_d_for(hd: int) -> int:
