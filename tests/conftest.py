@@ -74,7 +74,10 @@ def lib():
 # The modules that run for minutes, longest first: they start at once, one per worker, while
 # the other worker works through the many short ones. Seconds on the 2-core machine: a pip
 # install with build isolation (~150), the barrier deletions (~100), the CMake build (~45).
-LONG_MODULES = ["test_install", "test_sync_mutations", "test_cmake_build"]
+# The longest modules first (make test's times, 2 workers), so no long one starts last.
+LONG_MODULES = ["test_install", "test_sync_mutations", "test_cli", "test_compile_gate",
+                "test_random_shapes", "test_cmake_build", "test_compiled_generation",
+                "test_qnorm_retrieval", "test_varlen", "test_generation_modes"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -59,8 +59,11 @@ def _unfused(backend, q, w, k, v, mask, lens, scale, grad):
 
 
 @pytest.mark.parametrize("backend,device", QN)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+# fp32 and bf16 on every shape; fp16 (bf16's code path, another rounding) on the 8B decode
+# shape only: the interpreter's time is make test's budget
+@pytest.mark.parametrize("dtype,shape", [(dt, sh) for dt in (torch.float32, torch.bfloat16)
+                                         for sh in SHAPES] + [(torch.float16, SHAPES[0])],
+                         ids=str)
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
 def test_fused_q_norm_retrieval_matches_float64(backend, device, dtype, shape, masked):
     B, T, H, Hkv, hd, Nv = shape
