@@ -166,6 +166,8 @@ class FusedPVM(nn.Module):
         for that can be paired (plain modules, ``can_pair``, a backend that stacks), made
         in one launch for all of them (modules/paired_linear.py); x: the block's input
         (dtype and device)."""
+        if not (kv or gate_up):  # a decode step with a memory: nothing to stack, at once
+            return {}
         attn, mlp = self.cross_attn, self.mlp
         pairs = []
         # Under autocast the GEMMs' inputs are not x's dtype, and a custom backward runs
@@ -393,8 +395,8 @@ class FusedPVM(nn.Module):
 
     def _encode_varlen(self, visual, cu_seqlens, max_seqlen, impl,
                        stacks: Dict[str, torch.Tensor]) -> PackedVisualMemory:
-        """encode_visual_varlen on a resolved backend (``_encode``'s packed twin)."""
-        self._check_packed_visual(visual, cu_seqlens)
+        """encode_visual_varlen on a resolved backend, arguments checked by the caller
+        (``_encode``'s packed twin)."""
         return PackedVisualMemory.from_kv(*self._keys_values(visual, impl, stacks), cu_seqlens,
                                           max_seqlen)
 
@@ -452,6 +454,7 @@ class FusedPVM(nn.Module):
             if visual.dtype != hidden_states.dtype:
                 raise TypeError(f"visual dtype {visual.dtype} differs from hidden_states "
                                 f"dtype {hidden_states.dtype}")
+            self._check_packed_visual(visual, cu_seqlens_k)
             memory = self._encode_varlen(visual, cu_seqlens_k, max_seqlen_k, impl, stacks)
         if memory.key.dtype != hidden_states.dtype:
             raise TypeError(f"visual (a PackedVisualMemory) is {memory.key.dtype}, "
