@@ -38,7 +38,8 @@ SCHEMAS: Dict[str, str] = {
 
 #: The block's glue around the retrieval, fused (issue 24): the Qwen RMSNorm with a gain
 #: (rstd [rows] float32 saved for the backward) and SwiGLU. A backend defines these or
-#: runs the PyTorch composite (Backend.glue_ops, registry.py).
+#: runs the PyTorch composite (the Backend fields rms_norm, swiglu, retrieval_qnorm,
+#: visual_kv: registry.py; glue_status()).
 GLUE_SCHEMAS: Dict[str, str] = {
     "rms_norm_fwd": "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
     "rms_norm_bwd": "(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
