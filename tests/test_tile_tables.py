@@ -37,6 +37,8 @@ def test_the_row_kernels_follow_the_tile_tables():
     (lambda d: d["entries"][3].update(num_stages=0), "num_stages must be 1 to 8"),
     (lambda d: d["entries"][0].update(kernel="combine"), "unknown key"),
     (lambda d: d.pop("entries"), "no 'entries' list"),
+    (lambda d: d["entries"][2].update(warp_specialize=1), "warp_specialize must be true or"),
+    (lambda d: d["entries"][2].update(warp_specialise=True), "unknown field"),
 ])
 def test_a_malformed_table_names_the_file_and_the_entry(doc, edit, message):
     bad = copy.deepcopy(doc)
@@ -54,3 +56,13 @@ def test_a_table_for_another_architecture_is_refused(tmp_path, monkeypatch, doc)
         tt.load_table("sm90")
     with pytest.raises(ValueError, match="arch must be one of"):
         tt.table_path("sm75")
+
+
+def test_warp_specialize_is_optional_and_read(doc):
+    edited = copy.deepcopy(doc)
+    edited["entries"][5]["warp_specialize"] = True
+    table = tt.parse_table(edited, "configs/sm90.json")
+    e = edited["entries"][5]
+    key = (e["kernel"], e["dtype"], e["block_d"], e["rows"])
+    assert table[key][-1] is True
+    assert sum(values[-1] for values in table.values()) == 1  # absent reads as false

@@ -75,11 +75,14 @@ _UNALIGNED = ["CU_Q", "CU_K"]
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One compiled tile shape: BLOCK_M packed query rows x BLOCK_N keys per step."""
+    """One compiled tile shape: BLOCK_M packed query rows x BLOCK_N keys per step;
+    ``warp_specialize``: the key loop of a tensor-descriptor (TMA) launch warp-specialised
+    (tile_tables.py), unused by pointer-load launches."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    warp_specialize: bool = False
 
 
 _T = TileConfig
