@@ -5,6 +5,7 @@ without TRITON_INTERPRET (the gate compiles for the GPU). Each prints one JSON o
     python tests/compile_gate_probe.py shape-mismatch
     python tests/compile_gate_probe.py table-entry <json: key> <json: TileConfig fields>
     python tests/compile_gate_probe.py unreachable-entry
+    python tests/compile_gate_probe.py ptx-instructions
 """
 import json
 import os
@@ -85,12 +86,55 @@ def unreachable_entry():
     return {"failures": [f for f in gate.check([], [90], only="retrieval") if "512" in f]}
 
 
+#: PTX instructions the ptx-instructions probe counts: TMA box loads, Hopper's
+#: warpgroup MMA, Ampere's warp MMA, 16-byte global loads.
+PTX_INSTRUCTIONS = ("cp.async.bulk.tensor", "wgmma.mma_async", "mma.sync", "ld.global.v4")
+
+
+def ptx_instructions():
+    """Compile, for sm_90, the 8B-layout bf16 prefill retrieval (forward + backward, hd
+    128) twice: as the launchers choose (tensor descriptors: no key_mask, one KV head) and
+    with pointer loads (retrieval.tensor_descriptors(False)); the PTX instruction counts
+    of each tile kernel."""
+    import compile_gate as gate
+    from pvm_kernels.triton_ops import retrieval as R
+    counts = {}
+    for tma in (True, False):
+        with gate.CompileSession(90) as session:
+            compile_fn = session._original_run
+
+            def run(fn, *args, tma=tma, **kwargs):
+                kernel = compile_fn(fn, *args, **kwargs)
+                name = fn.fn.__name__
+                if name in ("retrieval_fwd_kernel", "retrieval_bwd_dq_kernel",
+                            "retrieval_bwd_dkdv_kernel"):
+                    ptx = kernel.asm["ptx"]
+                    counts[f"{name}:{'tma' if tma else 'pointer'}"] = dict(
+                        {i: ptx.count(i) for i in PTX_INSTRUCTIONS},
+                        TMA=bool(kwargs.get("TMA")))
+                return kernel
+
+            session._original_run = run
+            T, H, Hkv = gate.TMA_ROWS
+            session.context["config"] = lambda k: ("retrieval", R.config_key(
+                k, torch.bfloat16, T * H // Hkv, 128, torch.device("cpu")))
+            with R.tensor_descriptors(tma):
+                q = torch.randn(1, T, H, 128, dtype=torch.bfloat16, requires_grad=True)
+                kv = torch.randn(1, 150, Hkv, 128, dtype=torch.bfloat16, requires_grad=True)
+                torch.ops.pvm_kernels.triton_retrieval_fwd(q, kv, kv, None, None,
+                                                           128 ** -0.5)[0].sum().backward()
+            session._original_run = compile_fn  # what __exit__ puts back on JITFunction
+    return {"counts": counts}
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "interpreter-accepts":
         result = interpreter_accepts()
     elif what == "shape-mismatch":
         result = shape_mismatch()
+    elif what == "ptx-instructions":
+        result = ptx_instructions()
     elif what == "table-entry":
         result = table_entry(json.loads(sys.argv[2]), json.loads(sys.argv[3]),
                              json.loads(sys.argv[4]) if len(sys.argv) > 4 else (80, 90))

@@ -185,3 +185,19 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_refused_up_front():
         assert why is not None and "loop bound loaded from memory" in why, why
     else:
         assert why is None, why
+
+
+def test_sm90_prefill_loads_tiles_through_tma_and_multiplies_with_wgmma():
+    """Issue 25: the sm_90 bf16 prefill retrieval at the 8B layout (hd 128, no key_mask)
+    compiles its forward, dQ and dK/dV kernels to TMA box loads (cp.async.bulk.tensor) and
+    Hopper's warpgroup MMA (wgmma), never Ampere's mma.sync; the same problem with pointer
+    loads forced has no TMA load (so the count is the path's, not always there)."""
+    counts = probe("ptx-instructions")["counts"]
+    for kernel in ("retrieval_fwd_kernel", "retrieval_bwd_dq_kernel",
+                   "retrieval_bwd_dkdv_kernel"):
+        tma, pointer = counts[f"{kernel}:tma"], counts[f"{kernel}:pointer"]
+        assert tma["TMA"] and not pointer["TMA"], kernel
+        assert tma["cp.async.bulk.tensor"] > 0, (kernel, tma)
+        assert tma["wgmma.mma_async"] > 0 and tma["mma.sync"] == 0, (kernel, tma)
+        assert pointer["cp.async.bulk.tensor"] == 0, (kernel, pointer)
+        assert pointer["wgmma.mma_async"] > 0, (kernel, pointer)

@@ -163,6 +163,8 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                 for qn in (False, True):
                     problems.append(("retrieval", dtype, bd, rc, False, varlen, qn))
                     problems.append(("retrieval", dtype, bd, rc, True, varlen, qn))
+                    if tma_entry(table_arch, dc, bd, rc):  # the tensor-descriptor kernels
+                        problems.append(("retrieval", dtype, bd, rc, "tma", varlen, qn))
     for (kernel, dc, bd) in sorted(merge_mod.CONFIGS):
         if kernel != "fwd":  # the backward of each forward reaches the bwd entry
             continue
@@ -190,7 +192,13 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
               dynamic_ncols=True) as bar:
         for prob in problems:
             context["problem"] = f"{prob[0]} {prob[1:]}"
-            if prob[0] == "retrieval" and prob[5]:
+            if prob[0] == "retrieval" and prob[4] == "tma":
+                _, dtype, bd, rc, _, varlen, qn = prob
+                T, H, Hkv = TMA_ROWS
+                context["config"] = lambda kernel, rows=T * (H // Hkv), hd=bd, dtype=dtype: (
+                    "retrieval", retr_mod.config_key(kernel, dtype, rows, hd, torch.device("cpu")))
+                run_tma_problem(dtype, bd, varlen, qn)
+            elif prob[0] == "retrieval" and prob[5]:
                 _, dtype, bd, rc, varied, _, qn = prob
                 T, H, Hkv = rows_for[rc]
                 hd = (bd // 2 + 8 if bd > 16 else 8) if varied else bd
@@ -339,7 +347,7 @@ class CompileSession:
         bound, specialization, _ = binder(*args, **kwargs)
         constexprs = {k: v for k, v in bound.items() if isinstance(v, (bool, int))
                       and k.startswith(("BLOCK", "HAS", "ALIGNED", "FP32", "UPCAST", "VARLEN",
-                                        "QN"))}
+                                        "QN", "TMA", "WS"))}
         dtype = str(bound[next(iter(bound))].dtype).replace("torch.", "")
         sig = repr(specialization) + repr(sorted(kwargs.items()))
         table, entry = self.context["config"](_KERNEL_TABLE_NAME[name])
@@ -434,6 +442,56 @@ def run_varlen_problem(dtype, T: int, H: int, Hkv: int, hd: int, transposed: boo
     out.backward(torch.randn_like(out))
 
 
+#: (T, H, Hkv) of the gate's tensor-descriptor problems: the 8B layout's one KV head (rows
+#: evenly strided), T * G = 148 prefill rows, a partial last row block.
+TMA_ROWS = (37, 4, 1)
+
+
+def tma_entry(arch: str, dc: str, bd: int, rc: str) -> bool:
+    """Whether retrieval table bucket (arch, dtype class, BLOCK_D, row class) has
+    tensor-descriptor (TMA) launches besides its pointer ones (retrieval.uses_tma)."""
+    from pvm_kernels.triton_ops import retrieval as R
+    return arch == "sm90" and dc == "16bit" and rc == "prefill" and bd in R.TMA_BLOCK_D
+
+
+def run_tma_problem(dtype, hd: int, varlen: bool, q_norm: bool) -> None:
+    """Forward + backward of a retrieval that takes the tensor-descriptor path (no
+    key_mask, one KV head, prefill rows; checked: it must), padded with a kv_len below Nv
+    and past it, or packed (varlen), optionally with q_norm fused."""
+    import torch
+    from pvm_kernels.triton_ops import retrieval as R
+    T, H, Hkv = TMA_ROWS
+    taken = []
+    uses = R.uses_tma
+
+    def spy(*args, **kwargs):
+        taken.append(uses(*args, **kwargs))
+        return taken[-1]
+
+    R.uses_tma = spy
+    try:
+        if varlen:
+            run_varlen_problem(dtype, T, H, Hkv, hd, q_norm=q_norm)
+        else:
+            q = torch.randn(2, T, H, hd, dtype=dtype, requires_grad=True)
+            k = torch.randn(2, 77, Hkv, hd, dtype=dtype, requires_grad=True)
+            v = torch.randn(2, 77, Hkv, hd, dtype=dtype, requires_grad=True)
+            lens = torch.tensor([77 - 5, 2**20], dtype=torch.int32)
+            if q_norm:
+                w = torch.ones(hd, dtype=dtype, requires_grad=True)
+                out = torch.ops.pvm_kernels.triton_retrieval_qn_fwd(
+                    q, w, k, v, None, lens, hd ** -0.5, 1e-6)[0]
+            else:
+                out = torch.ops.pvm_kernels.triton_retrieval_fwd(q, k, v, None, lens,
+                                                                 hd ** -0.5)[0]
+            out.backward(torch.randn_like(out))
+    finally:
+        R.uses_tma = uses
+    if taken != [True, True]:
+        raise RuntimeError(f"the gate's tensor-descriptor problem took pointer loads "
+                           f"(uses_tma per launch: {taken})")
+
+
 def compile_entry_problem(cap: int, dc: str, bd: int, rc: str,
                           recall: Optional[Dict[str, dict]] = None) -> "CompileSession":
     """Compile, for sm_<cap>, the forward + backward of the one small retrieval problem
@@ -458,6 +516,13 @@ def compile_entry_problem(cap: int, dc: str, bd: int, rc: str,
                                                       1e-6)[0].sum().backward()
         run_varlen_problem(dtype, T, H, Hkv, bd)
         run_varlen_problem(dtype, T, H, Hkv, bd, q_norm=True)
+        if tma_entry(f"sm{cap}", dc, bd, rc):
+            T, H, Hkv = TMA_ROWS
+            s.context["config"] = lambda k: ("retrieval", R.config_key(
+                k, dtype, T * H // Hkv, bd, torch.device("cpu")))
+            for varlen in (False, True):
+                for qn in (False, True):
+                    run_tma_problem(dtype, bd, varlen, qn)
     return s
 
 
@@ -522,6 +587,8 @@ LAYOUTS = {"retrieval": ("padded", "varlen"), "merge": ("",), "rms_norm": ("",),
            "swiglu": ("",), "visual_kv": ("mask", "no-mask")}
 #: The retrieval kernels with a QN (fused q_norm) variant, by table kernel name.
 QN_KERNELS = ("fwd", "dq", "finish")
+#: The retrieval kernels with a tensor-descriptor (TMA=True: "-tma") variant on sm_90.
+TMA_KERNELS = ("fwd", "dq", "dkdv")
 
 
 def _layout(table: str, constexprs: Dict[str, object]) -> str:
@@ -530,7 +597,7 @@ def _layout(table: str, constexprs: Dict[str, object]) -> str:
     if table != "retrieval":
         return ""
     return ("varlen" if constexprs.get("VARLEN") else "padded") + \
-        ("-qn" if constexprs.get("QN") else "")
+        ("-tma" if constexprs.get("TMA") else "") + ("-qn" if constexprs.get("QN") else "")
 
 
 def _layouts(table: str, key: tuple) -> Tuple[str, ...]:
@@ -538,6 +605,8 @@ def _layouts(table: str, key: tuple) -> Tuple[str, ...]:
     base = LAYOUTS[table]
     if table == "retrieval" and key[1] == "finish":  # no layout: elements of dk and dv
         base = ("padded",)
+    if table == "retrieval" and key[1] in TMA_KERNELS and tma_entry(key[0], *key[2:]):
+        base = base + tuple(f"{layout}-tma" for layout in base)
     if table == "retrieval" and key[1] in QN_KERNELS:
         return base + tuple(f"{layout}-qn" for layout in base)
     return base

@@ -127,6 +127,30 @@ def target_capability(device: torch.device) -> int:
     return cap
 
 
+@contextlib.contextmanager
+def descriptor_scratch(device: torch.device, needed: bool = True):
+    """For one launch of a kernel that makes tensor descriptors in the program
+    (tl.make_tensor_descriptor: 128 B of global scratch per descriptor per program, which
+    Triton's launcher asks its allocator for), an allocator from torch's caching allocator
+    on ``device`` (stream-ordered, CUDA-graph safe) unless the caller set one with
+    triton.set_allocator, which is kept. Scoped to the launch (a context variable token),
+    never left behind; nothing on CPU (the interpreter needs no scratch)."""
+    if not needed or device.type != "cuda":
+        yield
+        return
+    from triton.runtime import _allocation  # the ContextVar behind triton.set_allocator
+    var = _allocation._allocator
+    if not isinstance(var.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = var.set(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                               device=device))
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def check_grid(grid: Sequence[int]) -> None:
     """ValueError before a launch whose 1-D grid exceeds the GPU's limit on grid x."""
     if grid[0] > MAX_GRID_X:

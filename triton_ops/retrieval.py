@@ -33,9 +33,22 @@ launcher guarantees instead and the kernels state as hints: unit stride along hd
 other stride and hd a multiple of 8 elements, 16-byte aligned pointers. That is what
 16-byte vector loads need (checked in the PTX: ld.global.v4 with the hints, 2-byte loads
 without).
+
+Tensor descriptors (issue 25; ``TMA=True``): on sm_90, 16-bit prefill launches without a
+key_mask whose KV-group rows are evenly strided (``uses_tma``; the 8B layout's) load their
+Q, K, V and dO tiles as TMA boxes from descriptors each program makes for its own sample
+(tl.make_tensor_descriptor): a box's rows past the sample's key or row count arrive as
+zeros, so full key tiles run without any mask and one tail tile per sample is masked, and
+the loads need no registers or address arithmetic (the PTX carries cp.async.bulk.tensor
+and wgmma: tests/test_compile_gate.py). A key_mask keeps pointer loads: a masked key inside
+a box would reach the MMA (NaN padding times a zero probability is NaN). sm_80 keeps
+pointer loads too (no TMA unit). The softmax runs in exp2 with scale * log2(e) folded into
+the scores on both paths.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -44,8 +57,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .common import (ARCH_SMS, always_valid_keys, check_grid, dot_flags, dtype_class, expect,
-                     head_dim_problem, launch_guard, mma, never_read_f32, pow2_at_least,
+from .common import (ARCH_SMS, always_valid_keys, check_grid, descriptor_scratch, dot_flags,
+                     dtype_class, expect, head_dim_problem, launch_guard, mma, never_read_f32, pow2_at_least,
                      target_capability, unlimited_kv_len, with_vector_layout)
 from .tile_tables import ARCHS, load_table
 
@@ -415,6 +428,61 @@ def _q_norm_backward(DQ, Q_RAW, QW, DQW_PART, g_off, q_off, row_ok, HD, eps,
                  mask=dc_ok)
 
 
+@triton.jit
+def _tile_desc(base_ptr, n, stride, HD, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tensor descriptor (TMA on sm_90) over n rows of hd elements, ``stride`` apart,
+    from base_ptr, read BLOCK x BLOCK_D at a time: rows at or past n and lanes past hd
+    load as 0 (the hardware's zero padding), so a tile at a sample's end needs no mask on
+    its loads. Made in the program (tl.make_tensor_descriptor), so n is this sample's own
+    row or key count (kv_len, varlen lengths); at least 1 row, never an empty box."""
+    return tl.make_tensor_descriptor(base_ptr, shape=[tl.maximum(n, 1), HD],
+                                     strides=[stride, 1], block_shape=[BLOCK, BLOCK_D])
+
+
+@triton.jit
+def _softmax_step(q, k, v, m_i, l_i, acc, qk_scale_log2, n_ok, MASKED: tl.constexpr,
+                  UPCAST: tl.constexpr, FP32: tl.constexpr):
+    """One key tile of the online softmax (scores in the log2 domain: scale * log2(e) is
+    folded into qk_scale_log2, so exp2 is the only exponential): the running max m_i,
+    sum l_i and unnormalised output acc updated. MASKED: keys where n_ok is False score
+    -inf (a sample's tail tile); a full tile skips the select."""
+    s = mma(q, tl.trans(k), UPCAST, FP32) * qk_scale_log2
+    if MASKED:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, FP32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_tma(q, K, V, k_base, v_base, skn, svn, n_start, n_end, HD, qk_scale_log2,
+                m_i, l_i, acc, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, FP32: tl.constexpr, WS: tl.constexpr):
+    """The forward's key loop over keys [n_start, n_end) through tensor descriptors bounded
+    at n_end: every full tile unmasked (a K and a V box each, no select), then at most one
+    tail tile whose keys past n_end load as 0 and score -inf. K, V: the KV head's first
+    key at k_base / v_base. WS: the full-tile loop warp-specialised (the table's
+    warp_specialize)."""
+    k_desc = _tile_desc(K + k_base, n_end, skn, HD, BLOCK_N, BLOCK_D)
+    v_desc = _tile_desc(V + v_base, n_end, svn, HD, BLOCK_N, BLOCK_D)
+    n_full = n_start + tl.maximum(n_end - n_start, 0) // BLOCK_N * BLOCK_N
+    for n0 in tl.range(n_start, n_full, BLOCK_N, warp_specialize=WS):
+        k = k_desc.load([n0, 0])
+        v = v_desc.load([n0, 0])
+        m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale_log2, m_i, False,
+                                      UPCAST, FP32)
+    if n_full < n_end:
+        n = n_full + tl.arange(0, BLOCK_N)
+        k = k_desc.load([n_full, 0])
+        v = v_desc.load([n_full, 0])
+        m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale_log2, n < n_end, True,
+                                      UPCAST, FP32)
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def retrieval_fwd_kernel(
     Q, K, V, O, LSE, KEY_MASK, KV_LEN, O_PART, LSE_PART, TICKETS, CU_Q, CU_K, QW, QHAT,
@@ -428,8 +496,11 @@ def retrieval_fwd_kernel(
     TOTAL_Q: tl.int64, TOTAL_K: tl.int64, qn_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr, QN: tl.constexpr,
+    TMA: tl.constexpr, WS: tl.constexpr,
 ):
-    """One program per (row block, key split, sample, KV head). With SPLITS == 1 it writes
+    """One program per (row block, key split, sample, KV head). TMA (sm_90, 16-bit, no
+    key_mask, evenly strided rows: the launcher's uses_tma): Q, K and V tiles come through
+    tensor descriptors, full key tiles unmasked and one tail tile masked (_attend_tma). With SPLITS == 1 it writes
     out and lse; otherwise its split's normalised partial output and lse go to O_PART
     [SPLITS, N_STATS, hd] / LSE_PART [SPLITS, N_STATS] (fp32, indexed like lse), and the
     last split of a row block to finish merges them (_merge_splits): one launch where a
@@ -449,7 +520,12 @@ def retrieval_fwd_kernel(
     d, d_ok = _dims(HD, BLOCK_D)
     rd_ok = row_ok[:, None] & d_ok[None, :]
     q_off = _row_offsets(_base(b, q_begin, sqb, sqt, VARLEN), rows, kvh, G, sqt, sqh)
-    q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
+    if TMA:
+        # The KV group's rows (t, g) evenly strided (sqt == G * sqh, or G == 1): one box.
+        q = _tile_desc(Q + _base(b, q_begin, sqb, sqt, VARLEN) + kvh * G * sqh, q_len * G,
+                       sqt // G, HD, BLOCK_M, BLOCK_D).load([rb * BLOCK_M, 0])
+    else:
+        q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
     if QN:
         # q arrives as q_proj's output: q_norm here, as it is loaded. The result goes to
         # QHAT (laid out like q: the backward's scores read it; the splits of a row block
@@ -470,26 +546,31 @@ def retrieval_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = _key_valid(KEY_MASK, _mask_row(b, VARLEN), n, n_end, smb, smn)
-        # Invalid keys are never read: padding may hold anything, and 0 * NaN would leak
-        # into valid rows through the dot. A masked load (zero fill) instead of a
-        # tl.where on the tile also lets the compiler stream K and V straight to shared
-        # memory (cp.async): the where kept V in registers, 40-408 B of spill at 64x64x128.
-        nd_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + _key_offsets(k_base, kvh, n, skn, skh)[:, None] + d[None, :],
-                    mask=nd_ok, other=0.0)
-        s = mma(q, tl.trans(k), UPCAST, FP32) * qk_scale_log2
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + _key_offsets(v_base, kvh, n, svn, svh)[:, None] + d[None, :],
-                    mask=nd_ok, other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, FP32)
-        m_i = m_new
+    if TMA:
+        m_i, l_i, acc = _attend_tma(q, K, V, k_base + kvh * skh, v_base + kvh * svh, skn, svn,
+                                    n_start, n_end, HD, qk_scale_log2, m_i, l_i, acc,
+                                    BLOCK_N, BLOCK_D, UPCAST, FP32, WS)
+    else:
+        for n0 in range(n_start, n_end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = _key_valid(KEY_MASK, _mask_row(b, VARLEN), n, n_end, smb, smn)
+            # Invalid keys are never read: padding may hold anything, and 0 * NaN would leak
+            # into valid rows through the dot. A masked load (zero fill) instead of a
+            # tl.where on the tile also lets the compiler stream K and V straight to shared
+            # memory (cp.async): the where kept V in registers, 40-408 B of spill at 64x64x128.
+            nd_ok = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + _key_offsets(k_base, kvh, n, skn, skh)[:, None] + d[None, :],
+                        mask=nd_ok, other=0.0)
+            s = mma(q, tl.trans(k), UPCAST, FP32) * qk_scale_log2
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + _key_offsets(v_base, kvh, n, svn, svh)[:, None] + d[None, :],
+                        mask=nd_ok, other=0.0)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, FP32)
+            m_i = m_new
 
     # Empty only when nothing was summed (l == 0, no valid key); a NaN l (NaN or Inf in
     # this sample's keys/values) must come out as NaN like the reference, never as 0.
@@ -594,7 +675,7 @@ def retrieval_bwd_dkdv_kernel(
     SPLITS: tl.int32, SPLIT_ROWS: tl.int32, PART_STRIDE: tl.int64,
     TOTAL_Q: tl.int64, TOTAL_K: tl.int64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program per (key block, row split, sample, KV head): sums over its split's
     packed query rows into fp32 partials at split * PART_STRIDE of DK_PART / DV_PART
@@ -606,21 +687,30 @@ def retrieval_bwd_dkdv_kernel(
     whose key block starts past its sequence's keys stores nothing, one whose row split
     starts past its rows loops over none (as padded: row_end), and only the sequence's own
     keys are stored (the next sequence's follow in the packed k; the launcher zeroes the
-    partials, so keys of no sequence sum to 0)."""
+    partials, so keys of no sequence sum to 0). TMA (uses_tma): K, V, and each step's Q
+    and dO tiles through tensor descriptors; rows past the sample's load as 0, so they add
+    exactly 0 (q = dO = 0 there, and their lse and delta read as 0) without a row mask."""
     kb, split, b, kvh = _program_split(HKV, NV, BLOCK_N, SPLITS)
     q_begin, q_len = _seq_q(CU_Q, b, TOTAL_Q, T, VARLEN)
     k_begin, n_end = _seq_k(CU_K, KV_LEN, b, slb, TOTAL_K, NV, VARLEN)
     n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < _stored_keys(NV, n_end, VARLEN)
-    n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
     d, d_ok = _dims(HD, BLOCK_D)
     nd_ok = n_in[:, None] & d_ok[None, :]
-    valid_nd = n_ok[:, None] & d_ok[None, :]
     k_off = _key_offsets(_base(b, k_begin, skb, skn, VARLEN), kvh, n, skn, skh)
     v_off = _key_offsets(_base(b, k_begin, svb, svn, VARLEN), kvh, n, svn, svh)
-    if not FP32:
-        k = tl.load(K + k_off[:, None] + d[None, :], mask=valid_nd, other=0.0)
-        v = tl.load(V + v_off[:, None] + d[None, :], mask=valid_nd, other=0.0)
+    if TMA:
+        n_ok = n < n_end  # no key_mask on this path
+        k_first = _base(b, k_begin, skb, skn, VARLEN) + kvh * skh
+        v_first = _base(b, k_begin, svb, svn, VARLEN) + kvh * svh
+        k = _tile_desc(K + k_first, n_end, skn, HD, BLOCK_N, BLOCK_D).load([kb * BLOCK_N, 0])
+        v = _tile_desc(V + v_first, n_end, svn, HD, BLOCK_N, BLOCK_D).load([kb * BLOCK_N, 0])
+    else:
+        n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
+        valid_nd = n_ok[:, None] & d_ok[None, :]
+        if not FP32:
+            k = tl.load(K + k_off[:, None] + d[None, :], mask=valid_nd, other=0.0)
+            v = tl.load(V + v_off[:, None] + d[None, :], mask=valid_nd, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -629,16 +719,25 @@ def retrieval_bwd_dkdv_kernel(
     q_base = _base(b, q_begin, sqb, sqt, VARLEN)
     do_base = _base(b, q_begin, sob, sot, VARLEN)
     row_end = tl.where(kb * BLOCK_N < n_end, tl.minimum(q_len * G, row_start + SPLIT_ROWS), 0)
+    if TMA:
+        q_desc = _tile_desc(Q + q_base + kvh * G * sqh, q_len * G, sqt // G, HD, BLOCK_M,
+                            BLOCK_D)
+        do_desc = _tile_desc(DO + do_base + kvh * G * soh, q_len * G, sot // G, HD, BLOCK_M,
+                             BLOCK_D)
     for r0 in range(row_start, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < q_len * G
-        rd_ok = row_ok[:, None] & d_ok[None, :]
-        q_off = _row_offsets(q_base, rows, kvh, G, sqt, sqh)
-        do_off = _row_offsets(do_base, rows, kvh, G, sot, soh)
-        q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
-        do = tl.load(DO + do_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
         lse2, delta = _row_stats(LSE, DELTA, b, q_begin, rows, row_ok, kvh, T, G, HKV, TOTAL_Q,
                                  VARLEN)
+        if TMA:
+            q = q_desc.load([r0, 0])
+            do = do_desc.load([r0, 0])
+        else:
+            rd_ok = row_ok[:, None] & d_ok[None, :]
+            q_off = _row_offsets(q_base, rows, kvh, G, sqt, sqh)
+            do_off = _row_offsets(do_base, rows, kvh, G, sot, soh)
+            q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
+            do = tl.load(DO + do_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
         if FP32:
             # As in the dQ kernel: K and V re-read 32 dims at a time instead of held whole
             # (with tf32x3 splits they spilled at hd 256 even on 16 x 16 tiles).
@@ -650,7 +749,10 @@ def retrieval_bwd_dkdv_kernel(
             s = mma(q, tl.trans(k), UPCAST, FP32)
             dp = mma(do, tl.trans(v), UPCAST, FP32)
         s = s * qk_scale_log2
-        p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        if TMA:  # rows past the sample: q = dO = 0 and lse = delta = 0, so they add 0
+            p = tl.where(n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        else:
+            p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dv += mma(tl.trans(p.to(do.dtype)), do, UPCAST, FP32)
         ds = p * (dp - delta[:, None])
         dk += mma(tl.trans(ds.to(q.dtype)), q, UPCAST, FP32)
@@ -662,6 +764,41 @@ def retrieval_bwd_dkdv_kernel(
     p_off = split * PART_STRIDE + g_off
     tl.store(DK_PART + p_off, dk, mask=nd_ok)
     tl.store(DV_PART + p_off, dv, mask=nd_ok)
+
+
+@triton.jit
+def _dq_step(q, do, k, v, lse2, delta, dq, qk_scale_log2, n_ok, MASKED: tl.constexpr,
+             UPCAST: tl.constexpr, FP32: tl.constexpr):
+    """dq += dS k for one key tile, P recomputed from the log2-domain lse. Rows past the
+    sample need no mask: their dq is never stored. MASKED: keys where n_ok is False get
+    P = 0 (the tail tile)."""
+    s = mma(q, tl.trans(k), UPCAST, FP32) * qk_scale_log2
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(n_ok[None, :], p, 0.0)
+    dp = mma(do, tl.trans(v), UPCAST, FP32)
+    ds = p * (dp - delta[:, None])
+    return dq + mma(ds.to(k.dtype), k, UPCAST, FP32)
+
+
+@triton.jit
+def _dq_tma(q, do, K, V, k_base, v_base, skn, svn, n_end, HD, qk_scale_log2, lse2, delta, dq,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+            FP32: tl.constexpr):
+    """The dQ kernel's key loop over [0, n_end) through tensor descriptors bounded at
+    n_end: full tiles unmasked, then at most one masked tail tile (keys past n_end load
+    as 0 and get P = 0)."""
+    k_desc = _tile_desc(K + k_base, n_end, skn, HD, BLOCK_N, BLOCK_D)
+    v_desc = _tile_desc(V + v_base, n_end, svn, HD, BLOCK_N, BLOCK_D)
+    n_full = n_end // BLOCK_N * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        dq = _dq_step(q, do, k_desc.load([n0, 0]), v_desc.load([n0, 0]), lse2, delta, dq,
+                      qk_scale_log2, lse2, False, UPCAST, FP32)
+    if n_full < n_end:
+        n = n_full + tl.arange(0, BLOCK_N)
+        dq = _dq_step(q, do, k_desc.load([n_full, 0]), v_desc.load([n_full, 0]), lse2, delta,
+                      dq, qk_scale_log2, n < n_end, True, UPCAST, FP32)
+    return dq
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
@@ -677,8 +814,11 @@ def retrieval_bwd_dq_kernel(
     TOTAL_Q: tl.int64, TOTAL_K: tl.int64, qn_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, FP32: tl.constexpr, VARLEN: tl.constexpr, QN: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """One program per (row block, sample, KV head): loops over the valid keys.
+    """One program per (row block, sample, KV head): loops over the valid keys. TMA
+    (uses_tma): Q, dO, K and V through tensor descriptors, full key tiles unmasked, one
+    masked tail tile (_dq_tma).
 
     Split from dK/dV so that neither needs atomics: results are deterministic. QN: Q is
     the forward's q_norm(q) and the gradient goes on through q_norm to Q_RAW, q_proj's
@@ -695,7 +835,12 @@ def retrieval_bwd_dq_kernel(
     rd_ok = row_ok[:, None] & d_ok[None, :]
     q_off = _row_offsets(_base(b, q_begin, sqb, sqt, VARLEN), rows, kvh, G, sqt, sqh)
     do_off = _row_offsets(_base(b, q_begin, sob, sot, VARLEN), rows, kvh, G, sot, soh)
-    if not FP32:
+    if TMA:
+        q = _tile_desc(Q + _base(b, q_begin, sqb, sqt, VARLEN) + kvh * G * sqh, q_len * G,
+                       sqt // G, HD, BLOCK_M, BLOCK_D).load([rb * BLOCK_M, 0])
+        do = _tile_desc(DO + _base(b, q_begin, sob, sot, VARLEN) + kvh * G * soh, q_len * G,
+                        sot // G, HD, BLOCK_M, BLOCK_D).load([rb * BLOCK_M, 0])
+    elif not FP32:
         q = tl.load(Q + q_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
         do = tl.load(DO + do_off[:, None] + d[None, :], mask=rd_ok, other=0.0)
     lse2, delta = _row_stats(LSE, DELTA, b, q_begin, rows, row_ok, kvh, T, G, HKV, TOTAL_Q,
@@ -703,30 +848,34 @@ def retrieval_bwd_dq_kernel(
     k_base = _base(b, k_begin, skb, skn, VARLEN)
     v_base = _base(b, k_begin, svb, svn, VARLEN)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n0 in range(0, n_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
-        nd_ok = n_ok[:, None] & d_ok[None, :]
-        k_off = _key_offsets(k_base, kvh, n, skn, skh)
-        v_off = _key_offsets(v_base, kvh, n, svn, svh)
-        k = tl.load(K + k_off[:, None] + d[None, :], mask=nd_ok, other=0.0)
-        if FP32:
-            # Every row of an MMA's A operand lives in every warp, and tf32x3 holds each
-            # fp32 operand twice (hi, lo): q and dO whole ([16, 128] at hd 128) took 255
-            # registers and spilled 16-72 B at every tile tried (compile gate). In chunks
-            # of 32 head dims, re-read from L1 each step, only dq stays live.
-            s = _chunked_dot(Q, q_off, row_ok, K, k_off, n_ok, HD, BLOCK_M, BLOCK_N, BLOCK_D,
-                             UPCAST, FP32)
-            dp = _chunked_dot(DO, do_off, row_ok, V, v_off, n_ok, HD, BLOCK_M, BLOCK_N,
-                              BLOCK_D, UPCAST, FP32)
-        else:
-            v = tl.load(V + v_off[:, None] + d[None, :], mask=nd_ok, other=0.0)
-            s = mma(q, tl.trans(k), UPCAST, FP32)
-            dp = mma(do, tl.trans(v), UPCAST, FP32)
-        s = s * qk_scale_log2
-        p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += mma(ds.to(k.dtype), k, UPCAST, FP32)
+    if TMA:
+        dq = _dq_tma(q, do, K, V, k_base + kvh * skh, v_base + kvh * svh, skn, svn, n_end, HD,
+                     qk_scale_log2, lse2, delta, dq, BLOCK_N, BLOCK_D, UPCAST, FP32)
+    else:
+        for n0 in range(0, n_end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = _key_valid(KEY_MASK, b, n, n_end, smb, smn)
+            nd_ok = n_ok[:, None] & d_ok[None, :]
+            k_off = _key_offsets(k_base, kvh, n, skn, skh)
+            v_off = _key_offsets(v_base, kvh, n, svn, svh)
+            k = tl.load(K + k_off[:, None] + d[None, :], mask=nd_ok, other=0.0)
+            if FP32:
+                # Every row of an MMA's A operand lives in every warp, and tf32x3 holds each
+                # fp32 operand twice (hi, lo): q and dO whole ([16, 128] at hd 128) took 255
+                # registers and spilled 16-72 B at every tile tried (compile gate). In chunks
+                # of 32 head dims, re-read from L1 each step, only dq stays live.
+                s = _chunked_dot(Q, q_off, row_ok, K, k_off, n_ok, HD, BLOCK_M, BLOCK_N, BLOCK_D,
+                                 UPCAST, FP32)
+                dp = _chunked_dot(DO, do_off, row_ok, V, v_off, n_ok, HD, BLOCK_M, BLOCK_N,
+                                  BLOCK_D, UPCAST, FP32)
+            else:
+                v = tl.load(V + v_off[:, None] + d[None, :], mask=nd_ok, other=0.0)
+                s = mma(q, tl.trans(k), UPCAST, FP32)
+                dp = mma(do, tl.trans(v), UPCAST, FP32)
+            s = s * qk_scale_log2
+            p = tl.where(row_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += mma(ds.to(k.dtype), k, UPCAST, FP32)
     dq = dq * scale
     g_off = _row_offsets(_base(b, q_begin, sgb, sgt, VARLEN), rows, kvh, G, sgt, sgh)
     if QN:
@@ -818,6 +967,7 @@ class _Layout:
     cu_k: torch.Tensor
     total_q: int = 0
     total_k: int = 0
+    key_mask: bool = False  # a key_mask was given (padded only): no tensor-descriptor path
 
     def args(self, with_k: bool = True) -> tuple:
         return (self.total_q, self.total_k) if with_k else (self.total_q,)
@@ -887,7 +1037,7 @@ def _launch(kernel, cfg: TileConfig, programs: int, q: torch.Tensor, args, hd: i
     grid = (programs,)
     check_grid(grid)
     meta = dict(BLOCK_N=cfg.block_n, **dot_flags(q.dtype)) if tile else {}
-    with launch_guard(q):
+    with launch_guard(q), descriptor_scratch(q.device, flags.get("TMA", False)):
         kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_D=block_d_for(hd), **meta,
                      VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      **flags)
@@ -904,9 +1054,55 @@ def _qn_args(q: torch.Tensor, qn: QNorm):
     return qn[0], float(qn[1]), True
 
 
-def _padded_layout(q: torch.Tensor, k: torch.Tensor) -> _Layout:
+def _padded_layout(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor]
+                   ) -> _Layout:
     stand_in = unlimited_kv_len(q.device)  # CU_Q / CU_K: never read without VARLEN
-    return _Layout(False, q.shape[0], q.shape[1], k.shape[1], stand_in, stand_in)
+    return _Layout(False, q.shape[0], q.shape[1], k.shape[1], stand_in, stand_in,
+                   key_mask=key_mask is not None)
+
+
+#: Head-dim buckets (BLOCK_D) of the tensor-descriptor path: 64 and 128, Qwen3-VL's head
+#: dim at every size and the tuning runs' (other buckets keep pointer loads, and the
+#: compile gate 40 fewer variants per Triton version).
+TMA_BLOCK_D = (64, 128)
+
+_TMA_ENABLED: contextvars.ContextVar = contextvars.ContextVar("pvm_tma", default=True)
+
+
+@contextlib.contextmanager
+def tensor_descriptors(enabled: bool):
+    """Within the block, sm_90 launches that qualify for the tensor-descriptor (TMA) path
+    take it (``enabled``, the default) or keep pointer loads: for benchmarks comparing the
+    two and tests of each. Results agree either way (tests/test_retrieval_tma.py)."""
+    token = _TMA_ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TMA_ENABLED.reset(token)
+
+
+def _rows_evenly_strided(t: torch.Tensor, G: int) -> bool:
+    """The packed rows (token, head in group) of one KV group of t ([..., tokens, H, hd])
+    sit one stride apart: G == 1, or a token's stride is G head strides (q of
+    [B, T, H, hd] with H == G, the 8B layout's one KV head). Their tile is then one box."""
+    return G == 1 or t.stride(-3) == G * t.stride(-2)
+
+
+def uses_tma(lay: _Layout, rows: int, hd: int, G: int, row_tensors, key_tensors) -> bool:
+    """Whether a tile launch loads through tensor descriptors (TMA): sm_90, fp16/bf16, the
+    prefill row class, BLOCK_D in TMA_BLOCK_D, no key_mask (a masked key inside a tile
+    would reach the MMA from a box; a kv_len or varlen end is the box's own bound), every
+    row tensor (q, dO) with evenly strided rows and every descriptor stride a multiple of
+    16 bytes. Otherwise pointer loads, same results."""
+    t0 = row_tensors[0]
+    if not (_TMA_ENABLED.get() and target_capability(t0.device) == 90
+            and dtype_class(t0.dtype) == "16bit" and row_class(rows) == "prefill"
+            and block_d_for(hd) in TMA_BLOCK_D and not lay.key_mask):
+        return False
+    if not all(_rows_evenly_strided(t, G) for t in row_tensors):
+        return False
+    strides = [t.stride(-3) // G for t in row_tensors] + [t.stride(-3) for t in key_tensors]
+    return all(st % 8 == 0 for st in strides)
 
 
 def _forward(q, k, v, out, lse, mask, lens, lay: _Layout, scale: float, qn: QNorm = None,
@@ -921,6 +1117,7 @@ def _forward(q, k, v, out, lse, mask, lens, lay: _Layout, scale: float, qn: QNor
     G = H // Hkv
     rows = lay.t * G
     cfg = select_config("fwd", q.dtype, rows, hd, q.device)
+    tma = uses_tma(lay, rows, hd, G, (q,), (k, v))
     programs = triton.cdiv(rows, cfg.block_m) * lay.n * Hkv
     splits, split_keys = split_loop(lay.nv, cfg.block_n, programs, q.device)
     n_stats = lse.numel()  # B * H * T, or H * total_q
@@ -935,7 +1132,8 @@ def _forward(q, k, v, out, lse, mask, lens, lay: _Layout, scale: float, qn: QNor
             q_hat if has_qn else q, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mask.stride(),
             lens.stride(0), lay.t, G, lay.nv, hd, Hkv, scale * LOG2E, splits, split_keys,
             n_stats, *lay.args(), qn_eps)
-    _launch(retrieval_fwd_kernel, cfg, programs * splits, q, args, hd, lay.varlen, QN=has_qn)
+    _launch(retrieval_fwd_kernel, cfg, programs * splits, q, args, hd, lay.varlen, QN=has_qn,
+            TMA=tma, WS=tma and cfg.warp_specialize)
 
 
 #: (device, stream) -> int32 tickets of the split forward's in-kernel merge, all 0 between
@@ -985,6 +1183,7 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, mask, lens, lay: _Layout,
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
               *mask.stride(), lens.stride(0))
     sizes = (lay.t, G, lay.nv, hd, Hkv, scale * LOG2E, scale)
+    tma = uses_tma(lay, rows, hd, G, (q, grad_out), (k, v))
     cfg = select_config("dkdv", q.dtype, rows, hd, q.device)
     programs = triton.cdiv(lay.nv, cfg.block_n) * lay.n * Hkv
     splits, split_rows = split_loop(rows, cfg.block_m, programs, q.device)
@@ -997,7 +1196,7 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, mask, lens, lay: _Layout,
     _launch(retrieval_bwd_dkdv_kernel, cfg, programs * splits, q,
             (q, k, v, grad_out, lse, delta, mask, lens, part[:, 0], part[:, 1], lay.cu_q,
              lay.cu_k, *common, *_strides3(dk), *sizes, splits, split_rows, 2 * dk.numel(),
-             *lay.args()), hd, lay.varlen)
+             *lay.args()), hd, lay.varlen, TMA=tma)
     cfg = select_config("dq", q.dtype, rows, hd, q.device)
     dq_programs = triton.cdiv(rows, cfg.block_m) * lay.n * Hkv
     qw_part = (new_output((dq_programs, hd), torch.float32, q.device) if has_qn
@@ -1005,7 +1204,7 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, mask, lens, lay: _Layout,
     _launch(retrieval_bwd_dq_kernel, cfg, dq_programs, q,
             (q, k, v, grad_out, lse, delta, dq, mask, lens, lay.cu_q, lay.cu_k, q_raw, qw, qw_part,
              *common, *_strides3(dq), *sizes, *lay.args(), qn_eps), hd, lay.varlen,
-            QN=has_qn)
+            QN=has_qn, TMA=tma)
     cfg = select_config("finish", q.dtype, rows, hd, q.device)
     elem_programs = triton.cdiv(dk.numel(), cfg.block_m)
     grid = (elem_programs + (1 if has_qn else 0),)
@@ -1040,7 +1239,7 @@ def _padded_fwd(q, k, v, key_mask, kv_len, scale, qn: QNorm):
     if qn is not None:
         q_hat = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
     mask, lens = _masks(q, k, key_mask, kv_len)
-    _forward(q, k, v, out, lse, mask, lens, _padded_layout(q, k), scale, qn, q_hat)
+    _forward(q, k, v, out, lse, mask, lens, _padded_layout(q, k, key_mask), scale, qn, q_hat)
     return out, lse, q_hat
 
 
@@ -1065,7 +1264,8 @@ def _padded_bwd(grad_out, q, k, v, out, lse, key_mask, kv_len, scale, qn: QNorm,
         q_hat = q_hat if q_hat.stride() == q.stride() else \
             torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).copy_(q_hat)
     mask, lens = _masks(q, k, key_mask, kv_len)
-    _backward(grad_out, q, k, v, out, lse, dq, dk, dv, mask, lens, _padded_layout(q, k),
+    _backward(grad_out, q, k, v, out, lse, dq, dk, dv, mask, lens,
+              _padded_layout(q, k, key_mask),
               scale, qn, dqw, q_hat)
     return dq, dk, dv, dqw
 
