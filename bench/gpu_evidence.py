@@ -7,8 +7,11 @@ Parts (``--parts``, default all):
 - ``block``:   the 8B PVM block (D 4096, P 512, H 4, Hkv 1, hd 128), bf16, forward and
   forward+backward at (B, T, Nv) in {(1, 2048, 1024), (1, 8192, 2048), (1, 16384, 4096),
   (8, 2048, 1024)}: triton, cuda, the reference module eager and under torch.compile;
-  peak memory of each. The retrieval alone against F.scaled_dot_product_attention (flash,
-  cuDNN) with its TFLOP/s against the matmul peak.
+  peak memory of each.
+- ``attention``: the retrieval alone at the block shapes against
+  F.scaled_dot_product_attention (flash, cuDNN; enable_gqa, no expanded K/V) and compiled
+  FlexAttention (enable_gqa, kv_len block mask, lse returned), each checked against ours
+  before it is timed, with its TFLOP/s against the matmul peak.
 - ``decode``:  one PVM layer step (merge with the FFN output included) with a cached
   VisualMemory, B in {1, 16, 64}, Nv in {1024, 4096}: eager and CUDA-graph replayed,
   against the published behaviour (re-projecting the visual tokens each step) and against
@@ -40,7 +43,6 @@ import traceback
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -50,6 +52,11 @@ from pvm_kernels.cli.common import device_description, versions  # noqa: E402
 from pvm_kernels.ops import pvm_merge, pvm_retrieval, resolve_backend  # noqa: E402
 from pvm_kernels.roofline import block_cost, measure_peaks  # noqa: E402
 from pvm_kernels.testing import saved_tensor_bytes  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_impls import (HD, HKV, AttentionCase, H, assert_lse_matches,  # noqa: E402
+                             assert_matches, implementation_context, make_flex, make_ours,
+                             make_sdpa, reference_lse, sdpa_refusal, unavailable_reason)
 
 BLOCK_SHAPES = [(1, 2048, 1024), (1, 8192, 2048), (1, 16384, 4096), (8, 2048, 1024)]
 DECODE_BATCH, DECODE_VISUAL = [1, 16, 64], [1024, 4096]
@@ -211,48 +218,73 @@ def measure_block(rec: Recorder, device: torch.device, dtype: torch.dtype, shape
 
 def measure_attention(rec: Recorder, device: torch.device, dtype: torch.dtype, shapes,
                       backends: List[str]) -> None:
-    """The retrieval alone: our kernels vs SDPA's flash and cuDNN backends (K/V expanded to
-    H heads beforehand for SDPA, outside the timing), forward and forward+backward."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    H, Hkv, hd = 4, 1, 128
+    """The retrieval alone, forward and backward alone: our kernels against SDPA's flash and
+    cuDNN kernels and compiled FlexAttention on a GPU, all on the same q [B, T, H, hd] and
+    k, v [B, Nv, Hkv, hd] tensors (SDPA and flex get transpose views with enable_gqa=True,
+    no K/V expanded to H heads; flex has a kv_len block mask and returns the lse:
+    bench/attention_impls.py, shared with bench/test_bench_attention.py). Each variant's
+    output (and flex's lse) is checked against our first backend's before it is timed: a
+    difference above 2% of the largest value, or an SDPA kernel refusing the inputs, is an
+    error row and that variant is not timed. FLOPs: attention_impls.retrieval_kv_len_cost
+    (forward 4 B T H Nv hd, backward 2.5x)."""
     peak = rec.data["meta"].get("matmul_tflops")
     for B, T, Nv in shapes:
-        case = f"B{B} T{T} Nv{Nv}"
-        fwd_flop = 4 * B * T * H * Nv * hd
-        q = torch.randn(B, T, H, hd, device=device, dtype=dtype)
-        k = torch.randn(B, Nv, Hkv, hd, device=device, dtype=dtype)
-        v = torch.randn(B, Nv, Hkv, hd, device=device, dtype=dtype)
+        case = AttentionCase(B, T, Nv)
+        label = f"B{B} T{T} Nv{Nv}"
+        fwd_flop = case.cost(ELEM).flops
+        bwd_flop = case.cost(ELEM, backward=True).flops - fwd_flop
+        q = torch.randn(B, T, H, HD, device=device, dtype=dtype)
+        k = torch.randn(B, Nv, HKV, HD, device=device, dtype=dtype)
+        v = torch.randn(B, Nv, HKV, HD, device=device, dtype=dtype)
         go = torch.randn_like(q)
-        qs = q.transpose(1, 2).contiguous()
-        ks = k.transpose(1, 2).expand(B, H, Nv, hd).contiguous()
-        vs = v.transpose(1, 2).expand(B, H, Nv, hd).contiguous()
-        gos = go.transpose(1, 2).contiguous()
-        variants = [(b, (lambda b=b: lambda a, c, e: pvm_retrieval(a, c, e, backend=b))(), q, k, v, go)
-                    for b in backends]
+        variants = [(b, make_ours(b)) for b in backends]
+        if "triton" in backends and unavailable_reason("pvm-triton-pointer", device,
+                                                       case) is None:
+            variants.append(("triton-pointer", make_ours("triton")))  # no TMA: its gain
         if device.type == "cuda":
-            for label, sdp in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-                               ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
-                def attn(a, c, e, sdp=sdp):
-                    with sdpa_kernel([sdp]):
-                        return F.scaled_dot_product_attention(a, c, e)
-                variants.append((label, attn, qs, ks, vs, gos))
-        for name, fn, a, c, e, g in variants:
-            with rec.guard(f"attention fwd {case} {name}"):
-                with torch.no_grad():
-                    ms = bench_ms(lambda: fn(a, c, e), device)
-                rec.add(part="attention", pass_="fwd", case=case, B=B, T=T, Nv=Nv, variant=name,
-                        ms=ms, tflops=fwd_flop / ms / 1e9,
-                        of_peak=(fwd_flop / ms / 1e9 / peak) if peak else None)
-            with rec.guard(f"attention bwd {case} {name}"):
-                ag, cg, eg = (t.detach().requires_grad_() for t in (a, c, e))
-                out = fn(ag, cg, eg)
-                # backward alone: the graph is kept and re-run, grads reset by do_bench
-                ms = bench_ms(lambda: torch.autograd.grad(out, (ag, cg, eg), g, retain_graph=True),
-                              device)
-                bwd_flop = 2.5 * fwd_flop
-                rec.add(part="attention", pass_="bwd", case=case, B=B, T=T, Nv=Nv, variant=name,
-                        ms=ms, tflops=bwd_flop / ms / 1e9,
-                        of_peak=(bwd_flop / ms / 1e9 / peak) if peak else None)
+            variants += [("sdpa-flash", make_sdpa("flash")), ("sdpa-cudnn", make_sdpa("cudnn")),
+                         ("flex", make_flex(case.kv_len_tensor(device), T, Nv))]
+        with torch.no_grad():
+            want = variants[0][1](q, k, v)[0]
+            want_lse = reference_lse(q, k)
+        for name, fn in variants:
+            with implementation_context(f"pvm-{name}"):
+                _time_attention(rec, device, name, fn, q, k, v, go, want, want_lse, case,
+                                label, fwd_flop, bwd_flop, peak)
+
+
+def _time_attention(rec: Recorder, device: torch.device, name: str, fn, q, k, v, go, want,
+                    want_lse, case, label: str, fwd_flop: float, bwd_flop: float,
+                    peak: Optional[float]) -> None:
+    """measure_attention's check, then forward and backward timing, of one variant."""
+    B, T, Nv = case.B, case.T, case.Nv
+    checked = {}
+    with rec.guard(f"attention check {label} {name}"):
+        with torch.no_grad():
+            refused, result = sdpa_refusal(fn, q, k, v)
+        if refused:
+            raise RuntimeError(refused)
+        out, lse = result
+        checked["err_output"] = assert_matches(name, "output", out, want)
+        if lse is not None:
+            checked["err_lse"] = assert_lse_matches(name, lse, want_lse)
+    if not checked:
+        return  # the error row says why; nothing unchecked is timed
+    with rec.guard(f"attention fwd {label} {name}"):
+        with torch.no_grad():
+            ms = bench_ms(lambda: fn(q, k, v), device)
+        rec.add(part="attention", pass_="fwd", case=label, B=B, T=T, Nv=Nv, variant=name,
+                ms=ms, tflops=fwd_flop / ms / 1e9,
+                of_peak=(fwd_flop / ms / 1e9 / peak) if peak else None, **checked)
+    with rec.guard(f"attention bwd {label} {name}"):
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(qg, kg, vg)[0]
+        # backward alone: the graph is kept and re-run
+        ms = bench_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), go, retain_graph=True),
+                      device)
+        rec.add(part="attention", pass_="bwd", case=label, B=B, T=T, Nv=Nv, variant=name,
+                ms=ms, tflops=bwd_flop / ms / 1e9,
+                of_peak=(bwd_flop / ms / 1e9 / peak) if peak else None)
 
 
 # ---- decode --------------------------------------------------------------------------------
