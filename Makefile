@@ -14,7 +14,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export CUDA_HOME MAX_JOBS TORCH_CUDA_ARCH_LIST
 export PVM_STRICT_BUILD ?= 1
 
-.PHONY: install test demo analyze bench gpu-check gpu-evidence compile-gate mutations cmake-build clean
+.PHONY: install test demo analyze bench gpu-check gpu-tune gpu-evidence compile-gate mutations cmake-build clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -46,9 +46,22 @@ demo: install
 	$(PYTHON) -m pvm_kernels demo
 
 # On a machine with a GPU: build, the whole suite on CUDA tensors, then the benchmarks into
-# bench/results/<device>.json (tools/gpu_check.py). Without a GPU it says so and fails.
+# bench/results/<device>.json (tools/gpu_check.py), then gpu-tune (even after a failed
+# test: its own float64 check guards what it writes). Without a GPU it says so and fails.
 gpu-check:
-	$(PYTHON) tools/gpu_check.py
+	@echo "$(PYTHON) tools/gpu_check.py"; $(PYTHON) tools/gpu_check.py; rc=$$?; \
+	if [ $$rc -eq 2 ]; then exit 2; fi; \
+	$(MAKE) --no-print-directory gpu-tune; rt=$$?; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$rt
+
+# On a GPU, within four minutes: each candidate tile of the 8B regimes (decode and prefill
+# forward, prefill backward; bf16, hd 128) checked against float64, the correct ones timed
+# (do_bench), and triton_ops/configs/<arch>.json rewritten with the winners and what was
+# measured (tools/gpu_tune.py). Without a GPU it says so and fails (the tool exits 2).
+#   make gpu-tune TUNE_ARGS=--dry-run    make gpu-tune TUNE_ARGS="--regimes fwd-prefill"
+TUNE_ARGS ?=
+gpu-tune:
+	env -u TRITON_INTERPRET $(PYTHON) tools/gpu_tune.py $(TUNE_ARGS)
 
 # On a GPU, after gpu-check: the issue-14 measurements of PARTS in one process (ratios
 # fair), then tables and plots (bench/NOTES.md reads them). One device call each:

@@ -38,15 +38,42 @@ def shapes_for(rows: str, hd: int):
     return [(1, 200, 4, 1, 300), (2, 67, 4, 2, 130), (1, 2048, 4, 1, 1024), (1, 8192, 4, 1, 4096)]
 
 
-def check(q, k, v, mask, go, backend="triton"):
+def problem(shape, hd, dtype, dev, masked=True, kv_len=None, seed=0):
+    """Random inputs of the (B, T, H, Hkv, Nv) problem ``shape`` at head dim ``hd``: q, k,
+    v, key_mask (90% valid; None unless ``masked``), kv_len (int32 [B] from the sequence
+    ``kv_len``, or None) and grad_out, drawn from ``seed``."""
+    B, T, H, Hkv, Nv = shape
+    torch.manual_seed(seed)
+    q = torch.randn(B, T, H, hd, device=dev, dtype=dtype)
+    k = torch.randn(B, Nv, Hkv, hd, device=dev, dtype=dtype)
+    v = torch.randn(B, Nv, Hkv, hd, device=dev, dtype=dtype)
+    mask = torch.rand(B, Nv, device=dev) > 0.1
+    go = torch.randn_like(q)
+    lens = None if kv_len is None else torch.tensor(list(kv_len), dtype=torch.int32, device=dev)
+    return q, k, v, mask if masked else None, lens, go
+
+
+def reference_mask(mask, kv_len, B, Nv):
+    """The key_mask the float64 reference takes for ``mask`` and ``kv_len`` together (keys
+    at or past a sample's kv_len, clamped to [0, Nv], are invalid); None if both are."""
+    if kv_len is None:
+        return None if mask is None else mask.cpu()
+    lens = kv_len.cpu().long().clamp(0, Nv)
+    valid = torch.arange(Nv)[None, :] < lens.expand(B)[:, None]
+    return valid if mask is None else valid & mask.cpu()
+
+
+def check(q, k, v, mask, go, backend="triton", kv_len=None):
+    """Max relative errors {out, dq, dk, dv} of the retrieval (forward, then backward of
+    ``go``) on ``backend`` against the float64 reference on the CPU."""
     from pvm_kernels import pvm_retrieval
     from pvm_kernels.reference import retrieval_reference
     from pvm_kernels.testing import max_rel_err
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = pvm_retrieval(qs, ks, vs, mask, backend=backend)
+    out = pvm_retrieval(qs, ks, vs, mask, kv_len, backend=backend)
     out.backward(go)
     q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    ref = retrieval_reference(q64, k64, v64, None if mask is None else mask.cpu())
+    ref = retrieval_reference(q64, k64, v64, reference_mask(mask, kv_len, k.shape[0], k.shape[1]))
     ref.backward(go.double().cpu())
     return {"out": max_rel_err(out, ref), "dq": max_rel_err(qs.grad, q64.grad),
             "dk": max_rel_err(ks.grad, k64.grad), "dv": max_rel_err(vs.grad, v64.grad)}
@@ -66,13 +93,8 @@ def probe_entry(R, key, cands, dtype, dname, dev, kernel, block_d, rows_class):
                 timed_only = i == len(shapes) - 1
                 if timed_only and dev.type != "cuda":
                     continue
-                torch.manual_seed(0)
                 hd = block_d
-                q = torch.randn(B, T, H, hd, device=dev, dtype=dtype)
-                k = torch.randn(B, Nv, Hkv, hd, device=dev, dtype=dtype)
-                v = torch.randn(B, Nv, Hkv, hd, device=dev, dtype=dtype)
-                mask = torch.rand(B, Nv, device=dev) > 0.1
-                go = torch.randn_like(q)
+                q, k, v, mask, _, go = problem((B, T, H, Hkv, Nv), hd, dtype, dev)
                 try:
                     errs = {} if timed_only else check(q, k, v, mask, go)
                 except Exception as exc:  # noqa: BLE001 - a compile failure is a result
