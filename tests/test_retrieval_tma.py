@@ -66,14 +66,14 @@ def _assert_close(got, want, dtype):
             assert max_rel_err(got[name], want[name]) < TOLERANCE[dtype], name
 
 
-# (B, T, H, Hkv, hd, Nv, kv_len): the 8B layout (H 4, Hkv 1) in partial row blocks of 128
-# (T 37: 148 rows) and key tiles of 64 (a tail tile of 22 keys; a sample of none; kv_len
-# past Nv; kv_len a multiple of the tile: no tail), G == 1 (MHA rows: token stride), hd
-# 64 and 72 (BLOCK_D 128 with lanes past hd).
+# (B, T, H, Hkv, hd, Nv, kv_len): the 8B layout (H 4, Hkv 1) in partial row blocks (T 21:
+# 84 rows, of 128 forward and dQ rows, 64 dK/dV rows) and key tiles of 64 (a tail tile of
+# 22 keys; a sample of none; kv_len past Nv; kv_len a multiple of the tile: no tail), G == 1
+# (MHA rows: token stride), hd 64 and 72 (BLOCK_D 128 with lanes past hd).
 CASES = [
-    (3, 37, 4, 1, 128, 150, [150, 77, 0]),
-    (2, 37, 4, 1, 128, 192, [128, 2**20]),
-    (1, 300, 2, 2, 64, 70, None),
+    (3, 21, 4, 1, 128, 150, [150, 77, 0]),
+    (2, 21, 4, 1, 128, 192, [128, 2**20]),
+    (1, 150, 2, 2, 64, 70, None),
     (2, 20, 4, 1, 72, 33, [33, 5]),
 ]
 
@@ -91,7 +91,7 @@ def test_tma_path_matches_float64(case, tma_taken):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tma_path_with_q_norm_fused_matches_float64(dtype, tma_taken):
-    got, want, _ = _padded(2, 37, 4, 1, 128, 150, dtype, [150, 64], q_norm=True)
+    got, want, _ = _padded(2, 21, 4, 1, 128, 150, dtype, [150, 64], q_norm=True)
     assert tma_taken == [True, True]
     _assert_close(got, want, dtype)
 
@@ -99,9 +99,9 @@ def test_tma_path_with_q_norm_fused_matches_float64(dtype, tma_taken):
 def test_tma_and_pointer_paths_agree(tma_taken):
     """The same problem with pointer loads forced: the same numbers up to summation order
     (the TMA path skips the select on full tiles, nothing else)."""
-    got, _, _ = _padded(2, 37, 4, 1, 128, 150, torch.bfloat16, [150, 77])
+    got, _, _ = _padded(2, 21, 4, 1, 128, 150, torch.bfloat16, [150, 77])
     with R.tensor_descriptors(False):
-        ptr, _, _ = _padded(2, 37, 4, 1, 128, 150, torch.bfloat16, [150, 77])
+        ptr, _, _ = _padded(2, 21, 4, 1, 128, 150, torch.bfloat16, [150, 77])
     assert tma_taken == [True, True, False, False]
     for name in ("out", "dq", "dk", "dv"):
         assert max_rel_err(got[name], ptr[name].double()) < 1e-2, name
