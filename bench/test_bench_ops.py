@@ -12,7 +12,7 @@ import torch
 from conftest import (BACKENDS, BATCH, DECODE_BATCH, DECODE_VISUAL, DEVICE, DTYPE, TOKENS, VISUAL,
                       time_and_roofline)
 from pvm_kernels import pvm_merge, pvm_retrieval
-from pvm_kernels.roofline import merge_cost, retrieval_cost
+from pvm_kernels.roofline import merge_cost, retrieval_cost, retrieval_step_cost
 
 ELEM = torch.finfo(DTYPE).bits // 8
 
@@ -54,7 +54,7 @@ def test_retrieval_prefill(benchmark, backend, T, Nv, backward):
 
     benchmark.extra_info.update(backend=backend, B=BATCH, T=T, Nv=Nv, op="retrieval",
                                 backward=backward)
-    time_and_roofline(benchmark, work, retrieval_cost(BATCH, T, 4, 1, 128, Nv, ELEM, backward))
+    time_and_roofline(benchmark, work, retrieval_step_cost(BATCH, T, 4, 1, 128, Nv, ELEM, backward))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import BACKENDS, DEVICE, DTYPE, sync, time_and_roofline
 from pvm_kernels import pvm_retrieval, pvm_retrieval_varlen
-from pvm_kernels.roofline import Cost, retrieval_cost
+from pvm_kernels.roofline import Cost, retrieval_step_cost
 
 ELEM = torch.finfo(DTYPE).bits // 8
 H, HKV, HD = 4, 1, 128
@@ -26,7 +26,7 @@ def _cu(lengths):
 
 
 def _useful_cost(text, backward):
-    return sum((retrieval_cost(1, t, H, HKV, HD, n, ELEM, backward)
+    return sum((retrieval_step_cost(1, t, H, HKV, HD, n, ELEM, backward)
                 for t, n in zip(text, VISUAL)), Cost(0.0, 0))
 
 

@@ -56,6 +56,15 @@ def retrieval_cost(B: int, T: int, H: int, Hkv: int, hd: int, Nv: int, elem: int
     return Cost(10.0 * B * T * H * Nv * hd, elem * (4 * rows + 4 * keys) + 4 * B * H * T)
 
 
+def retrieval_step_cost(B: int, T: int, H: int, Hkv: int, hd: int, Nv: int, elem: int,
+                        backward: bool = False) -> Cost:
+    """What one timed call does: the forward, plus the backward when ``backward`` (a
+    forward+backward timing: 14 B T H Nv hd flops). ``retrieval_cost(backward=True)`` is
+    the backward pass alone."""
+    fwd = retrieval_cost(B, T, H, Hkv, hd, Nv, elem)
+    return fwd + retrieval_cost(B, T, H, Hkv, hd, Nv, elem, backward=True) if backward else fwd
+
+
 def merge_cost(N: int, D: int, elem: int, ffn: bool = True, backward: bool = False) -> Cost:
     """RMSNorm-gated merge of N rows of width D: reads e (and the FFN output), writes out;
     backward reads grad and e, writes d(e) (the gate's gradient is a reduction of those)."""
