@@ -4,6 +4,8 @@ reference at the 8B layout and its edges (a kv_len tail tile, an empty sample, k
 Nv, NaN past kv_len, partial row blocks, key splits, varlen with an empty sequence, q_norm
 fused, head dims 64 / 72 / 128, G == 1), every output poisoned first. The compile side
 (PTX with cp.async.bulk.tensor and wgmma) is tests/test_compile_gate.py's."""
+import threading
+
 import pytest
 import torch
 
@@ -105,6 +107,17 @@ def test_tma_and_pointer_paths_agree(tma_taken):
     assert tma_taken == [True, True, False, False]
     for name in ("out", "dq", "dk", "dv"):
         assert max_rel_err(got[name], ptr[name].double()) < 1e-2, name
+
+
+def test_the_switch_reaches_autograds_threads(tma_taken):
+    """tensor_descriptors(False) holds in other threads too: CUDA tensors' backward runs on
+    autograd's device threads (here: a forward and backward run on a thread of its own)."""
+    with R.tensor_descriptors(False):
+        worker = threading.Thread(
+            target=lambda: _padded(1, 21, 4, 1, 128, 70, torch.bfloat16, [70]))
+        worker.start()
+        worker.join()
+    assert tma_taken == [False, False]
 
 
 def test_tma_varlen_matches_float64(tma_taken):

@@ -43,12 +43,12 @@ the loads need no registers or address arithmetic (the PTX carries cp.async.bulk
 and wgmma: tests/test_compile_gate.py). A key_mask keeps pointer loads: a masked key inside
 a box would reach the MMA (NaN padding times a zero probability is NaN). sm_80 keeps
 pointer loads too (no TMA unit). The softmax runs in exp2 with scale * log2(e) folded into
-the scores on both paths.
+the scores on both paths. ``tensor_descriptors(False)`` forces pointer loads, process-wide
+(it must reach autograd's threads).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -1066,19 +1066,24 @@ def _padded_layout(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Te
 #: compile gate 40 fewer variants per Triton version).
 TMA_BLOCK_D = (64, 128)
 
-_TMA_ENABLED: contextvars.ContextVar = contextvars.ContextVar("pvm_tma", default=True)
+#: Whether qualifying launches take the tensor-descriptor path (tensor_descriptors()).
+_TMA_ENABLED = True
 
 
 @contextlib.contextmanager
 def tensor_descriptors(enabled: bool):
     """Within the block, sm_90 launches that qualify for the tensor-descriptor (TMA) path
     take it (``enabled``, the default) or keep pointer loads: for benchmarks comparing the
-    two and tests of each. Results agree either way (tests/test_retrieval_tma.py)."""
-    token = _TMA_ENABLED.set(bool(enabled))
+    two and tests of each. Results agree either way (tests/test_retrieval_tma.py).
+    Process-wide, not per thread or context: the backward of CUDA tensors runs on
+    autograd's device threads, which a context variable set here would not reach (a
+    forward with pointer loads would have been timed with a TMA backward)."""
+    global _TMA_ENABLED
+    previous, _TMA_ENABLED = _TMA_ENABLED, bool(enabled)
     try:
         yield
     finally:
-        _TMA_ENABLED.reset(token)
+        _TMA_ENABLED = previous
 
 
 def _rows_evenly_strided(t: torch.Tensor, G: int) -> bool:
@@ -1095,7 +1100,7 @@ def uses_tma(lay: _Layout, rows: int, hd: int, G: int, row_tensors, key_tensors)
     row tensor (q, dO) with evenly strided rows and every descriptor stride a multiple of
     16 bytes. Otherwise pointer loads, same results."""
     t0 = row_tensors[0]
-    if not (_TMA_ENABLED.get() and target_capability(t0.device) == 90
+    if not (_TMA_ENABLED and target_capability(t0.device) == 90
             and dtype_class(t0.dtype) == "16bit" and row_class(rows) == "prefill"
             and block_d_for(hd) in TMA_BLOCK_D and not lay.key_mask):
         return False
