@@ -456,40 +456,25 @@ def tma_entry(arch: str, dc: str, bd: int, rc: str) -> bool:
 
 def run_tma_problem(dtype, hd: int, varlen: bool, q_norm: bool) -> None:
     """Forward + backward of a retrieval that takes the tensor-descriptor path (no
-    key_mask, one KV head, prefill rows; checked: it must), padded with a kv_len below Nv
-    and past it, or packed (varlen), optionally with q_norm fused."""
+    key_mask, one KV head, prefill rows), padded with a kv_len below Nv and past it, or
+    packed (varlen), optionally with q_norm fused. Had a launch taken pointer loads, its
+    entry's "-tma" layout would never compile: check() fails on that."""
     import torch
-    from pvm_kernels.triton_ops import retrieval as R
     T, H, Hkv = TMA_ROWS
-    taken = []
-    uses = R.uses_tma
-
-    def spy(*args, **kwargs):
-        taken.append(uses(*args, **kwargs))
-        return taken[-1]
-
-    R.uses_tma = spy
-    try:
-        if varlen:
-            run_varlen_problem(dtype, T, H, Hkv, hd, q_norm=q_norm)
-        else:
-            q = torch.randn(2, T, H, hd, dtype=dtype, requires_grad=True)
-            k = torch.randn(2, 77, Hkv, hd, dtype=dtype, requires_grad=True)
-            v = torch.randn(2, 77, Hkv, hd, dtype=dtype, requires_grad=True)
-            lens = torch.tensor([77 - 5, 2**20], dtype=torch.int32)
-            if q_norm:
-                w = torch.ones(hd, dtype=dtype, requires_grad=True)
-                out = torch.ops.pvm_kernels.triton_retrieval_qn_fwd(
-                    q, w, k, v, None, lens, hd ** -0.5, 1e-6)[0]
-            else:
-                out = torch.ops.pvm_kernels.triton_retrieval_fwd(q, k, v, None, lens,
-                                                                 hd ** -0.5)[0]
-            out.backward(torch.randn_like(out))
-    finally:
-        R.uses_tma = uses
-    if taken != [True, True]:
-        raise RuntimeError(f"the gate's tensor-descriptor problem took pointer loads "
-                           f"(uses_tma per launch: {taken})")
+    if varlen:
+        run_varlen_problem(dtype, T, H, Hkv, hd, q_norm=q_norm)
+        return
+    q = torch.randn(2, T, H, hd, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 77, Hkv, hd, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 77, Hkv, hd, dtype=dtype, requires_grad=True)
+    lens = torch.tensor([77 - 5, 2**20], dtype=torch.int32)
+    if q_norm:
+        w = torch.ones(hd, dtype=dtype, requires_grad=True)
+        out = torch.ops.pvm_kernels.triton_retrieval_qn_fwd(q, w, k, v, None, lens,
+                                                            hd ** -0.5, 1e-6)[0]
+    else:
+        out = torch.ops.pvm_kernels.triton_retrieval_fwd(q, k, v, None, lens, hd ** -0.5)[0]
+    out.backward(torch.randn_like(out))
 
 
 def compile_entry_problem(cap: int, dc: str, bd: int, rc: str,

@@ -128,14 +128,14 @@ def target_capability(device: torch.device) -> int:
 
 
 @contextlib.contextmanager
-def descriptor_scratch(device: torch.device, needed: bool = True):
+def descriptor_scratch(device: torch.device):
     """For one launch of a kernel that makes tensor descriptors in the program
     (tl.make_tensor_descriptor: 128 B of global scratch per descriptor per program, which
     Triton's launcher asks its allocator for), an allocator from torch's caching allocator
     on ``device`` (stream-ordered, CUDA-graph safe) unless the caller set one with
     triton.set_allocator, which is kept. Scoped to the launch (a context variable token),
     never left behind; nothing on CPU (the interpreter needs no scratch)."""
-    if not needed or device.type != "cuda":
+    if device.type != "cuda":
         yield
         return
     from triton.runtime import _allocation  # the ContextVar behind triton.set_allocator

@@ -1037,7 +1037,10 @@ def _launch(kernel, cfg: TileConfig, programs: int, q: torch.Tensor, args, hd: i
     grid = (programs,)
     check_grid(grid)
     meta = dict(BLOCK_N=cfg.block_n, **dot_flags(q.dtype)) if tile else {}
-    with launch_guard(q), descriptor_scratch(q.device, flags.get("TMA", False)):
+    # Only a tensor-descriptor launch needs the scratch allocator: a decode step (host-
+    # bound, 12 launches) enters no generator context for it.
+    scratch = descriptor_scratch(q.device) if flags.get("TMA") else contextlib.nullcontext()
+    with launch_guard(q), scratch:
         kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_D=block_d_for(hd), **meta,
                      VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      **flags)
@@ -1099,10 +1102,10 @@ def uses_tma(lay: _Layout, rows: int, hd: int, G: int, row_tensors, key_tensors)
     would reach the MMA from a box; a kv_len or varlen end is the box's own bound), every
     row tensor (q, dO) with evenly strided rows and every descriptor stride a multiple of
     16 bytes. Otherwise pointer loads, same results."""
-    t0 = row_tensors[0]
-    if not (_TMA_ENABLED and target_capability(t0.device) == 90
-            and dtype_class(t0.dtype) == "16bit" and row_class(rows) == "prefill"
-            and block_d_for(hd) in TMA_BLOCK_D and not lay.key_mask):
+    t0 = row_tensors[0]  # the decode check first: it ends every decode step's call
+    if not (row_class(rows) == "prefill" and _TMA_ENABLED and not lay.key_mask
+            and dtype_class(t0.dtype) == "16bit" and block_d_for(hd) in TMA_BLOCK_D
+            and target_capability(t0.device) == 90):
         return False
     if not all(_rows_evenly_strided(t, G) for t in row_tensors):
         return False
