@@ -4,7 +4,8 @@ docs/vllm.md), never in ``make test``.
 
 What is checked: vLLM discovers the plugin and serves Qwen3-VL through its class; a
 checkpoint without PVM layers gives the same greedy tokens and log-probs as stock
-transformers; a PVM checkpoint is refused with the reason, never served without PVM.
+transformers; on a vLLM version the plugin was not tested with, a PVM checkpoint is refused
+with the reason, never served without PVM (test_vllm_pvm.py serves them).
 """
 import math
 import os
@@ -82,8 +83,13 @@ def test_a_checkpoint_without_pvm_equals_stock_transformers(checkpoints):
             assert math.isclose(lp[token].logprob, ref_lp, abs_tol=1e-4), step
 
 
-def test_a_pvm_checkpoint_is_refused_with_the_reason(checkpoints):
-    """Never served as a stock Qwen3-VL with its PVM branch dropped."""
+def test_a_pvm_checkpoint_on_an_untested_vllm_is_refused_with_the_reason(checkpoints,
+                                                                        monkeypatch):
+    """The PVM path is built on vLLM internals: on a version it was not tested with it is
+    refused naming the tested ones, never served without PVM (in-process engine, so the
+    patched list is the one the model reads)."""
+    import pvm_kernels.integrations.vllm as plugin
+    monkeypatch.setattr(plugin, "TESTED_VLLM_VERSIONS", ("0.0.1",))
     _, pvm_path = checkpoints
     with pytest.raises(Exception) as err:
         _llm(pvm_path)
@@ -92,4 +98,4 @@ def test_a_pvm_checkpoint_is_refused_with_the_reason(checkpoints):
     while cause is not None:
         text += f" | {cause}"
         cause = cause.__cause__ or cause.__context__
-    assert "PVM layers" in text and "cannot serve them yet" in text, text
+    assert "PVM layers" in text and "tested with vLLM 0.0.1" in text, text

@@ -216,6 +216,14 @@ class FusedPVM(nn.Module):
         k, v = self._kv_projections(self.vision_reducer(visual), stacks)
         return self._norm(impl, attn.k_norm, k.view(heads)), v.view(heads)
 
+    def visual_keys_values(self, visual: torch.Tensor, backend: Optional[str] = None):
+        """(k, v) [..., Hkv, hd] of visual embeddings [..., D] in any layout (a serving
+        engine's packed step): the keys k-normed, what retrieval reads. No mask: every row
+        is projected."""
+        check_embeddings("visual", visual.reshape(1, -1, visual.shape[-1]),
+                         self.dims.hidden_size, "Nv")
+        return self._keys_values(visual, resolve_backend(backend, visual.device), {})
+
     def _queries(self, hidden_states: torch.Tensor, impl=None,
                  raw: bool = False) -> torch.Tensor:
         """q [..., H, hd] of hidden_states [..., D]: text_reducer, input_norm, q_proj and the

@@ -6,12 +6,12 @@ the architecture name ``Qwen3VLForConditionalGeneration``, replacing vLLM's buil
 so that a PVM checkpoint (``text_config.pvm_layers``, the published layout) is never served
 as a stock Qwen3-VL with its PVM branch silently dropped.
 
-What works today: configs without PVM layers run exactly as vLLM's own Qwen3-VL (the
-class is a subclass that changes nothing for them). A config with PVM layers is refused at
-model construction with an error that says why: PVM's retrieval over a paged visual K/V
-cache is not implemented in this plugin yet, and running the checkpoint without it would
-change every output. Serve PVM checkpoints with transformers
-(``pvm_kernels.integrations.qwen3_vl``) meanwhile.
+Configs without PVM layers run exactly as vLLM's own Qwen3-VL (the class is a subclass
+that changes nothing for them). A config with PVM layers runs PVM in vLLM: each PVM layer
+keeps its request's visual keys/values in vLLM's paged KV cache and retrieves from all of
+them, text before an image included (``qwen3_vl.py``, ``paged_cache.py``, docs/vllm.md).
+On a vLLM version not in :data:`TESTED_VLLM_VERSIONS` a PVM config is refused, naming them:
+the PVM path is built on vLLM internals.
 
 Nothing here imports vLLM at import time of the package: only :func:`register` and the
 model module do, inside vLLM's own processes.
@@ -47,6 +47,6 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point: register the PVM-aware Qwen3-VL class under
     ``Qwen3VLForConditionalGeneration`` (lazily, by its import path). Safe to call more than
     once. On a vLLM version it was not tested with it still registers: configs without PVM
-    layers behave as stock, and a PVM config is refused naming the tested versions."""
+    layers behave as stock, and a PVM config is refused naming the tested versions.""" 
     from vllm import ModelRegistry
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

@@ -1,17 +1,37 @@
-"""Qwen3-VL for vLLM, PVM-aware (imported by vLLM through the plugin's registration)."""
+"""Qwen3-VL for vLLM with Persistent Visual Memory (imported by vLLM through the plugin).
+
+For a config without ``text_config.pvm_layers`` the class is vLLM's own Qwen3-VL, unchanged.
+With PVM layers, each listed decoder layer gets
+
+- ``pvm_block``: the package's :class:`~pvm_kernels.FusedPVM` (the published parameter
+  names, so ``load_weights`` takes the checkpoint's and TRL's HF names as they are);
+- ``pvm_cache``: a :class:`~.paged_cache.PVMCacheLayer`, the layer's visual K/V in vLLM's
+  paged KV cache (one entry per token, a visual flag per slot);
+- a forward that adds the PVM update to the FFN's output:
+  ``out = h + FFN(post_attention_layernorm(h)) + PVM(h, V)``.
+
+A step of the engine: ``embed_input_ids`` records which scheduled tokens are visual; before
+the decoder runs, every PVM layer stores the k-normed keys and values of the step's visual
+embeddings (``inputs_embeds`` at those tokens: after the merger, before DeepStack) and a
+flag for every token; in the layer, each request's queries retrieve from all flagged slots
+of its request (:func:`pvm_kernels.ops.paged.gather_paged_memory`), whatever their position.
+Visual query tokens and requests without images get exactly 0 (the block's own rules).
+"""
 from __future__ import annotations
 
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+import torch
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
+from ...modules import FusedPVM
+from ...ops.paged import gather_paged_memory, write_paged_kv
 from . import version_problem, vllm_version
+from .paged_cache import PVMCacheLayer, check_whole_prompt
 
-#: Why a PVM checkpoint is refused today (issue 26 is open: see docs/vllm.md).
-NOT_YET = (
-    "this checkpoint has PVM layers (text_config.pvm_layers = {layers}), and pvm-kernels' "
-    "vLLM plugin cannot serve them yet: PVM's retrieval needs the request's visual K/V in a "
-    "paged cache, which the plugin does not implement. Running it as a stock Qwen3-VL would "
-    "drop the PVM branch and change every output, so it is refused. Serve it with "
-    "transformers (pvm_kernels.integrations.qwen3_vl) until the vLLM path lands.")
+PVM_KEY = ".pvm_block."
+#: HF checkpoint prefix of the language model -> this class's module path.
+_HF_TEXT_PREFIX, _VLLM_TEXT_PREFIX = "model.language_model.", "language_model.model."
 
 
 def has_pvm_layers(config) -> bool:
@@ -21,14 +41,224 @@ def has_pvm_layers(config) -> bool:
     return bool(getattr(getattr(config, "text_config", config), "pvm_layers", None))
 
 
+class PVMStep:
+    """Which of the step's tokens are visual, shared by the model and its PVM layers:
+    ``is_visual`` [max_tokens] bool, set by ``embed_input_ids`` for the scheduled tokens
+    (False beyond them)."""
+
+    def __init__(self, max_tokens: int, device: torch.device):
+        self.is_visual = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+
+    def record(self, num_tokens: int, is_visual: Optional[torch.Tensor]) -> None:
+        if num_tokens > self.is_visual.numel():
+            self.is_visual = torch.zeros(num_tokens, dtype=torch.bool,
+                                         device=self.is_visual.device)
+        self.is_visual.zero_()
+        if is_visual is not None:
+            self.is_visual[:num_tokens] = is_visual[:num_tokens]
+
+    def mask(self, num_tokens: int) -> torch.Tensor:
+        if num_tokens > self.is_visual.numel():
+            self.record(num_tokens, None)
+        return self.is_visual[:num_tokens]
+
+
+def store_visual(block: FusedPVM, cache: PVMCacheLayer, inputs_embeds: torch.Tensor,
+                 is_visual: torch.Tensor) -> None:
+    """Write the step's visual keys/values and every scheduled token's flag into ``cache``."""
+    meta = cache.metadata()
+    if meta is None:
+        return
+    n = meta.num_actual_tokens
+    flags = cache.flags()
+    slots = meta.slot_mapping[:n]
+    visual = is_visual[:n]
+    rows = visual.nonzero().flatten()
+    # Text tokens: only their flag (False), so a slot's earlier owner cannot leak in.
+    flags[slots[slots >= 0].long()] = False
+    if rows.numel():
+        k, v = block.visual_keys_values(inputs_embeds[rows])
+        write_paged_kv(cache.kv_cache, flags, slots[rows], k, v,
+                       torch.ones_like(rows, dtype=torch.bool))
+
+
+def pvm_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
+               is_visual: torch.Tensor) -> Optional[torch.Tensor]:
+    """The PVM update u [T, D] of the step's tokens (h = ``hidden`` [T, D]), or None in a
+    run without metadata (vLLM's profiling and dummy runs). Single-token queries (decode)
+    retrieve in one batched call; each longer query (a prompt) in its own, after
+    :func:`check_whole_prompt`."""
+    meta = cache.metadata()
+    if meta is None:
+        return None
+    n, R = meta.num_actual_tokens, len(meta.query_lens)
+    u = torch.zeros_like(hidden)
+    if R == 0:
+        return u
+    flags = cache.flags()
+    starts = meta.query_start_loc
+    lengths = torch.tensor(meta.query_lens, device=hidden.device)
+    owner = torch.repeat_interleave(torch.arange(R, device=hidden.device), lengths)
+    visual = is_visual[:n]
+    visual_per_request = torch.zeros(R, dtype=torch.int64, device=hidden.device)
+    visual_per_request.index_add_(0, owner, visual.long())
+    for r, count in enumerate(visual_per_request.tolist()):
+        check_whole_prompt(meta, r, count > 0)
+
+    single = [r for r, q in enumerate(meta.query_lens) if q == 1]
+    if single:
+        rows = torch.tensor(single, device=hidden.device)
+        tokens = starts[rows].long()
+        memory = gather_paged_memory(cache.kv_cache, flags, meta.block_table[rows],
+                                     meta.seq_lens[rows],
+                                     max(meta.seq_lens_host[r] for r in single))
+        out = block(hidden[tokens][:, None], memory, query_is_visual=visual[tokens][:, None])
+        u[tokens] = out[:, 0]
+    start = 0
+    for r, q in enumerate(meta.query_lens):
+        if q > 1:
+            memory = gather_paged_memory(cache.kv_cache, flags, meta.block_table[r:r + 1],
+                                         meta.seq_lens[r:r + 1], meta.seq_lens_host[r])
+            u[start:start + q] = block(hidden[None, start:start + q], memory,
+                                       query_is_visual=visual[None, start:start + q])[0]
+        start += q
+    return u
+
+
+class _PVMDecoderLayer:
+    """Mixin for a PVM decoder layer (vLLM's Qwen3DecoderLayer forward, the PVM update added
+    to the FFN's output). The layer has ``pvm_block``, ``pvm_cache`` and ``pvm_step``."""
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        # vLLM 0.32's Qwen3DecoderLayer.forward, line for line, until the FFN.
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        out = self.mlp(hidden_states)
+        # residual is h, the stream entering post_attention_layernorm.
+        u = pvm_update(self.pvm_block, self.pvm_cache, residual,
+                       self.pvm_step.mask(residual.shape[0]))
+        return (out if u is None else out + u), residual
+
+
+_LAYER_CLASSES: Dict[type, type] = {}
+
+
+def _pvm_layer_class(cls: type) -> type:
+    if cls not in _LAYER_CLASSES:
+        _LAYER_CLASSES[cls] = type(f"PVM{cls.__name__}", (_PVMDecoderLayer, cls), {})
+    return _LAYER_CLASSES[cls]
+
+
+def check_supported(vllm_config) -> None:
+    """Refuse what the PVM path was not built or tested for, naming it."""
+    why = version_problem(vllm_version())
+    if why:
+        raise ValueError(f"this checkpoint has PVM layers, and {why}: its internals (the "
+                         "decoder layer's forward, the KV-cache spec and metadata API) are "
+                         "what the PVM path is built on. Install a tested vLLM "
+                         "(pip install 'pvm-kernels[vllm]').")
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError("PVM models do not run with pipeline parallelism in vLLM yet: a later "
+                         "stage cannot see which of its tokens are visual")
+    if vllm_config.speculative_config is not None:
+        raise ValueError("PVM models do not run with speculative decoding in vLLM yet")
+
+
 class PVMQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
-    """vLLM's Qwen3-VL, unchanged for configs without PVM layers; a config with PVM layers
-    (``text_config.pvm_layers``) is refused with a ValueError saying why (see NOT_YET)."""
+    """vLLM's Qwen3-VL; with ``text_config.pvm_layers``, PVM in those layers (module doc)."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         config = vllm_config.model_config.hf_config
-        if has_pvm_layers(config):
-            layers = list(getattr(config.text_config, "pvm_layers", []))
-            why = version_problem(vllm_version())
-            raise ValueError(NOT_YET.format(layers=layers) + (f" ({why}.)" if why else ""))
+        pvm = has_pvm_layers(config)
+        if pvm:
+            check_supported(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.pvm_layers: List[int] = []
+        if not pvm:
+            return
+        text = config.text_config
+        decoder = self.language_model.model
+        dtype = vllm_config.model_config.dtype
+        device = decoder.embed_tokens.weight.device
+        self.pvm_step = PVMStep(vllm_config.scheduler_config.max_num_batched_tokens, device)
+        for index in sorted(int(i) for i in text.pvm_layers):
+            if not 0 <= index < text.num_hidden_layers:
+                raise ValueError(f"text_config.pvm_layers lists layer {index}; the model has "
+                                 f"{text.num_hidden_layers} layers")
+            layer = decoder.layers[index]
+            block = FusedPVM(text).to(device=device, dtype=dtype)
+            name = f"{prefix}.language_model.model.layers.{index}.pvm_cache"
+            layer.pvm_block = block
+            layer.pvm_cache = PVMCacheLayer(name, block.dims.num_kv_heads, block.dims.head_dim,
+                                            dtype)
+            layer.pvm_step = self.pvm_step
+            layer.__class__ = _pvm_layer_class(type(layer))
+            self.pvm_layers.append(index)
+
+    def _pvm_pairs(self):
+        decoder = self.language_model.model
+        return [(decoder.layers[i].pvm_block, decoder.layers[i].pvm_cache)
+                for i in self.pvm_layers]
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *,
+                        is_multimodal: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The stock embedding; for a PVM model it also records which tokens are visual."""
+        embeds = super().embed_input_ids(input_ids, multimodal_embeddings,
+                                         is_multimodal=is_multimodal)
+        if self.pvm_layers:
+            has_images = multimodal_embeddings is not None and len(multimodal_embeddings) > 0
+            self.pvm_step.record(input_ids.shape[0], is_multimodal if has_images else None)
+        return embeds
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                **kwargs):
+        """The stock forward; a PVM model first stores the step's visual keys/values (before
+        the decoder, whose in-place residual adds may overwrite ``inputs_embeds``)."""
+        if self.pvm_layers:
+            if inputs_embeds is None:
+                raise RuntimeError("PVM needs the step's input embeddings (vLLM passes them "
+                                   "to multimodal models)")
+            is_visual = self.pvm_step.mask(inputs_embeds.shape[0])
+            for block, cache in self._pvm_pairs():
+                store_visual(block, cache, inputs_embeds, is_visual)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
+                               **kwargs)
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> Set[str]:
+        """The stock loader for every weight but the PVM ones, which load by name into the
+        blocks: HF names (``model.language_model.layers.{i}.pvm_block.*``, what checkpoints
+        hold and TRL's weight sync sends) or this module's (``language_model.model...``).
+        A PVM weight of a layer without a block is an error naming it."""
+        if not self.pvm_layers:
+            return super().load_weights(weights)
+        params = dict(self.named_parameters())
+        loaded: Set[str] = set()
+
+        def others():
+            for name, tensor in weights:
+                if PVM_KEY not in name:
+                    yield name, tensor
+                    continue
+                target = name
+                if target.startswith(_HF_TEXT_PREFIX):
+                    target = _VLLM_TEXT_PREFIX + target[len(_HF_TEXT_PREFIX):]
+                if target not in params:
+                    raise ValueError(f"PVM weight {name!r} has no parameter in this model "
+                                     f"(PVM layers: {self.pvm_layers})")
+                param = params[target]
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"PVM weight {name!r} is {tuple(tensor.shape)}, the "
+                                     f"parameter {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor.to(param.dtype))
+                loaded.add(target)
+
+        loaded |= super().load_weights(others())
+        return loaded

@@ -1,0 +1,166 @@
+"""A PVM layer's visual K/V in vLLM's paged KV cache: the cache layer, its backend and metadata.
+
+Each PVM decoder layer owns a :class:`PVMCacheLayer`, registered in vLLM's forward context
+like an attention layer, so the engine allocates, frees, preempts and schedules its cache
+with the rest: one entry per token of every request, ``[num_blocks, Hkv, block_size,
+2 * hd]`` (the k-normed visual key, then the value), plus a flag per slot saying whether
+the token is visual (``visual_flags``, kept beside the cache and written with it, so it is
+exactly as valid as the entry it describes).
+
+Its spec says ``non_causal=True``: retrieval at a text token reads every visual token of
+its request, those placed after it in the prompt included. vLLM's engine core turns off
+chunked prefill and prefix caching for such a model (vllm/v1/engine/core.py), in whichever
+process builds the scheduler. A prompt can still be cut before an image when the encoder
+cache or budget is full; :func:`check_whole_prompt` refuses that step rather than let the
+text before the image miss it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, List, Optional
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport,
+                                       AttentionMetadataBuilder, CommonAttentionMetadata,
+                                       MultipleOf)
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+
+@dataclass
+class PVMPagedMetadata:
+    """What a PVM layer needs of one engine step (built from vLLM's common metadata).
+
+    slot_mapping [T] int64 (cache slot of each scheduled token); block_table [R, max_blocks]
+    int32; seq_lens [R] int32 (tokens in the cache after this step); query_start_loc [R + 1]
+    int32; query_lens / seq_lens_host: the same as Python ints (host copies vLLM keeps).
+    """
+
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    query_lens: List[int]
+    seq_lens_host: List[int]
+    num_actual_tokens: int
+
+
+class PVMMetadataBuilder(AttentionMetadataBuilder[PVMPagedMetadata]):
+    """Builds :class:`PVMPagedMetadata`. The retrieval reads host-side lengths and gathers
+    a step-dependent number of keys, so it cannot be replayed from a CUDA graph: NEVER
+    (vLLM then captures only the pieces around it)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> PVMPagedMetadata:
+        m = common_attn_metadata
+        starts = m.query_start_loc_cpu[:m.num_reqs + 1].tolist()
+        host = m.seq_lens_cpu_upper_bound
+        seq_lens_host = (host if host is not None else m.seq_lens)[:m.num_reqs].tolist()
+        return PVMPagedMetadata(
+            slot_mapping=m.slot_mapping[:m.num_actual_tokens],
+            block_table=m.block_table_tensor[:m.num_reqs],
+            seq_lens=m.seq_lens[:m.num_reqs],
+            query_start_loc=m.query_start_loc[:m.num_reqs + 1],
+            query_lens=[b - a for a, b in zip(starts[:-1], starts[1:])],
+            seq_lens_host=[int(s) for s in seq_lens_host],
+            num_actual_tokens=m.num_actual_tokens)
+
+
+class PVMCacheBackend(AttentionBackend):
+    """The backend vLLM pairs with :class:`PVMCacheLayer`: the metadata builder only (PVM's
+    retrieval runs in the layer, through pvm_kernels' own backends)."""
+
+    supported_dtypes: ClassVar[List[torch.dtype]] = [torch.float16, torch.bfloat16,
+                                                     torch.float32]
+
+    @staticmethod
+    def get_name() -> str:
+        return "PVM_VISUAL_MEMORY"
+
+    @staticmethod
+    def get_impl_cls():
+        raise NotImplementedError("PVM's cache layer has no attention impl: the PVM layer "
+                                  "retrieves from it itself")
+
+    @staticmethod
+    def get_builder_cls():
+        return PVMMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return [MultipleOf(1)]
+
+
+class PVMCacheLayer(nn.Module, AttentionLayerBase):
+    """One PVM layer's paged visual K/V: ``Hkv`` heads of ``head_dim`` per token, registered
+    in the forward context under ``name``. ``kv_cache`` is bound by vLLM
+    (``[num_blocks, Hkv, block_size, 2 * head_dim]``); ``visual_flags`` is made on first use
+    with one bool per slot of it."""
+
+    def __init__(self, name: str, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.layer_name = name
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.kv_cache = torch.tensor([])
+        self.visual_flags: Optional[torch.Tensor] = None
+        config = get_current_vllm_config()
+        self.block_size = config.cache_config.block_size
+        context = config.compilation_config.static_forward_context
+        if name in context:
+            raise ValueError(f"duplicate layer name in vLLM's forward context: {name}")
+        context[name] = self
+
+    def get_attn_backend(self) -> type[AttentionBackend]:
+        return PVMCacheBackend
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> FullAttentionSpec:
+        return FullAttentionSpec(block_size=vllm_config.cache_config.block_size,
+                                 num_kv_heads=self.num_kv_heads, head_size=self.head_dim,
+                                 dtype=self.dtype, non_causal=True)
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache
+        self.visual_flags = None
+
+    def flags(self) -> torch.Tensor:
+        """visual_flags [num_blocks * block_size] bool, all False when first made."""
+        slots = self.kv_cache.shape[0] * self.kv_cache.shape[2]
+        if self.visual_flags is None or self.visual_flags.numel() != slots:
+            self.visual_flags = torch.zeros(slots, dtype=torch.bool, device=self.kv_cache.device)
+        return self.visual_flags
+
+    def metadata(self) -> Optional[PVMPagedMetadata]:
+        """This step's metadata (None in a profiling or dummy run without a KV cache)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+        if not is_forward_context_available() or self.kv_cache.numel() == 0:
+            return None
+        meta = get_forward_context().attn_metadata
+        if isinstance(meta, list):  # micro-batches: not used by PVM models
+            raise NotImplementedError("PVM's vLLM layers do not run micro-batched steps")
+        if not isinstance(meta, dict) or self.layer_name not in meta:
+            return None
+        return meta[self.layer_name]
+
+
+def check_whole_prompt(meta: PVMPagedMetadata, request: int, has_visual: bool) -> None:
+    """Refuse a step that writes a request's visual tokens after part of its prompt was
+    computed in an earlier step: that part's text retrieved without these images, which
+    PVM's (non-causal) semantics forbid. vLLM disables chunked prefill and prefix caching
+    for PVM models; this happens only when the encoder cache or budget forces a cut."""
+    computed = meta.seq_lens_host[request] - meta.query_lens[request]
+    if has_visual and computed > 0:
+        raise RuntimeError(
+            f"PVM: a prompt was split before one of its images ({computed} tokens computed "
+            "in an earlier step). The text before an image must retrieve from it, so the "
+            "whole prompt has to be computed in one step: raise the encoder cache and "
+            "budget (--max-num-batched-tokens, limit_mm_per_prompt) so that every "
+            "prompt's images fit one step.")

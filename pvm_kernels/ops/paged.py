@@ -1,0 +1,78 @@
+"""PVM's visual keys/values in a paged KV cache (a serving engine's block table).
+
+A serving engine (vLLM) keeps one cache entry per token of each request in fixed-size
+blocks; a request's token at position ``p`` lives in slot
+``block_table[r, p // block_size] * block_size + p % block_size``. PVM stores, for every
+token, the block's k-normed visual key and value in the PVM layer's entry, plus one flag
+per slot saying whether the token is visual. Text tokens' entries hold whatever was written
+(the flag is what excludes them), so a request's visual set is "the flagged slots below its
+sequence length", whatever the order of text and images in its prompt: retrieval is not
+causal, as the spec requires.
+
+Layout of the cache (what vLLM 0.32 binds for a full-attention spec): ``kv_cache``
+``[num_blocks, Hkv, block_size, 2 * hd]``, the key in channels ``:hd`` and the value in
+``hd:``; it may be a strided view. ``visual_flags`` ``[num_blocks * block_size]`` bool.
+
+These functions gather a request batch's memory into the padded ``VisualMemory`` layout the
+PVM block's retrieval takes. They copy every key position below the longest sequence of the
+batch (text ones included, masked): simple and exact; a kernel reading the blocks in place
+would skip text-only blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..memory import VisualMemory
+
+
+def write_paged_kv(kv_cache: torch.Tensor, visual_flags: torch.Tensor,
+                   slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   is_visual: torch.Tensor) -> None:
+    """Store the step's keys/values and visual flags at their slots (in place).
+
+    kv_cache [num_blocks, Hkv, block_size, 2 * hd]; visual_flags [num_blocks * block_size]
+    bool; slot_mapping [T] int (negative: a padding token, not stored); key, value
+    [T, Hkv, hd] in the cache's dtype; is_visual [T] bool.
+    """
+    num_blocks, hkv, block_size, channels = kv_cache.shape
+    hd = channels // 2
+    if key.shape[1:] != (hkv, hd) or value.shape != key.shape:
+        raise ValueError(f"key/value must be [T, {hkv}, {hd}] for this cache, got "
+                         f"{tuple(key.shape)} and {tuple(value.shape)}")
+    T = key.shape[0]
+    slots = slot_mapping[:T].long()
+    keep = slots >= 0
+    slots, key, value, is_visual = slots[keep], key[keep], value[keep], is_visual[:T][keep]
+    block, offset = slots // block_size, slots % block_size
+    kv_cache[block, :, offset, :hd] = key.to(kv_cache.dtype)
+    kv_cache[block, :, offset, hd:] = value.to(kv_cache.dtype)
+    visual_flags[slots] = is_visual
+
+
+def gather_paged_memory(kv_cache: torch.Tensor, visual_flags: torch.Tensor,
+                        block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        max_seq_len: int) -> VisualMemory:
+    """The visual memory of R requests from the paged cache: [R, L, Hkv, hd] keys and
+    values and a [R, L] key mask (flagged and below the request's length), L =
+    ``max_seq_len`` rounded up to whole blocks.
+
+    block_table [R, max_blocks] int; seq_lens [R] int (tokens of each request in the cache,
+    this step's included); max_seq_len (a Python int) at least ``seq_lens.max()``.
+    Positions that are not visual hold zeros, so nothing they held can reach the output.
+    """
+    num_blocks, hkv, block_size, channels = kv_cache.shape
+    hd = channels // 2
+    R = block_table.shape[0]
+    nblk = min(-(-max_seq_len // block_size), block_table.shape[1])
+    blocks = block_table[:, :nblk].long()                                # [R, nblk]
+    L = nblk * block_size
+    pos = torch.arange(L, device=kv_cache.device)
+    slots = (blocks[:, :, None] * block_size +
+             torch.arange(block_size, device=kv_cache.device)).reshape(R, L)
+    valid = visual_flags[slots] & (pos[None, :] < seq_lens[:, None].to(pos.device))
+    entries = kv_cache[blocks]                                           # [R, nblk, Hkv, bs, 2hd]
+    entries = entries.permute(0, 1, 3, 2, 4).reshape(R, L, hkv, channels)
+    entries = torch.where(valid[:, :, None, None], entries, torch.zeros((), dtype=entries.dtype,
+                                                                         device=entries.device))
+    return VisualMemory.from_kv(entries[..., :hd].contiguous(), entries[..., hd:].contiguous(),
+                                valid)
