@@ -214,3 +214,37 @@ def test_load_weights_takes_hf_named_pvm_weights(setup, served):
     _assert_same(_generate(llm, config, ["image"]), {"image": batched["image"]}, "restored")
     with pytest.raises(Exception, match="no parameter"):
         load([("model.language_model.layers.0.pvm_block.gate_alpha", torch.zeros(1))])
+
+
+def test_a_compiled_engine_equals_transformers(setup, reference):
+    """vLLM's default path (torch.compile, not enforce_eager): the PVM update is an opaque
+    custom op that vLLM splits the graph at, so the step-dependent retrieval runs every step
+    (traced, it ran once without metadata and PVM silently vanished)."""
+    from vllm import LLM
+    path, _, config = setup
+    llm = LLM(model=path, dtype="float32", max_model_len=512, block_size=32,
+              limit_mm_per_prompt={"image": 2, "video": 0}, seed=0)
+    from pvm_kernels.integrations.vllm.qwen3_vl import UPDATE_OP
+    assert UPDATE_OP in llm.llm_engine.vllm_config.compilation_config.splitting_ops
+    names = ["image", "text", "two-images"]
+    got = _generate(llm, config, names)
+    del llm
+    _assert_same(got, {n: reference[n] for n in names}, "compiled")
+
+
+def test_a_prompt_split_before_its_image_is_refused():
+    """vLLM never splits a PVM prompt (chunked prefill is off), except when the encoder
+    cache or budget cannot take an image: then the text before it was computed without it,
+    and the step that brings the image is refused."""
+    from pvm_kernels.integrations.vllm.paged_cache import PVMPagedMetadata, check_whole_prompt
+    meta = PVMPagedMetadata(slot_mapping=torch.zeros(0), block_table=torch.zeros(2, 1),
+                            seq_lens=torch.tensor([40, 9]), query_start_loc=torch.tensor([0, 1, 10]),
+                            query_lens=[1, 9], seq_lens_host=[40, 9], num_actual_tokens=10)
+    check_whole_prompt(meta, 0, has_visual=False)   # a decode step: no visual token
+    check_whole_prompt(meta, 1, has_visual=True)    # a whole prompt with its image
+    cut = PVMPagedMetadata(slot_mapping=torch.zeros(0), block_table=torch.zeros(1, 1),
+                           seq_lens=torch.tensor([30]), query_start_loc=torch.tensor([0, 14]),
+                           query_lens=[14], seq_lens_host=[30], num_actual_tokens=14)
+    check_whole_prompt(cut, 0, has_visual=False)    # text after the images: fine
+    with pytest.raises(RuntimeError, match="split before one of its images"):
+        check_whole_prompt(cut, 0, has_visual=True)

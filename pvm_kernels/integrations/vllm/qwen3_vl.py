@@ -125,9 +125,31 @@ def pvm_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
     return u
 
 
+#: The custom op the PVM layers call (its qualified name is what vLLM's compiler splits at).
+UPDATE_OP = "pvm_kernels_vllm::add_pvm_update"
+
+
+@torch.library.custom_op(UPDATE_OP, mutates_args=("out",))
+def add_pvm_update(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
+    """``out += PVM(hidden)`` for the PVM layer whose cache is ``layer_name`` in vLLM's
+    forward context (``out`` unchanged in a run without metadata). An opaque op: under
+    vLLM's torch.compile the step-dependent retrieval runs eagerly between the compiled
+    pieces (``UPDATE_OP`` is added to the splitting ops), never traced once and replayed."""
+    from vllm.forward_context import get_forward_context
+    cache = get_forward_context().no_compile_layers[layer_name]
+    u = pvm_update(cache.pvm_block, cache, hidden, cache.pvm_step.mask(hidden.shape[0]))
+    if u is not None:
+        out.add_(u)
+
+
+@add_pvm_update.register_fake
+def _(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
 class _PVMDecoderLayer:
     """Mixin for a PVM decoder layer (vLLM's Qwen3DecoderLayer forward, the PVM update added
-    to the FFN's output). The layer has ``pvm_block``, ``pvm_cache`` and ``pvm_step``."""
+    to the FFN's output). The layer has ``pvm_block`` and ``pvm_cache``."""
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +163,8 @@ class _PVMDecoderLayer:
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         out = self.mlp(hidden_states)
         # residual is h, the stream entering post_attention_layernorm.
-        u = pvm_update(self.pvm_block, self.pvm_cache, residual,
-                       self.pvm_step.mask(residual.shape[0]))
-        return (out if u is None else out + u), residual
+        torch.ops.pvm_kernels_vllm.add_pvm_update(residual, out, self.pvm_cache.layer_name)
+        return out, residual
 
 
 _LAYER_CLASSES: Dict[type, type] = {}
@@ -198,9 +219,15 @@ class PVMQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
             layer.pvm_block = block
             layer.pvm_cache = PVMCacheLayer(name, block.dims.num_kv_heads, block.dims.head_dim,
                                             dtype)
-            layer.pvm_step = self.pvm_step
+            # The op finds the block and the step's mask through the cache layer (plain
+            # attributes: the block's parameters stay named layers.{i}.pvm_block.*).
+            object.__setattr__(layer.pvm_cache, "pvm_block", block)
+            object.__setattr__(layer.pvm_cache, "pvm_step", self.pvm_step)
             layer.__class__ = _pvm_layer_class(type(layer))
             self.pvm_layers.append(index)
+        compilation = vllm_config.compilation_config
+        if compilation.splitting_ops is not None and UPDATE_OP not in compilation.splitting_ops:
+            compilation.splitting_ops.append(UPDATE_OP)
 
     def _pvm_pairs(self):
         decoder = self.language_model.model
