@@ -58,7 +58,8 @@ def gather_paged_memory(kv_cache: torch.Tensor, visual_flags: torch.Tensor,
 
     block_table [R, max_blocks] int; seq_lens [R] int (tokens of each request in the cache,
     this step's included); max_seq_len (a Python int) at least ``seq_lens.max()``.
-    Positions that are not visual hold zeros, so nothing they held can reach the output.
+    Positions that are not visual keep whatever their slot held (NaN included): the key mask
+    keeps every backend's retrieval from reading them (tests/test_paged_memory.py).
     """
     num_blocks, hkv, block_size, channels = kv_cache.shape
     hd = channels // 2
@@ -72,7 +73,5 @@ def gather_paged_memory(kv_cache: torch.Tensor, visual_flags: torch.Tensor,
     valid = visual_flags[slots] & (pos[None, :] < seq_lens[:, None].to(pos.device))
     entries = kv_cache[blocks]                                           # [R, nblk, Hkv, bs, 2hd]
     entries = entries.permute(0, 1, 3, 2, 4).reshape(R, L, hkv, channels)
-    entries = torch.where(valid[:, :, None, None], entries, torch.zeros((), dtype=entries.dtype,
-                                                                         device=entries.device))
     return VisualMemory.from_kv(entries[..., :hd].contiguous(), entries[..., hd:].contiguous(),
                                 valid)
