@@ -248,3 +248,19 @@ def test_a_prompt_split_before_its_image_is_refused():
     check_whole_prompt(cut, 0, has_visual=False)    # text after the images: fine
     with pytest.raises(RuntimeError, match="split before one of its images"):
         check_whole_prompt(cut, 0, has_visual=True)
+
+
+def test_a_token_budget_below_the_model_length_is_refused(setup):
+    """Without chunked prefill a prompt longer than the step budget (or a preempted request
+    recomputing prompt and output) would wait forever: refused at construction, naming the
+    setting."""
+    from vllm import LLM
+    path, _, _ = setup
+    with pytest.raises(Exception) as err:
+        LLM(model=path, dtype="float32", max_model_len=512, max_num_batched_tokens=256,
+            block_size=32, enforce_eager=True, limit_mm_per_prompt={"image": 1, "video": 0})
+    text, cause = f"{err.value}", err.value.__cause__ or err.value.__context__
+    while cause is not None:
+        text += f" | {cause}"
+        cause = cause.__cause__ or cause.__context__
+    assert "max_num_batched_tokens (256) is below max_model_len (512)" in text, text

@@ -184,6 +184,16 @@ def check_supported(vllm_config) -> None:
                          "decoder layer's forward, the KV-cache spec and metadata API) are "
                          "what the PVM path is built on. Install a tested vLLM "
                          "(pip install 'pvm-kernels[vllm]').")
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    longest = vllm_config.model_config.max_model_len
+    if budget < longest:
+        raise ValueError(
+            f"max_num_batched_tokens ({budget}) is below max_model_len ({longest}): vLLM runs "
+            "PVM models without chunked prefill (a prompt must be computed in one step, "
+            "its text before an image retrieving from it), so a longer prompt, or a "
+            "preempted request recomputing its prompt and output, could never be scheduled. "
+            "Pass max_num_batched_tokens >= max_model_len (--max-num-batched-tokens) or a "
+            "smaller max_model_len.")
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
         raise ValueError("PVM models do not run with pipeline parallelism in vLLM yet: a later "
