@@ -66,6 +66,9 @@ def test_every_specialisation_compiles_for_sm80_and_sm90(gate_run):
               "swiglu_fwd_kernel", "swiglu_bwd_kernel", "visual_kv_fwd_kernel"):
         for dt in ("float16", "bfloat16", "float32"):
             assert (k, dt) in kernels
+    # the paged decode retrieval: 16-bit only (fp32 takes the gather path)
+    for dt in ("float16", "bfloat16"):
+        assert ("paged_retrieval_fwd_kernel", dt) in kernels
 
 
 def test_committed_resource_tables_are_the_gates(gate_run):

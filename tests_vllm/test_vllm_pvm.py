@@ -55,6 +55,8 @@ PROMPTS = {
     "long-text-first": list(range(100, 140)) + [("img", IMG_B), 20, 21],
     "same-text-other-image": list(range(100, 140)) + [("img", IMG_C), 20, 21],
     "two-images": [30, ("img", IMG_A), 31, 32, ("img", IMG_C), 33],
+    # What would be a prefix-cache hit covering the image: computed again, the same.
+    "image-again": [11, 12, ("img", IMG_A), 13, 14, 15],
 }
 
 
@@ -158,13 +160,18 @@ def reference(setup):
     return _reference(path, config, list(PROMPTS))
 
 
-def test_the_engine_turned_off_chunked_prefill_and_prefix_caching(served):
+def test_the_engine_turned_off_chunked_prefill_and_prefix_caching(setup):
     """PVM's cache layers say non_causal: vLLM's engine core then never splits a prompt
-    and never reuses a cached prefix (the text before an image depends on it)."""
-    llm = served[0]
+    and never reuses a cached prefix (the text before an image depends on the image, and
+    vLLM would hash that text's blocks without it), even when asked for both."""
+    from vllm import LLM
+    llm = LLM(model=setup[0], dtype="float32", max_model_len=512, block_size=32,
+              enforce_eager=True, limit_mm_per_prompt={"image": 2, "video": 0},
+              enable_prefix_caching=True, enable_chunked_prefill=True)
     config = llm.llm_engine.vllm_config
     assert config.scheduler_config.enable_chunked_prefill is False
     assert config.cache_config.enable_prefix_caching is False
+    del llm
 
 
 def test_batched_requests_equal_transformers(served, reference):

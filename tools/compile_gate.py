@@ -143,6 +143,7 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
     import torch
     from pvm_kernels import pvm_merge, pvm_retrieval
     from pvm_kernels.triton_ops import merge as merge_mod
+    from pvm_kernels.triton_ops import paged_retrieval as paged_mod
     from pvm_kernels.triton_ops import retrieval as retr_mod
     from pvm_kernels.triton_ops import rms_norm as norm_mod
     from pvm_kernels.triton_ops import swiglu as swiglu_mod
@@ -185,6 +186,11 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
         if kernel == "fwd":
             problems += [("swiglu", dtype, aligned) for dtype in dtypes[dc]
                          for aligned in (True, False)]
+
+    for (kernel, dc, bd) in sorted(paged_mod.CONFIGS):
+        # the entry's own head dim, then a smaller one of the same BLOCK_D: one variant
+        problems += [("paged_retrieval", dtype, bd, bs, varied) for dtype in dtypes[dc]
+                     for bs in paged_mod.BLOCK_SIZES for varied in (False, True)]
 
     problems = [p for p in problems if context["only"] in (None, p[0])]
     from tqdm import tqdm
@@ -246,6 +252,12 @@ def _drive_problems(context) -> None:  # noqa: C901 - one loop per table
                 mask = torch.rand(2, 7) > 0.3 if has_mask else None
                 torch.ops.pvm_kernels.triton_visual_kv_fwd(k, torch.ones(hd, dtype=dtype),
                                                            mask, 1e-6)
+            elif prob[0] == "paged_retrieval":
+                _, dtype, bd, bs, varied = prob
+                hd = bd - 8 if varied and bd > 16 else bd
+                context["config"] = lambda kernel, hd=hd, dtype=dtype: (
+                    "paged_retrieval", paged_mod.config_key(dtype, hd))
+                run_paged_problem(dtype, hd, bs)
             elif prob[0] == "swiglu":
                 _, dtype, aligned = prob
                 inter = 256 if aligned else 253
@@ -276,7 +288,8 @@ _KERNEL_TABLE_NAME = {"retrieval_fwd_kernel": "fwd",
                       "retrieval_bwd_dkdv_kernel": "dkdv", "merge_fwd_kernel": "fwd",
                       "merge_bwd_kernel": "bwd", "rms_norm_fwd_kernel": "fwd",
                       "rms_norm_bwd_kernel": "bwd", "swiglu_fwd_kernel": "fwd",
-                      "swiglu_bwd_kernel": "bwd", "visual_kv_fwd_kernel": "fwd"}
+                      "swiglu_bwd_kernel": "bwd", "visual_kv_fwd_kernel": "fwd",
+                      "paged_retrieval_fwd_kernel": "fwd"}
 
 
 class CompileSession:
@@ -477,6 +490,20 @@ def run_tma_problem(dtype, hd: int, varlen: bool, q_norm: bool) -> None:
     out.backward(torch.randn_like(out))
 
 
+def run_paged_problem(dtype, hd: int, block_size: int) -> None:
+    """One launch of the in-place paged retrieval (3 decode tokens, G 4, 2 KV heads, a
+    strided cache view as vLLM binds it)."""
+    import torch
+    num_blocks, hkv = 6, 2
+    kv = torch.zeros(num_blocks, block_size, hkv, 2 * hd, dtype=dtype).permute(0, 2, 1, 3)
+    torch.ops.pvm_kernels.triton_paged_retrieval_fwd(
+        torch.randn(3, 4 * hkv, hd, dtype=dtype), kv,
+        torch.ones(num_blocks * block_size, dtype=torch.bool),
+        torch.ones(num_blocks, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.int32),
+        torch.tensor([5, 40], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32),
+        hd ** -0.5)
+
+
 def compile_entry_problem(cap: int, dc: str, bd: int, rc: str,
                           recall: Optional[Dict[str, dict]] = None) -> "CompileSession":
     """Compile, for sm_<cap>, the forward + backward of the one small retrieval problem
@@ -549,9 +576,15 @@ def _swiglu_table():
     return swiglu.CONFIGS
 
 
+def _paged_retrieval_table():
+    from pvm_kernels.triton_ops import paged_retrieval
+    return paged_retrieval.CONFIGS
+
+
 #: The launchers' configuration tables, by name: what the gate must cover.
 TABLES = {"retrieval": _retrieval_table, "merge": _merge_table, "rms_norm": _rms_norm_table,
-          "swiglu": _swiglu_table, "visual_kv": _visual_kv_table}
+          "swiglu": _swiglu_table, "visual_kv": _visual_kv_table,
+          "paged_retrieval": _paged_retrieval_table}
 DTYPES_OF_CLASS = {"16bit": ("float16", "bfloat16"), "fp32": ("float32",)}
 
 
@@ -569,7 +602,8 @@ def _dtype_class(table: str, key: tuple) -> str:
 #: VARLEN=True) kernels, each also with q_norm fused (QN=True: "-qn") where the kernel has
 #: it; the other tables have one.
 LAYOUTS = {"retrieval": ("padded", "varlen"), "merge": ("",), "rms_norm": ("",),
-           "swiglu": ("",), "visual_kv": ("mask", "no-mask")}
+           "swiglu": ("",), "visual_kv": ("mask", "no-mask"),
+           "paged_retrieval": ("bs16", "bs32")}
 #: The retrieval kernels with a QN (fused q_norm) variant, by table kernel name.
 QN_KERNELS = ("fwd", "dq", "finish")
 #: The retrieval kernels with a tensor-descriptor (TMA=True: "-tma") variant on sm_90.
@@ -579,6 +613,8 @@ TMA_KERNELS = ("fwd", "dq", "dkdv")
 def _layout(table: str, constexprs: Dict[str, object]) -> str:
     if table == "visual_kv":
         return "mask" if constexprs.get("HAS_MASK") else "no-mask"
+    if table == "paged_retrieval":  # the cache's block size is the key tile
+        return f"bs{constexprs.get('BLOCK_N')}"
     if table != "retrieval":
         return ""
     return ("varlen" if constexprs.get("VARLEN") else "padded") + \
@@ -609,9 +645,17 @@ def expected_entries(cap: int) -> set:
 def uncovered_inputs() -> List[str]:
     """Inputs a launcher accepts whose table entry is missing (it would fail at launch):
     every head dim and row class the retrieval takes, every width the merge takes."""
-    from pvm_kernels.triton_ops import merge, retrieval, rms_norm
+    import torch
+
+    from pvm_kernels.triton_ops import merge, paged_retrieval, retrieval, rms_norm
     from pvm_kernels.triton_ops.common import ARCH_SMS
     missing = set()
+    for dtype in (torch.float16,):  # fp32 is not compiled: it takes the gather path
+        for hd in range(retrieval.HEAD_DIM_MULTIPLE,
+                        retrieval.MAX_HEAD_DIM[retrieval.dtype_class(dtype)] + 1,
+                        retrieval.HEAD_DIM_MULTIPLE):
+            if paged_retrieval.config_key(dtype, hd) not in paged_retrieval.CONFIGS:
+                missing.add(f"paged_retrieval {paged_retrieval.config_key(dtype, hd)}")
     for dc, largest in retrieval.MAX_HEAD_DIM.items():
         for hd in range(retrieval.HEAD_DIM_MULTIPLE, largest + 1, retrieval.HEAD_DIM_MULTIPLE):
             for kernel in ("fwd", "dq", "dkdv", "delta", "finish"):
@@ -665,7 +709,7 @@ def check(records: List[dict], targets: List[int], only: Optional[str] = None) -
         for entry in sorted(e for e in want - set(have) if only in (None, e[0])):
             failures.append(f"sm_{cap}: table entry never compiled: {entry}")
         for entry, sigs in have.items():
-            if entry[0] == "retrieval" and len(sigs) > 1:
+            if entry[0] in ("retrieval", "paged_retrieval") and len(sigs) > 1:
                 failures.append(f"sm_{cap}: {entry} compiled to {len(sigs)} specialisations; "
                                 f"the launcher promises one")
     return failures
@@ -716,7 +760,7 @@ def _eight_b(key) -> bool:
     """The 8B shapes: retrieval at head dim 128, merge at D 4096, RMSNorm over P 512 and
     hd 128, visual K/V at hd 128, SwiGLU; aligned rows."""
     kern, _, tile, flags, _, _ = key
-    if kern.startswith("retrieval"):
+    if kern.startswith(("retrieval", "paged_retrieval")):
         return tile.endswith("x128")
     if kern.startswith("visual_kv"):
         return tile.split("x")[1] == "128" and "aligned" in flags

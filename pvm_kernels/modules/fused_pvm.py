@@ -224,6 +224,28 @@ class FusedPVM(nn.Module):
                          self.dims.hidden_size, "Nv")
         return self._keys_values(visual, resolve_backend(backend, visual.device), {})
 
+    def queries(self, hidden_states: torch.Tensor, backend: Optional[str] = None
+                ) -> torch.Tensor:
+        """q [..., H, hd] (q-normed, what retrieval takes) of hidden_states [..., D]: for a
+        caller that runs the retrieval itself (a serving engine's paged cache), then
+        ``update_from_retrieval``."""
+        check_embeddings("hidden_states",
+                         hidden_states.reshape(1, -1, hidden_states.shape[-1]),
+                         self.dims.hidden_size, "T")
+        return self._queries(hidden_states, resolve_backend(backend, hidden_states.device))
+
+    def update_from_retrieval(self, a: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                              backend: Optional[str] = None) -> torch.Tensor:
+        """The PVM update u [..., D] from the retrieval's output a [..., H, hd]: o_proj,
+        the inner MLP, the expander and the gated merge. keep [...] bool: u is exactly 0
+        where False (a query without visual tokens, or itself visual); None keeps all."""
+        d = self.dims
+        if a.shape[-2:] != (d.num_heads, d.head_dim):
+            raise ValueError(f"a must be [..., {d.num_heads}, {d.head_dim}], got "
+                             f"{tuple(a.shape)}")
+        check_like("keep", keep, a.shape[:-2], a.device, torch.bool, "a")
+        return self._update(resolve_backend(backend, a.device), a, keep, None, {})
+
     def _queries(self, hidden_states: torch.Tensor, impl=None,
                  raw: bool = False) -> torch.Tensor:
         """q [..., H, hd] of hidden_states [..., D]: text_reducer, input_norm, q_proj and the

@@ -20,9 +20,12 @@ would skip text-only blocks.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..memory import VisualMemory
+from .backends import resolve_backend
 
 
 def write_paged_kv(kv_cache: torch.Tensor, visual_flags: torch.Tensor,
@@ -75,3 +78,43 @@ def gather_paged_memory(kv_cache: torch.Tensor, visual_flags: torch.Tensor,
     entries = entries.permute(0, 1, 3, 2, 4).reshape(R, L, hkv, channels)
     return VisualMemory.from_kv(entries[..., :hd].contiguous(), entries[..., hd:].contiguous(),
                                 valid)
+
+
+def mark_blocks(visual_flags: torch.Tensor, block_visual: torch.Tensor,
+                slots: torch.Tensor, block_size: int) -> None:
+    """Refresh the per-block summary (in place) of the blocks ``slots`` [N] touched:
+    ``block_visual[b]`` = any of block b's slot flags. A slot past its request's length may
+    still hold an earlier owner's True, which only makes the summary conservative (the
+    retrieval masks by length); a block is always touched by its owner's first write."""
+    slots = slots[slots >= 0].long()
+    if slots.numel() == 0:
+        return
+    blocks = slots // block_size
+    block_visual[blocks] = visual_flags.view(-1, block_size)[blocks].any(dim=1)
+
+
+def paged_decode_retrieval(q: torch.Tensor, kv_cache: torch.Tensor, visual_flags: torch.Tensor,
+                           block_visual: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, rows: torch.Tensor, max_seq_len: int,
+                           scale: float, backend: Optional[str] = None):
+    """Retrieval of T single-token queries (a decode step) from the paged cache:
+    (a [T, H, hd] in q's dtype, has_visual [T] bool).
+
+    q [T, H, hd] q-normed; kv_cache, visual_flags as ``write_paged_kv``; block_visual
+    [num_blocks] bool (``mark_blocks``); block_table [R, W] int32; seq_lens [R] int32;
+    rows [T] int32, each query's request; max_seq_len (a Python int) at least the longest
+    of them. The backend's in-place kernel (Triton: text blocks skipped) where it takes
+    the launch, else the same math on the gathered memory (``gather_paged_memory``).
+    """
+    impl = resolve_backend(backend, q.device)
+    if impl.paged_retrieval is not None:
+        out = impl.paged_retrieval(q, kv_cache, visual_flags, block_visual, block_table,
+                                   seq_lens, rows, scale)
+        if out is not None:
+            return out
+    rows = rows.long()
+    memory = gather_paged_memory(kv_cache, visual_flags, block_table[rows], seq_lens[rows],
+                                 max_seq_len)
+    a = impl.retrieval(q[:, None], memory.key, memory.value, memory.key_mask, memory.kv_len,
+                       scale)
+    return a[:, 0], memory.has_visual

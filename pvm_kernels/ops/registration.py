@@ -49,6 +49,11 @@ GLUE_SCHEMAS: Dict[str, str] = {
     # [B], has_visual bool [B]); its backward is rms_norm_bwd.
     "visual_kv_fwd": "(Tensor k, Tensor weight, Tensor? mask, float eps) "
                      "-> (Tensor, Tensor, Tensor, Tensor)",
+    # Single-token queries' retrieval read in place from a paged KV cache (ops/paged.py):
+    # (a [T, H, hd], has_visual bool [T]). Inference only: no backward.
+    "paged_retrieval_fwd": "(Tensor q, Tensor kv, Tensor flags, Tensor block_visual, "
+                           "Tensor block_table, Tensor seq_lens, Tensor rows, float scale) "
+                           "-> (Tensor, Tensor)",
     # The retrieval with q_norm fused: q is q_proj's output, q_weight the norm's gain [hd];
     # the forward also returns q_hat = q_norm(q) (what the backward's scores read), the
     # backward also the gain's gradient (dq, dq_weight, dk, dv).
@@ -152,7 +157,12 @@ def retrieval_varlen_qn_bwd_fake(grad_out, q, q_hat, q_weight, k, v, out, lse, c
                                  scale, eps)
 
 
+def paged_retrieval_fwd_fake(q, kv, flags, block_visual, block_table, seq_lens, rows, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0],), dtype=torch.bool)
+
+
 FAKES: Dict[str, Callable] = {
+    "paged_retrieval_fwd": paged_retrieval_fwd_fake,
     "rms_norm_fwd": rms_norm_fwd_fake, "rms_norm_bwd": rms_norm_bwd_fake,
     "swiglu_fwd": swiglu_fwd_fake, "swiglu_bwd": swiglu_bwd_fake,
     "visual_kv_fwd": visual_kv_fwd_fake,

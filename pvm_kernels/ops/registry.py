@@ -44,6 +44,10 @@ class Backend:
     # The padded memory's k_norm and metadata: (k [B, Nv, Hkv, hd], weight, mask or None,
     # eps) -> (k_norm(k), kv_len int32 [B], has_visual bool [B]).
     visual_kv: Optional[Callable] = None
+    # Single-token queries' retrieval in place from a paged KV cache (ops/paged.py):
+    # (q, kv, flags, block_visual, block_table, seq_lens, rows, scale) -> (a, has_visual),
+    # or None when this launch is not one the backend takes (the caller then gathers).
+    paged_retrieval: Optional[Callable] = None
     # The expander and the merge, saving the expander's input instead of its [N, D] output
     # (recompute.py): (m2, w_e, gate, keep, ffn_output, eps) -> out.
     expand_merge: Optional[Callable] = None

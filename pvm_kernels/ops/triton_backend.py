@@ -90,6 +90,11 @@ def _visual_kv_fwd(k, weight, mask, eps):
     return _kernels().visual_kv_fwd(k, weight, mask, eps)
 
 
+def _paged_retrieval_fwd(q, kv, flags, block_visual, block_table, seq_lens, rows, scale):
+    return _kernels().paged_retrieval_fwd(q, kv, flags, block_visual, block_table, seq_lens,
+                                          rows, scale)
+
+
 define_python_backend("triton", {
     "retrieval_fwd": _retrieval_fwd, "retrieval_bwd": _retrieval_bwd,
     "retrieval_varlen_fwd": _retrieval_varlen_fwd, "retrieval_varlen_bwd": _retrieval_varlen_bwd,
@@ -99,7 +104,7 @@ define_python_backend("triton", {
     "retrieval_qn_fwd": _retrieval_qn_fwd, "retrieval_qn_bwd": _retrieval_qn_bwd,
     "retrieval_varlen_qn_fwd": _retrieval_varlen_qn_fwd,
     "retrieval_varlen_qn_bwd": _retrieval_varlen_qn_bwd,
-    "visual_kv_fwd": _visual_kv_fwd,
+    "visual_kv_fwd": _visual_kv_fwd, "paged_retrieval_fwd": _paged_retrieval_fwd,
 })
 
 
@@ -159,6 +164,13 @@ def _triton_retrieval_varlen_qnorm(q, q_weight, eps, k, v, cu_q, cu_k, max_q, ma
                                                        max_k, scale, eps)[0]
 
 
+def _triton_paged_retrieval(q, kv, flags, block_visual, block_table, seq_lens, rows, scale):
+    if _kernels().paged_retrieval.unsupported(q, kv, kv.shape[1]) is not None:
+        return None
+    return get_op("triton", "paged_retrieval_fwd")(q, kv, flags, block_visual, block_table,
+                                                   seq_lens, rows, scale)
+
+
 def _triton_head_dim(hd: int, dtype: torch.dtype) -> Optional[str]:
     return _kernels().retrieval.head_dim_unsupported(hd, dtype)
 
@@ -170,4 +182,5 @@ register_backend(Backend("triton", _triton_retrieval, _triton_merge, check=_trit
                          swiglu=_triton_swiglu, retrieval_qnorm=_triton_retrieval_qnorm,
                          retrieval_varlen_qnorm=_triton_retrieval_varlen_qnorm,
                          visual_kv=_triton_visual_kv, expand_merge=expand_merge("triton"),
+                         paged_retrieval=_triton_paged_retrieval,
                          mlp_residual=mlp_residual("triton")))

@@ -4,8 +4,9 @@ Each PVM decoder layer owns a :class:`PVMCacheLayer`, registered in vLLM's forwa
 like an attention layer, so the engine allocates, frees, preempts and schedules its cache
 with the rest: one entry per token of every request, ``[num_blocks, Hkv, block_size,
 2 * hd]`` (the k-normed visual key, then the value), plus a flag per slot saying whether
-the token is visual (``visual_flags``, kept beside the cache and written with it, so it is
-exactly as valid as the entry it describes).
+the token is visual and one per block saying whether any of its slots is
+(``visual_flags``, ``block_visual``: kept beside the cache and written with it, so they
+are exactly as valid as the entries they describe).
 
 Its spec says ``non_causal=True``: retrieval at a text token reads every visual token of
 its request, those placed after it in the prompt included. vLLM's engine core turns off
@@ -17,7 +18,7 @@ text before the image miss it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -112,6 +113,7 @@ class PVMCacheLayer(nn.Module, AttentionLayerBase):
         self.dtype = dtype
         self.kv_cache = torch.tensor([])
         self.visual_flags: Optional[torch.Tensor] = None
+        self.block_visual: Optional[torch.Tensor] = None
         config = get_current_vllm_config()
         self.block_size = config.cache_config.block_size
         context = config.compilation_config.static_forward_context
@@ -129,14 +131,19 @@ class PVMCacheLayer(nn.Module, AttentionLayerBase):
 
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
         self.kv_cache = kv_cache
-        self.visual_flags = None
+        self.visual_flags = self.block_visual = None
 
-    def flags(self) -> torch.Tensor:
-        """visual_flags [num_blocks * block_size] bool, all False when first made."""
-        slots = self.kv_cache.shape[0] * self.kv_cache.shape[2]
-        if self.visual_flags is None or self.visual_flags.numel() != slots:
-            self.visual_flags = torch.zeros(slots, dtype=torch.bool, device=self.kv_cache.device)
-        return self.visual_flags
+    def flags(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(visual_flags [num_blocks * block_size], block_visual [num_blocks]) bool, all
+        False when first made: a flag per slot and its block's summary (any flag set:
+        ops/paged.py's mark_blocks), which lets the decode kernel skip text blocks."""
+        blocks = self.kv_cache.shape[0]
+        if self.block_visual is None or self.block_visual.numel() != blocks:
+            device = self.kv_cache.device
+            self.visual_flags = torch.zeros(blocks * self.kv_cache.shape[2], dtype=torch.bool,
+                                            device=device)
+            self.block_visual = torch.zeros(blocks, dtype=torch.bool, device=device)
+        return self.visual_flags, self.block_visual
 
     def metadata(self) -> Optional[PVMPagedMetadata]:
         """This step's metadata (None in a profiling or dummy run without a KV cache)."""

@@ -19,13 +19,15 @@ Visual query tokens and requests without images get exactly 0 (the block's own r
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
 from ...modules import FusedPVM
-from ...ops.paged import gather_paged_memory, write_paged_kv
+from ...ops.paged import (gather_paged_memory, mark_blocks, paged_decode_retrieval,
+                          write_paged_kv)
 from . import version_problem, vllm_version
 from .paged_cache import PVMCacheLayer, check_whole_prompt
 
@@ -70,7 +72,7 @@ def store_visual(block: FusedPVM, cache: PVMCacheLayer, inputs_embeds: torch.Ten
     if meta is None:
         return
     n = meta.num_actual_tokens
-    flags = cache.flags()
+    flags, block_visual = cache.flags()
     slots = meta.slot_mapping[:n]
     visual = is_visual[:n]
     rows = visual.nonzero().flatten()
@@ -80,14 +82,15 @@ def store_visual(block: FusedPVM, cache: PVMCacheLayer, inputs_embeds: torch.Ten
         k, v = block.visual_keys_values(inputs_embeds[rows])
         write_paged_kv(cache.kv_cache, flags, slots[rows], k, v,
                        torch.ones_like(rows, dtype=torch.bool))
+    mark_blocks(flags, block_visual, slots, cache.kv_cache.shape[2])
 
 
 def pvm_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
                is_visual: torch.Tensor) -> Optional[torch.Tensor]:
     """The PVM update u [T, D] of the step's tokens (h = ``hidden`` [T, D]), or None in a
     run without metadata (vLLM's profiling and dummy runs). Single-token queries (decode)
-    retrieve in one batched call; each longer query (a prompt) in its own, after
-    :func:`check_whole_prompt`."""
+    retrieve in one call read in place from the cache (``paged_decode_retrieval``); each
+    longer query (a prompt) on its gathered memory, after :func:`check_whole_prompt`."""
     meta = cache.metadata()
     if meta is None:
         return None
@@ -95,25 +98,30 @@ def pvm_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
     u = torch.zeros_like(hidden)
     if R == 0:
         return u
-    flags = cache.flags()
+    flags, block_visual = cache.flags()
     starts = meta.query_start_loc
-    lengths = torch.tensor(meta.query_lens, device=hidden.device)
-    owner = torch.repeat_interleave(torch.arange(R, device=hidden.device), lengths)
     visual = is_visual[:n]
-    visual_per_request = torch.zeros(R, dtype=torch.int64, device=hidden.device)
-    visual_per_request.index_add_(0, owner, visual.long())
-    for r, count in enumerate(visual_per_request.tolist()):
-        check_whole_prompt(meta, r, count > 0)
+    # Only a request continuing a prompt (tokens computed before, more than one now) can
+    # bring images after its text was computed; the host knows which, so a normal step
+    # asks the device nothing.
+    start = 0
+    for r, q in enumerate(meta.query_lens):
+        if q > 1 and meta.seq_lens_host[r] > q:
+            check_whole_prompt(meta, r, bool(visual[start:start + q].any()))
+        start += q
 
     single = [r for r, q in enumerate(meta.query_lens) if q == 1]
     if single:
-        rows = torch.tensor(single, device=hidden.device)
-        tokens = starts[rows].long()
-        memory = gather_paged_memory(cache.kv_cache, flags, meta.block_table[rows],
-                                     meta.seq_lens[rows],
-                                     max(meta.seq_lens_host[r] for r in single))
-        out = block(hidden[tokens][:, None], memory, query_is_visual=visual[tokens][:, None])
-        u[tokens] = out[:, 0]
+        # Decode tokens: read in place from the cache, text blocks skipped where the
+        # backend has the kernel (Triton, 16-bit), else gathered.
+        rows = torch.tensor(single, dtype=torch.int32, device=hidden.device)
+        tokens = starts[rows.long()].long()
+        q = block.queries(hidden[tokens])
+        a, has = paged_decode_retrieval(q, cache.kv_cache, flags, block_visual,
+                                        meta.block_table, meta.seq_lens, rows,
+                                        max(meta.seq_lens_host[r] for r in single),
+                                        1.0 / math.sqrt(block.dims.head_dim))
+        u[tokens] = block.update_from_retrieval(a, has & ~visual[tokens])
     start = 0
     for r, q in enumerate(meta.query_lens):
         if q > 1:
