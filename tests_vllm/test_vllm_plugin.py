@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import error_text
 
 vllm = pytest.importorskip("vllm")
 
@@ -20,24 +21,10 @@ NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """(path without PVM, path with PVM): the CLI's small random Qwen3-VL (head dim 32,
-    vLLM's CPU attention needs at least 32) with M-RoPE sections summing to 16, fp32, saved
-    with save_pretrained."""
-    from pvm_kernels.integrations.qwen3_vl import apply_pvm_to_qwen3_vl
-    from pvm_kernels.integrations.tiny_qwen3_vl import small_qwen3_vl_config
-    from transformers import Qwen3VLForConditionalGeneration
-    root = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    # vLLM's M-RoPE needs the sections to cover the rotary half (16 of head dim 32);
-    # transformers accepts the small model's default [2, 3, 3] (8).
-    config = small_qwen3_vl_config(rope_scaling={"rope_type": "default", "mrope_section": [6, 5, 5],
-                                                 "mrope_interleaved": True})
-    stock = Qwen3VLForConditionalGeneration(config).float().eval()
-    stock.save_pretrained(root / "stock")
-    pvm = apply_pvm_to_qwen3_vl(stock, pvm_hidden_size=128)
-    pvm.save_pretrained(root / "pvm")
-    return str(root / "stock"), str(root / "pvm")
+def checkpoints(small_checkpoints):
+    """(path without PVM, path with PVM): conftest's small random Qwen3-VL."""
+    pvm_path, stock_path, _ = small_checkpoints
+    return stock_path, pvm_path
 
 
 def _llm(path, **kwargs):
@@ -93,9 +80,5 @@ def test_a_pvm_checkpoint_on_an_untested_vllm_is_refused_with_the_reason(checkpo
     _, pvm_path = checkpoints
     with pytest.raises(Exception) as err:
         _llm(pvm_path)
-    text = f"{err.value}"
-    cause = err.value.__cause__ or err.value.__context__
-    while cause is not None:
-        text += f" | {cause}"
-        cause = cause.__cause__ or cause.__context__
+    text = error_text(err.value)
     assert "PVM layers" in text and "tested with vLLM 0.0.1" in text, text

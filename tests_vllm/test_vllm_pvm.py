@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import error_text
 
 vllm = pytest.importorskip("vllm")
 
@@ -20,24 +21,9 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(pvm path, stock path, config): the same random base, fp32; PVM at P 128 with gate 1."""
-    from pvm_kernels.integrations.qwen3_vl import apply_pvm_to_qwen3_vl, set_pvm_gate
-    from pvm_kernels.integrations.tiny_qwen3_vl import small_qwen3_vl_config, tiny_processor
-    from transformers import Qwen3VLForConditionalGeneration
-    root = tmp_path_factory.mktemp("pvm-ckpt")
-    torch.manual_seed(0)
-    # vLLM's M-RoPE needs the sections to cover the rotary half (16 of head dim 32).
-    config = small_qwen3_vl_config(rope_scaling={"rope_type": "default", "mrope_section": [6, 5, 5],
-                                                 "mrope_interleaved": True})
-    model = Qwen3VLForConditionalGeneration(config).float().eval()
-    model.save_pretrained(root / "stock")
-    tiny_processor(config).save_pretrained(root / "stock")
-    apply_pvm_to_qwen3_vl(model, pvm_hidden_size=128)
-    set_pvm_gate(model, 1.0)
-    model.save_pretrained(root / "pvm")
-    tiny_processor(config).save_pretrained(root / "pvm")
-    return str(root / "pvm"), str(root / "stock"), config
+def setup(small_checkpoints):
+    """(pvm path, stock path, config): conftest's small random Qwen3-VL, PVM gate 1."""
+    return small_checkpoints
 
 
 def _image(seed, size=(128, 96)):
@@ -116,10 +102,13 @@ def _reference(path, config, names, pvm=True):
     return out
 
 
-def _llm(path):
+def _llm(path, **overrides):
+    """An in-process engine on the small model: fp32, eager, 32-token blocks, two images a
+    prompt; ``overrides`` replace or add engine arguments."""
     from vllm import LLM
-    return LLM(model=path, dtype="float32", max_model_len=512, block_size=32,
-               enforce_eager=True, limit_mm_per_prompt={"image": 2, "video": 0}, seed=0)
+    args = dict(model=path, dtype="float32", max_model_len=512, block_size=32,
+                enforce_eager=True, limit_mm_per_prompt={"image": 2, "video": 0}, seed=0)
+    return LLM(**{**args, **overrides})
 
 
 def _generate(llm, config, names):
@@ -164,10 +153,7 @@ def test_the_engine_turned_off_chunked_prefill_and_prefix_caching(setup):
     """PVM's cache layers say non_causal: vLLM's engine core then never splits a prompt
     and never reuses a cached prefix (the text before an image depends on the image, and
     vLLM would hash that text's blocks without it), even when asked for both."""
-    from vllm import LLM
-    llm = LLM(model=setup[0], dtype="float32", max_model_len=512, block_size=32,
-              enforce_eager=True, limit_mm_per_prompt={"image": 2, "video": 0},
-              enable_prefix_caching=True, enable_chunked_prefill=True)
+    llm = _llm(setup[0], enable_prefix_caching=True, enable_chunked_prefill=True)
     config = llm.llm_engine.vllm_config
     assert config.scheduler_config.enable_chunked_prefill is False
     assert config.cache_config.enable_prefix_caching is False
@@ -227,10 +213,8 @@ def test_a_compiled_engine_equals_transformers(setup, reference):
     """vLLM's default path (torch.compile, not enforce_eager): the PVM update is an opaque
     custom op that vLLM splits the graph at, so the step-dependent retrieval runs every step
     (traced, it ran once without metadata and PVM silently vanished)."""
-    from vllm import LLM
     path, _, config = setup
-    llm = LLM(model=path, dtype="float32", max_model_len=512, block_size=32,
-              limit_mm_per_prompt={"image": 2, "video": 0}, seed=0)
+    llm = _llm(path, enforce_eager=False)
     from pvm_kernels.integrations.vllm.qwen3_vl import UPDATE_OP
     assert UPDATE_OP in llm.llm_engine.vllm_config.compilation_config.splitting_ops
     names = ["image", "text", "two-images"]
@@ -261,13 +245,7 @@ def test_a_token_budget_below_the_model_length_is_refused(setup):
     """Without chunked prefill a prompt longer than the step budget (or a preempted request
     recomputing prompt and output) would wait forever: refused at construction, naming the
     setting."""
-    from vllm import LLM
-    path, _, _ = setup
     with pytest.raises(Exception) as err:
-        LLM(model=path, dtype="float32", max_model_len=512, max_num_batched_tokens=256,
-            block_size=32, enforce_eager=True, limit_mm_per_prompt={"image": 1, "video": 0})
-    text, cause = f"{err.value}", err.value.__cause__ or err.value.__context__
-    while cause is not None:
-        text += f" | {cause}"
-        cause = cause.__cause__ or cause.__context__
+        _llm(setup[0], max_num_batched_tokens=256)
+    text = error_text(err.value)
     assert "max_num_batched_tokens (256) is below max_model_len (512)" in text, text

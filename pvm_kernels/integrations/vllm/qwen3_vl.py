@@ -6,7 +6,7 @@ With PVM layers, each listed decoder layer gets
 - ``pvm_block``: the package's :class:`~pvm_kernels.FusedPVM` (the published parameter
   names, so ``load_weights`` takes the checkpoint's and TRL's HF names as they are);
 - ``pvm_cache``: a :class:`~.paged_cache.PVMCacheLayer`, the layer's visual K/V in vLLM's
-  paged KV cache (one entry per token, a visual flag per slot);
+  paged KV cache (one entry per token, a visual flag per slot and per block);
 - a forward that adds the PVM update to the FFN's output:
   ``out = h + FFN(post_attention_layernorm(h)) + PVM(h, V)``.
 
@@ -14,7 +14,8 @@ A step of the engine: ``embed_input_ids`` records which scheduled tokens are vis
 the decoder runs, every PVM layer stores the k-normed keys and values of the step's visual
 embeddings (``inputs_embeds`` at those tokens: after the merger, before DeepStack) and a
 flag for every token; in the layer, each request's queries retrieve from all flagged slots
-of its request (:func:`pvm_kernels.ops.paged.gather_paged_memory`), whatever their position.
+of its request, whatever their position (decode tokens in place from the cache,
+:func:`pvm_kernels.ops.paged.paged_decode_retrieval`; prompts on their gathered memory).
 Visual query tokens and requests without images get exactly 0 (the block's own rules).
 """
 from __future__ import annotations
