@@ -65,6 +65,29 @@ def retrieval_step_cost(B: int, T: int, H: int, Hkv: int, hd: int, Nv: int, elem
     return fwd + retrieval_cost(B, T, H, Hkv, hd, Nv, elem, backward=True) if backward else fwd
 
 
+def paged_decode_cost(R: int, H: int, Hkv: int, hd: int, Nv: int, context: int,
+                      block_size: int, elem: int, in_place: bool = True) -> Cost:
+    """One decode step's retrieval for R requests from a paged cache (ops/paged.py), each
+    with ``context`` tokens of which Nv are visual, packed in whole blocks.
+
+    in_place (the Triton kernel): reads q, the block table and summaries of every block,
+    and the flags and entries (K and V, Hkv heads of hd) of the visual blocks only; writes
+    the output. Gathered (the fallback): every position's entry and flag read, written to
+    the padded memory and read again by the retrieval. Flops: the visual keys' QK^T and PV
+    (4 R H Nv hd; the in-place kernel also scores the text slots sharing a visual block,
+    and the gathered retrieval every masked position: counted as useful work only).
+    """
+    blocks = -(-context // block_size)
+    visual_blocks = min(blocks, -(-Nv // block_size))
+    entry = Hkv * 2 * hd * elem
+    io = 2 * R * H * hd * elem
+    if in_place:
+        moved = R * (blocks * 5 + visual_blocks * block_size * (entry + 1))
+    else:
+        moved = R * (blocks * 4 + context * (3 * entry + 1))
+    return Cost(4.0 * R * H * Nv * hd, io + moved)
+
+
 def merge_cost(N: int, D: int, elem: int, ffn: bool = True, backward: bool = False) -> Cost:
     """RMSNorm-gated merge of N rows of width D: reads e (and the FFN output), writes out;
     backward reads grad and e, writes d(e) (the gate's gradient is a reduction of those)."""
