@@ -249,3 +249,41 @@ def test_a_token_budget_below_the_model_length_is_refused(setup):
         _llm(setup[0], max_num_batched_tokens=256)
     text = error_text(err.value)
     assert "max_num_batched_tokens (256) is below max_model_len (512)" in text, text
+
+
+def test_trl_colocate_weight_sync_serves_the_trained_pvm_weights(setup):
+    """TRL 1.16's colocate weight sync, as it does it: parameters of the transformers model
+    by HF name, one at a time, into
+    ``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights``. After
+    a "training step" changed every PVM weight, vLLM generates what transformers does.
+    Only the PVM weights are synced: vLLM's CPU backend repacks its own linear layers after
+    the first load (their parameters are left empty), so no stock weight can be reloaded
+    on CPU, with or without this plugin."""
+    from pvm_kernels.integrations.qwen3_vl_model import PVMQwen3VLForConditionalGeneration
+    path, _, config = setup
+    trained = PVMQwen3VLForConditionalGeneration.from_pretrained(
+        path, torch_dtype=torch.float32).eval()
+    pvm = [(n, p) for n, p in trained.named_parameters() if ".pvm_block." in n]
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in pvm:
+            param.add_(0.05 * param.abs().mean() * torch.randn(param.shape, generator=g))
+            if name.endswith("gate_alpha"):
+                param.fill_(0.7)
+    llm = _llm(path)
+    model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    for name, param in pvm:
+        model.load_weights([(name, param.data)])
+    names = ["image", "two-images", "text"]
+    got = _generate(llm, config, names)
+    del llm
+    want = {}
+    for name in names:
+        batch = _hf_inputs(config, PROMPTS[name])
+        with torch.no_grad():
+            ref = trained.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                   output_scores=True, return_dict_in_generate=True)
+        tokens = ref.sequences[0, batch["input_ids"].shape[1]:].tolist()
+        want[name] = (tokens, [torch.log_softmax(s[0].double(), -1)[t].item()
+                               for s, t in zip(ref.scores, tokens)])
+    _assert_same(got, want, "after a TRL-style sync")
