@@ -147,8 +147,8 @@ def paged_retrieval_fwd(q: torch.Tensor, kv: torch.Tensor, flags: torch.Tensor,
     if block_table.dtype != torch.int32 or block_table.dim() != 2:
         raise TypeError(f"block_table must be a 2-D int32 tensor, got {block_table.dtype} "
                         f"{tuple(block_table.shape)}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    if q.stride(-1) != 1 or q.data_ptr() % 16:  # the compiled variants assume both
+        q = q.contiguous() if q.stride(-1) != 1 else q.clone()
     out = new_output((T, H, hd), q.dtype, q.device)
     has = new_output((T,), torch.bool, q.device)
     if T == 0:

@@ -11,21 +11,28 @@ causal, as the spec requires.
 
 Layout of the cache (what vLLM 0.32 binds for a full-attention spec): ``kv_cache``
 ``[num_blocks, Hkv, block_size, 2 * hd]``, the key in channels ``:hd`` and the value in
-``hd:``; it may be a strided view. ``visual_flags`` ``[num_blocks * block_size]`` bool.
+``hd:``; it may be a strided view. ``visual_flags`` ``[num_blocks * block_size]`` bool;
+``block_visual`` ``[num_blocks]`` bool, whether any slot of the block is flagged
+(``mark_blocks``).
 
-These functions gather a request batch's memory into the padded ``VisualMemory`` layout the
-PVM block's retrieval takes. They copy every key position below the longest sequence of the
-batch (text ones included, masked): simple and exact; a kernel reading the blocks in place
-would skip text-only blocks.
+Two ways to retrieve: ``gather_paged_memory`` copies a batch's entries below its longest
+length (text ones included, masked) into the padded ``VisualMemory`` the block's retrieval
+takes: any backend, any shape, every position moved three times. ``paged_decode_retrieval``
+runs the backend's in-place kernel for single-token queries where it has one (Triton:
+text blocks skipped, roofline.paged_decode_cost), else that gather.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 
 from ..memory import VisualMemory
 from .backends import resolve_backend
+
+_LOG = logging.getLogger(__name__)
+_GATHER_NOTED = set()
 
 
 def write_paged_kv(kv_cache: torch.Tensor, visual_flags: torch.Tensor,
@@ -112,6 +119,12 @@ def paged_decode_retrieval(q: torch.Tensor, kv_cache: torch.Tensor, visual_flags
                                    seq_lens, rows, scale)
         if out is not None:
             return out
+        key = (impl.name, q.dtype, kv_cache.shape[2], q.shape[1] // kv_cache.shape[1])
+        if key not in _GATHER_NOTED:  # a slower path, never a different result: said once
+            _GATHER_NOTED.add(key)
+            _LOG.info("PVM paged decode: the %s backend's kernel does not take %s, block size "
+                      "%d, %d query heads per KV head; gathering the memory instead",
+                      impl.name, str(q.dtype).replace("torch.", ""), key[2], key[3])
     rows = rows.long()
     memory = gather_paged_memory(kv_cache, visual_flags, block_table[rows], seq_lens[rows],
                                  max_seq_len)
