@@ -14,7 +14,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export CUDA_HOME MAX_JOBS TORCH_CUDA_ARCH_LIST
 export PVM_STRICT_BUILD ?= 1
 
-.PHONY: install test test-vllm demo analyze bench gpu-check gpu-tune gpu-evidence compile-gate mutations cmake-build clean
+.PHONY: install test test-vllm demo analyze bench gpu-check gpu-quick gpu-tune gpu-evidence compile-gate mutations cmake-build clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -73,6 +73,14 @@ gpu-check:
 	if [ $$rc -eq 2 ]; then exit 2; fi; \
 	$(MAKE) --no-print-directory gpu-tune; rt=$$?; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$rt
+
+# A GPU lease's one command, under 8 minutes (tools/gpu_quick.py): build, the CUDA cases of
+# the correctness tests against float64, gpu-tune, gpu-evidence and its report, each part
+# only if its planned time still fits (skipped parts say so); the elapsed time per part.
+# Without a GPU it says so and fails (exit 2).   make gpu-quick QUICK_ARGS="--skip tune"
+QUICK_ARGS ?=
+gpu-quick:
+	env -u TRITON_INTERPRET $(PYTHON) tools/gpu_quick.py $(QUICK_ARGS)
 
 # On a GPU, within four minutes: each candidate tile of the 8B regimes (decode and prefill
 # forward, prefill backward; bf16, hd 128) checked against float64, the correct ones timed

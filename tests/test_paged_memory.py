@@ -117,12 +117,16 @@ def test_write_rejects_keys_of_another_layout():
                        torch.zeros(1, 1, HD), torch.tensor([True]))
 
 
-# ---- the in-place paged retrieval (triton_ops/paged_retrieval.py, interpreter) ----------
+# ---- the in-place paged retrieval (triton_ops/paged_retrieval.py) -----------------------
+
+#: Where the kernel runs: the GPU where there is one, else Triton's interpreter on the CPU.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def _decode_problem(dtype, block_size, hd, seed=4):
-    """Queries of 6 decode tokens over REQUESTS (two tokens of request 1, none of request
-    2... rows pick them), their paged cache with block summaries, and the float64 answer:
-    (q, kv, flags, block_visual, table, seq_lens, rows, want [T, H, hd], want_has [T])."""
+    """Queries of 6 decode tokens over 4 requests (``rows`` picks each one's request), their
+    paged cache with block summaries on KERNEL_DEVICE, and the float64 answer on the CPU:
+    (q, kv, flags, block_visual, table, seq_lens, rows, want [T, H, hd], want_has [T],
+    scale)."""
     from pvm_kernels.ops.paged import mark_blocks
     from pvm_kernels.reference import retrieval_reference
     g = torch.Generator().manual_seed(seed)
@@ -163,7 +167,8 @@ def _decode_problem(dtype, block_size, hd, seed=4):
                                           values[r][None], None, scale=scale)[0, 0]
     want_has = torch.tensor([bool(visual_sets[r]) for r in rows.tolist()])
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    return q, kv, flags, block_visual, table, seq_lens, rows, want, want_has, scale
+    dev = [t.to(KERNEL_DEVICE) for t in (q, kv, flags, block_visual, table, seq_lens, rows)]
+    return (*dev, want, want_has, scale)
 
 
 @pytest.mark.parametrize("dtype,block_size,hd", [(torch.bfloat16, 16, 16),
@@ -181,12 +186,14 @@ def test_the_paged_kernel_reads_only_visual_slots_and_matches_float64(dtype, blo
         a, has = paged_decode_retrieval(q, kv, flags, block_visual, table, seq_lens, rows,
                                         int(seq_lens.max()), scale, backend="triton")
     assert kernel_launches() - before == 1  # in place: one launch, no gather
+    a, has = a.cpu(), has.cpu()
     assert torch.equal(has, want_has)
     assert torch.equal(a[~want_has], torch.zeros_like(a[~want_has]))  # exactly 0, not NaN
     assert max_rel_err(a, want) < TOLERANCE[dtype]
     # The gather path (any backend) agrees.
     b, has_b = paged_decode_retrieval(q, kv, flags, block_visual, table, seq_lens, rows,
                                       int(seq_lens.max()), scale, backend="reference")
+    b, has_b = b.cpu(), has_b.cpu()
     assert torch.equal(has_b, want_has)
     assert max_rel_err(b, want) < TOLERANCE[dtype]
 
@@ -206,11 +213,11 @@ def test_the_paged_kernel_skips_blocks_whose_summary_is_clear():
     block_visual[free] = False
     a, _ = paged_decode_retrieval(q, kv, flags, block_visual, table, seq_lens, rows,
                                   int(seq_lens.max()), scale, backend="triton")
-    assert max_rel_err(a, want) < TOLERANCE[torch.bfloat16]
+    assert max_rel_err(a.cpu(), want) < TOLERANCE[torch.bfloat16]
     block_visual[free] = True               # read: the NaN keys reach request 0's queries
     a, _ = paged_decode_retrieval(q, kv, flags, block_visual, table, seq_lens, rows,
                                   int(seq_lens.max()), scale, backend="triton")
-    assert torch.isnan(a[rows == 0]).all()
+    assert torch.isnan(a[rows == 0]).all().item()
 
 
 @pytest.mark.parametrize("dtype,block_size,why", [(torch.bfloat16, 8, "block size 8"),
@@ -226,8 +233,8 @@ def test_launches_the_kernel_does_not_take_gather_instead(dtype, block_size, why
     assert why in unsupported(q, kv, kv.shape[1])
     a, has = paged_decode_retrieval(q, kv, flags, block_visual, table, seq_lens, rows,
                                     int(seq_lens.max()), scale, backend="triton")
-    assert torch.equal(has, want_has)
-    assert max_rel_err(a, want) < TOLERANCE[dtype]
+    assert torch.equal(has.cpu(), want_has)
+    assert max_rel_err(a.cpu(), want) < TOLERANCE[dtype]
 
 
 def test_queries_and_update_from_retrieval_compose_to_the_block():

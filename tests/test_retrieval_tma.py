@@ -17,6 +17,13 @@ from pvm_kernels.triton_ops import retrieval as R
 
 
 
+#: Where the kernels run: the GPU where there is one (sm_90 takes the TMA path; older GPUs
+#: skip the tests that expect it), else Triton's interpreter on the CPU.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_sm90 = pytest.mark.skipif(DEV.type == "cuda" and torch.cuda.get_device_capability() < (9, 0),
+                                reason="the TMA path is sm_90's (this GPU takes pointer loads)")
+
+
 @pytest.fixture
 def tma_taken(monkeypatch):
     """The uses_tma answers of the launches run in the test, in order."""
@@ -43,20 +50,23 @@ def _padded(B, T, H, Hkv, hd, Nv, dtype, kv_len=None, nan_past_len=False, q_norm
         k[~valid] = float("nan")
         v[~valid] = float("inf")
     grad = torch.randn(B, T, H, hd).to(dtype)
-    qt, kt, vt, wt = (t.clone().requires_grad_() for t in (q, k, v, w))
+    qt, kt, vt, wt = (t.clone().to(DEV).requires_grad_() for t in (q, k, v, w))
+    lens_d = None if lens is None else lens.to(DEV)
     with poisoned_outputs():
         if q_norm:
-            out = torch.ops.pvm_kernels.triton_retrieval_qn_fwd(qt, wt, kt, vt, None, lens,
+            out = torch.ops.pvm_kernels.triton_retrieval_qn_fwd(qt, wt, kt, vt, None, lens_d,
                                                                 hd ** -0.5, 1e-6)[0]
         else:
-            out = pvm_retrieval(qt, kt, vt, None, lens, backend="triton")
-        out.backward(grad)
+            out = pvm_retrieval(qt, kt, vt, None, lens_d, backend="triton")
+        out.backward(grad.to(DEV))
     q64, k64, v64, w64 = (t.double().where(t.isfinite(), 0).requires_grad_()
                           for t in (q, k, v, w))
     qr = rms_norm(q64, w64, 1e-6) if q_norm else q64
     ref = retrieval_reference(qr, k64, v64, valid)
     ref.backward(grad.double())
-    got = dict(out=out, dq=qt.grad, dk=kt.grad, dv=vt.grad, dw=wt.grad if q_norm else None)
+    got = {name: None if t is None else t.cpu() for name, t in
+           dict(out=out, dq=qt.grad, dk=kt.grad, dv=vt.grad,
+                dw=wt.grad if q_norm else None).items()}
     want = dict(out=ref, dq=q64.grad, dk=k64.grad, dv=v64.grad, dw=w64.grad if q_norm else None)
     return got, want, valid
 
@@ -80,6 +90,7 @@ CASES = [
 ]
 
 
+@needs_sm90
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])))
 def test_tma_path_matches_float64(case, tma_taken):
     *dims, kv_len = case
@@ -91,6 +102,7 @@ def test_tma_path_matches_float64(case, tma_taken):
     assert (got["dk"][~valid] == 0).all() and (got["dv"][~valid] == 0).all()
 
 
+@needs_sm90
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tma_path_with_q_norm_fused_matches_float64(dtype, tma_taken):
     got, want, _ = _padded(2, 21, 4, 1, 128, 150, dtype, [150, 64], q_norm=True)
@@ -98,6 +110,7 @@ def test_tma_path_with_q_norm_fused_matches_float64(dtype, tma_taken):
     _assert_close(got, want, dtype)
 
 
+@needs_sm90
 def test_tma_and_pointer_paths_agree(tma_taken):
     """The same problem with pointer loads forced: the same numbers up to summation order
     (the TMA path skips the select on full tiles, nothing else)."""
@@ -120,6 +133,7 @@ def test_the_switch_reaches_autograds_threads(tma_taken):
     assert tma_taken == [False, False]
 
 
+@needs_sm90
 def test_tma_varlen_matches_float64(tma_taken):
     """Packed sequences of 37, 0 and 20 tokens over 150, 9 and 0 keys, then rows and keys
     of no sequence (NaN, never read)."""
@@ -132,20 +146,21 @@ def test_tma_varlen_matches_float64(tma_taken):
     k, v = (torch.randn(162, Hkv, hd).bfloat16() for _ in range(2))
     k[159:], v[159:] = float("nan"), float("nan")
     grad = torch.randn(60, H, hd).bfloat16()
-    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
+    qt, kt, vt = (t.clone().to(DEV).requires_grad_() for t in (q, k, v))
     with poisoned_outputs():
-        out = pvm_retrieval_varlen(qt, kt, vt, cu_q, cu_k, max(q_lens), max(k_lens),
-                                   backend="triton")
-        out.backward(grad)
+        out = pvm_retrieval_varlen(qt, kt, vt, cu_q.to(DEV), cu_k.to(DEV), max(q_lens),
+                                   max(k_lens), backend="triton")
+        out.backward(grad.to(DEV))
     assert tma_taken == [True, True]
+    out, qt, kt, vt = out.cpu(), qt.grad.cpu(), kt.grad.cpu(), vt.grad.cpu()
     q64, k64, v64 = (t.double().nan_to_num(0.0).requires_grad_() for t in (q, k, v))
     ref = retrieval_varlen_reference(q64, k64, v64, cu_q, cu_k)
     ref.backward(grad.double())
     rows, keys = slice(0, 57), slice(0, 159)
-    for g, r in ((out[rows], ref[rows]), (qt.grad[rows], q64.grad[rows]),
-                 (kt.grad[keys], k64.grad[keys]), (vt.grad[keys], v64.grad[keys])):
+    for g, r in ((out[rows], ref[rows]), (qt[rows], q64.grad[rows]),
+                 (kt[keys], k64.grad[keys]), (vt[keys], v64.grad[keys])):
         assert max_rel_err(g, r) < TOLERANCE[torch.bfloat16]
-    assert (out[37:57] == 0).all() and (kt.grad[150:159] == 0).all()  # no keys / no rows
+    assert (out[37:57] == 0).all() and (kt[150:159] == 0).all()  # no keys / no rows
 
 
 def _eligible(q, k, key_mask=None):
