@@ -114,6 +114,8 @@ class PVMCacheLayer(nn.Module, AttentionLayerBase):
         self.kv_cache = torch.tensor([])
         self.visual_flags: Optional[torch.Tensor] = None
         self.block_visual: Optional[torch.Tensor] = None
+        # (token rows, k, v) of this step's visual tokens, set before the decoder runs
+        self.step_visual: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         config = get_current_vllm_config()
         self.block_size = config.cache_config.block_size
         context = config.compilation_config.static_forward_context

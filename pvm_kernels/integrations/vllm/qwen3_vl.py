@@ -15,7 +15,8 @@ the decoder runs, every PVM layer stores the k-normed keys and values of the ste
 embeddings (``inputs_embeds`` at those tokens: after the merger, before DeepStack) and a
 flag for every token; in the layer, each request's queries retrieve from all flagged slots
 of its request, whatever their position (decode tokens in place from the cache,
-:func:`pvm_kernels.ops.paged.paged_decode_retrieval`; prompts on their gathered memory).
+:func:`pvm_kernels.ops.paged.paged_decode_retrieval`; whole prompts in one varlen call on
+the step's own visual keys, a whole prompt holding all of its request's images).
 Visual query tokens and requests without images get exactly 0 (the block's own rules).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import torch
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
+from ...memory import PackedVisualMemory
 from ...modules import FusedPVM
 from ...ops.paged import (gather_paged_memory, mark_blocks, paged_decode_retrieval,
                           write_paged_kv)
@@ -68,7 +70,9 @@ class PVMStep:
 
 def store_visual(block: FusedPVM, cache: PVMCacheLayer, inputs_embeds: torch.Tensor,
                  is_visual: torch.Tensor) -> None:
-    """Write the step's visual keys/values and every scheduled token's flag into ``cache``."""
+    """Write the step's visual keys/values and every scheduled token's flag into ``cache``,
+    and keep this step's (token rows, k, v) on it for the prompts' retrieval."""
+    cache.step_visual = None
     meta = cache.metadata()
     if meta is None:
         return
@@ -83,15 +87,49 @@ def store_visual(block: FusedPVM, cache: PVMCacheLayer, inputs_embeds: torch.Ten
         k, v = block.visual_keys_values(inputs_embeds[rows])
         write_paged_kv(cache.kv_cache, flags, slots[rows], k, v,
                        torch.ones_like(rows, dtype=torch.bool))
+        cache.step_visual = (rows, k, v)
     mark_blocks(flags, block_visual, slots, cache.kv_cache.shape[2])
+
+
+def _prompt_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
+                   visual: torch.Tensor, meta, prompts: List[int], u: torch.Tensor) -> None:
+    """``u`` at the tokens of ``prompts``, requests whose whole prompt is in this step: all
+    of them in one varlen call, each retrieving from its own visual tokens of this step
+    (computed by ``store_visual``: a whole prompt holds all of its request's images)."""
+    if cache.step_visual is None:  # no image in the step: every update is 0
+        return
+    device = hidden.device
+    starts = [0]
+    for q in meta.query_lens:
+        starts.append(starts[-1] + q)
+    tokens = torch.cat([torch.arange(starts[r], starts[r + 1], device=device)
+                        for r in prompts])
+    lengths = [meta.query_lens[r] for r in prompts]
+    cu_q = torch.tensor([0] + lengths, device=device, dtype=torch.int32).cumsum(0,
+                                                                               dtype=torch.int32)
+    rows, k, v = cache.step_visual
+    owner = torch.repeat_interleave(torch.arange(len(meta.query_lens), device=device),
+                                    torch.tensor(meta.query_lens, device=device))[rows]
+    chosen = torch.zeros(len(meta.query_lens), dtype=torch.bool, device=device)
+    chosen[prompts] = True
+    keep = chosen[owner]
+    counts = torch.zeros(len(meta.query_lens), dtype=torch.int32, device=device)
+    counts.index_add_(0, owner[keep], torch.ones_like(owner[keep], dtype=torch.int32))
+    counts = counts[prompts]
+    cu_k = torch.cat([counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)])
+    memory = PackedVisualMemory.from_kv(k[keep], v[keep], cu_k, int(counts.max()))
+    u[tokens] = block.forward_varlen(hidden[tokens], cu_q, max(lengths), memory,
+                                     query_is_visual=visual[tokens])
 
 
 def pvm_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
                is_visual: torch.Tensor) -> Optional[torch.Tensor]:
     """The PVM update u [T, D] of the step's tokens (h = ``hidden`` [T, D]), or None in a
     run without metadata (vLLM's profiling and dummy runs). Single-token queries (decode)
-    retrieve in one call read in place from the cache (``paged_decode_retrieval``); each
-    longer query (a prompt) on its gathered memory, after :func:`check_whole_prompt`."""
+    retrieve in one call read in place from the cache (``paged_decode_retrieval``); whole
+    prompts in one varlen call from the step's own visual keys (``_prompt_update``); a
+    prompt continuing an earlier step on its gathered memory, after
+    :func:`check_whole_prompt`."""
     meta = cache.metadata()
     if meta is None:
         return None
@@ -123,9 +161,15 @@ def pvm_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
                                         max(meta.seq_lens_host[r] for r in single),
                                         1.0 / math.sqrt(block.dims.head_dim))
         u[tokens] = block.update_from_retrieval(a, has & ~visual[tokens])
+    prompts = [r for r, q in enumerate(meta.query_lens)
+               if q > 1 and meta.seq_lens_host[r] == q]
+    if prompts:
+        _prompt_update(block, cache, hidden, visual, meta, prompts, u)
+    # A prompt continuing an earlier step (its images, if any, came before: else refused
+    # above) retrieves from the cache.
     start = 0
     for r, q in enumerate(meta.query_lens):
-        if q > 1:
+        if q > 1 and meta.seq_lens_host[r] > q:
             memory = gather_paged_memory(cache.kv_cache, flags, meta.block_table[r:r + 1],
                                          meta.seq_lens[r:r + 1], meta.seq_lens_host[r])
             u[start:start + q] = block(hidden[None, start:start + q], memory,
