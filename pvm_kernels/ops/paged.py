@@ -93,10 +93,11 @@ def mark_blocks(visual_flags: torch.Tensor, block_visual: torch.Tensor,
     ``block_visual[b]`` = any of block b's slot flags. A slot past its request's length may
     still hold an earlier owner's True, which only makes the summary conservative (the
     retrieval masks by length); a block is always touched by its owner's first write."""
-    slots = slots[slots >= 0].long()
     if slots.numel() == 0:
         return
-    blocks = slots // block_size
+    # Padding tokens (negative slots) refresh block 0's summary from its own flags, which
+    # is always right: no boolean mask, so no host sync in a decode step.
+    blocks = torch.where(slots >= 0, slots, 0).long() // block_size
     block_visual[blocks] = visual_flags.view(-1, block_size)[blocks].any(dim=1)
 
 

@@ -142,10 +142,20 @@ class PVMCacheLayer(nn.Module, AttentionLayerBase):
         blocks = self.kv_cache.shape[0]
         if self.block_visual is None or self.block_visual.numel() != blocks:
             device = self.kv_cache.device
-            self.visual_flags = torch.zeros(blocks * self.kv_cache.shape[2], dtype=torch.bool,
-                                            device=device)
+            slots = blocks * self.kv_cache.shape[2]
+            # One slot more than the cache: where clear_flags sends padding tokens.
+            self._flag_storage = torch.zeros(slots + 1, dtype=torch.bool, device=device)
+            self.visual_flags = self._flag_storage[:slots]
             self.block_visual = torch.zeros(blocks, dtype=torch.bool, device=device)
         return self.visual_flags, self.block_visual
+
+    def clear_flags(self, slots: torch.Tensor) -> None:
+        """Set the flags of ``slots`` [N] (negative: a padding token) to False, without a
+        host sync (a boolean mask would ask the device for its count every step): padding
+        tokens write the spare slot past the cache."""
+        self.flags()
+        sink = self._flag_storage.numel() - 1
+        self._flag_storage[torch.where(slots >= 0, slots, sink).long()] = False
 
     def metadata(self) -> Optional[PVMPagedMetadata]:
         """This step's metadata (None in a profiling or dummy run without a KV cache)."""

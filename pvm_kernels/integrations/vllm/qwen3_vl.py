@@ -79,11 +79,12 @@ def store_visual(block: FusedPVM, cache: PVMCacheLayer, inputs_embeds: torch.Ten
     n = meta.num_actual_tokens
     flags, block_visual = cache.flags()
     slots = meta.slot_mapping[:n]
-    visual = is_visual[:n]
-    rows = visual.nonzero().flatten()
     # Text tokens: only their flag (False), so a slot's earlier owner cannot leak in.
-    flags[slots[slots >= 0].long()] = False
-    if rows.numel():
+    cache.clear_flags(slots)
+    # Visual tokens come only in prompts (more than one token of a request): a decode-only
+    # step skips the nonzero, a host sync on a GPU.
+    rows = is_visual[:n].nonzero().flatten() if max(meta.query_lens, default=0) > 1 else None
+    if rows is not None and rows.numel():
         k, v = block.visual_keys_values(inputs_embeds[rows])
         write_paged_kv(cache.kv_cache, flags, slots[rows], k, v,
                        torch.ones_like(rows, dtype=torch.bool))
