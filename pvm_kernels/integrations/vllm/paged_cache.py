@@ -17,7 +17,7 @@ text before the image miss it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional, Tuple
 
 import torch
@@ -36,7 +36,12 @@ class PVMPagedMetadata:
 
     slot_mapping [T] int64 (cache slot of each scheduled token); block_table [R, max_blocks]
     int32; seq_lens [R] int32 (tokens in the cache after this step); query_start_loc [R + 1]
-    int32; query_lens / seq_lens_host: the same as Python ints (host copies vLLM keeps).
+    int32; query_lens / seq_lens_host / token_starts: the same as Python ints (host copies
+    vLLM keeps). Sorted once per step for every PVM layer: decode_requests (one token),
+    prompt_requests (a whole prompt in this step), continuing_requests (more tokens of a
+    prompt begun earlier); decode_rows [len(decode_requests)] int32 and decode_tokens
+    (their tokens, int64) on the device; token_owner [T] int64, each token's request (only
+    in a step with prompts).
     """
 
     slot_mapping: torch.Tensor
@@ -46,6 +51,13 @@ class PVMPagedMetadata:
     query_lens: List[int]
     seq_lens_host: List[int]
     num_actual_tokens: int
+    token_starts: List[int] = field(default_factory=list)
+    decode_requests: List[int] = field(default_factory=list)
+    prompt_requests: List[int] = field(default_factory=list)
+    continuing_requests: List[int] = field(default_factory=list)
+    decode_rows: Optional[torch.Tensor] = None
+    decode_tokens: Optional[torch.Tensor] = None
+    token_owner: Optional[torch.Tensor] = None
 
 
 class PVMMetadataBuilder(AttentionMetadataBuilder[PVMPagedMetadata]):
@@ -63,15 +75,33 @@ class PVMMetadataBuilder(AttentionMetadataBuilder[PVMPagedMetadata]):
         m = common_attn_metadata
         starts = m.query_start_loc_cpu[:m.num_reqs + 1].tolist()
         host = m.seq_lens_cpu_upper_bound
-        seq_lens_host = (host if host is not None else m.seq_lens)[:m.num_reqs].tolist()
+        seq_lens_host = [int(x) for x in
+                         (host if host is not None else m.seq_lens)[:m.num_reqs].tolist()]
+        query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+        decode = [r for r, q in enumerate(query_lens) if q == 1]
+        prompts = [r for r, q in enumerate(query_lens) if q > 1 and seq_lens_host[r] == q]
+        continuing = [r for r, q in enumerate(query_lens) if q > 1 and seq_lens_host[r] > q]
+        device = m.query_start_loc.device
+        decode_rows = decode_tokens = token_owner = None
+        if len(decode) == m.num_reqs:  # a decode-only step: request r is token r
+            decode_rows = torch.arange(m.num_reqs, dtype=torch.int32, device=device)
+            decode_tokens = decode_rows.long()
+        elif decode:
+            decode_rows = torch.tensor(decode, dtype=torch.int32, device=device)
+            decode_tokens = m.query_start_loc[decode_rows.long()].long()
+        if prompts:
+            token_owner = torch.repeat_interleave(
+                torch.arange(m.num_reqs, device=device),
+                torch.tensor(query_lens, device=device))
         return PVMPagedMetadata(
             slot_mapping=m.slot_mapping[:m.num_actual_tokens],
             block_table=m.block_table_tensor[:m.num_reqs],
             seq_lens=m.seq_lens[:m.num_reqs],
             query_start_loc=m.query_start_loc[:m.num_reqs + 1],
-            query_lens=[b - a for a, b in zip(starts[:-1], starts[1:])],
-            seq_lens_host=[int(s) for s in seq_lens_host],
-            num_actual_tokens=m.num_actual_tokens)
+            query_lens=query_lens, seq_lens_host=seq_lens_host,
+            num_actual_tokens=m.num_actual_tokens, token_starts=starts,
+            decode_requests=decode, prompt_requests=prompts, continuing_requests=continuing,
+            decode_rows=decode_rows, decode_tokens=decode_tokens, token_owner=token_owner)
 
 
 class PVMCacheBackend(AttentionBackend):

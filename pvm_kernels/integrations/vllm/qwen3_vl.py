@@ -68,23 +68,29 @@ class PVMStep:
         return self.is_visual[:num_tokens]
 
 
+def visual_rows(meta, is_visual: torch.Tensor) -> Optional[torch.Tensor]:
+    """The rows of the step's visual tokens (None when it has none), once per step for every
+    PVM layer. Visual tokens come only in prompts (more than one token of a request): a
+    decode-only step skips the nonzero, a host sync on a GPU."""
+    if meta is None or not (meta.prompt_requests or meta.continuing_requests):
+        return None
+    rows = is_visual[:meta.num_actual_tokens].nonzero().flatten()
+    return rows if rows.numel() else None
+
+
 def store_visual(block: FusedPVM, cache: PVMCacheLayer, inputs_embeds: torch.Tensor,
-                 is_visual: torch.Tensor) -> None:
-    """Write the step's visual keys/values and every scheduled token's flag into ``cache``,
-    and keep this step's (token rows, k, v) on it for the prompts' retrieval."""
+                 rows: Optional[torch.Tensor]) -> None:
+    """Write the step's visual keys/values (at ``rows``) and every scheduled token's flag
+    into ``cache``, and keep this step's (rows, k, v) on it for the prompts' retrieval."""
     cache.step_visual = None
     meta = cache.metadata()
     if meta is None:
         return
-    n = meta.num_actual_tokens
     flags, block_visual = cache.flags()
-    slots = meta.slot_mapping[:n]
+    slots = meta.slot_mapping[:meta.num_actual_tokens]
     # Text tokens: only their flag (False), so a slot's earlier owner cannot leak in.
     cache.clear_flags(slots)
-    # Visual tokens come only in prompts (more than one token of a request): a decode-only
-    # step skips the nonzero, a host sync on a GPU.
-    rows = is_visual[:n].nonzero().flatten() if max(meta.query_lens, default=0) > 1 else None
-    if rows is not None and rows.numel():
+    if rows is not None:
         k, v = block.visual_keys_values(inputs_embeds[rows])
         write_paged_kv(cache.kv_cache, flags, slots[rows], k, v,
                        torch.ones_like(rows, dtype=torch.bool))
@@ -93,24 +99,21 @@ def store_visual(block: FusedPVM, cache: PVMCacheLayer, inputs_embeds: torch.Ten
 
 
 def _prompt_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
-                   visual: torch.Tensor, meta, prompts: List[int], u: torch.Tensor) -> None:
-    """``u`` at the tokens of ``prompts``, requests whose whole prompt is in this step: all
-    of them in one varlen call, each retrieving from its own visual tokens of this step
+                   visual: torch.Tensor, meta, u: torch.Tensor) -> None:
+    """``u`` at the tokens of the step's whole prompts (``meta.prompt_requests``): all of
+    them in one varlen call, each retrieving from its own visual tokens of this step
     (computed by ``store_visual``: a whole prompt holds all of its request's images)."""
     if cache.step_visual is None:  # no image in the step: every update is 0
         return
     device = hidden.device
-    starts = [0]
-    for q in meta.query_lens:
-        starts.append(starts[-1] + q)
+    prompts, starts = meta.prompt_requests, meta.token_starts
     tokens = torch.cat([torch.arange(starts[r], starts[r + 1], device=device)
                         for r in prompts])
     lengths = [meta.query_lens[r] for r in prompts]
     cu_q = torch.tensor([0] + lengths, device=device, dtype=torch.int32).cumsum(0,
                                                                                dtype=torch.int32)
     rows, k, v = cache.step_visual
-    owner = torch.repeat_interleave(torch.arange(len(meta.query_lens), device=device),
-                                    torch.tensor(meta.query_lens, device=device))[rows]
+    owner = meta.token_owner[rows]
     chosen = torch.zeros(len(meta.query_lens), dtype=torch.bool, device=device)
     chosen[prompts] = True
     keep = chosen[owner]
@@ -126,56 +129,37 @@ def _prompt_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
 def pvm_update(block: FusedPVM, cache: PVMCacheLayer, hidden: torch.Tensor,
                is_visual: torch.Tensor) -> Optional[torch.Tensor]:
     """The PVM update u [T, D] of the step's tokens (h = ``hidden`` [T, D]), or None in a
-    run without metadata (vLLM's profiling and dummy runs). Single-token queries (decode)
-    retrieve in one call read in place from the cache (``paged_decode_retrieval``); whole
-    prompts in one varlen call from the step's own visual keys (``_prompt_update``); a
-    prompt continuing an earlier step on its gathered memory, after
-    :func:`check_whole_prompt`."""
+    run without metadata (vLLM's profiling and dummy runs). Decode tokens retrieve in one
+    call read in place from the cache (``paged_decode_retrieval``); whole prompts in one
+    varlen call from the step's own visual keys (``_prompt_update``); a prompt continuing
+    an earlier step on its gathered memory, after :func:`check_whole_prompt`."""
     meta = cache.metadata()
     if meta is None:
         return None
-    n, R = meta.num_actual_tokens, len(meta.query_lens)
     u = torch.zeros_like(hidden)
-    if R == 0:
+    if not meta.query_lens:
         return u
     flags, block_visual = cache.flags()
-    starts = meta.query_start_loc
-    visual = is_visual[:n]
-    # Only a request continuing a prompt (tokens computed before, more than one now) can
-    # bring images after its text was computed; the host knows which, so a normal step
-    # asks the device nothing.
-    start = 0
-    for r, q in enumerate(meta.query_lens):
-        if q > 1 and meta.seq_lens_host[r] > q:
-            check_whole_prompt(meta, r, bool(visual[start:start + q].any()))
-        start += q
-
-    single = [r for r, q in enumerate(meta.query_lens) if q == 1]
-    if single:
-        # Decode tokens: read in place from the cache, text blocks skipped where the
-        # backend has the kernel (Triton, 16-bit), else gathered.
-        rows = torch.tensor(single, dtype=torch.int32, device=hidden.device)
-        tokens = starts[rows.long()].long()
+    visual = is_visual[:meta.num_actual_tokens]
+    starts = meta.token_starts
+    if meta.decode_requests:
+        tokens = meta.decode_tokens
         q = block.queries(hidden[tokens])
-        a, has = paged_decode_retrieval(q, cache.kv_cache, flags, block_visual,
-                                        meta.block_table, meta.seq_lens, rows,
-                                        max(meta.seq_lens_host[r] for r in single),
-                                        1.0 / math.sqrt(block.dims.head_dim))
+        a, has = paged_decode_retrieval(
+            q, cache.kv_cache, flags, block_visual, meta.block_table, meta.seq_lens,
+            meta.decode_rows, max(meta.seq_lens_host[r] for r in meta.decode_requests),
+            1.0 / math.sqrt(block.dims.head_dim))
         u[tokens] = block.update_from_retrieval(a, has & ~visual[tokens])
-    prompts = [r for r, q in enumerate(meta.query_lens)
-               if q > 1 and meta.seq_lens_host[r] == q]
-    if prompts:
-        _prompt_update(block, cache, hidden, visual, meta, prompts, u)
-    # A prompt continuing an earlier step (its images, if any, came before: else refused
-    # above) retrieves from the cache.
-    start = 0
-    for r, q in enumerate(meta.query_lens):
-        if q > 1 and meta.seq_lens_host[r] > q:
-            memory = gather_paged_memory(cache.kv_cache, flags, meta.block_table[r:r + 1],
-                                         meta.seq_lens[r:r + 1], meta.seq_lens_host[r])
-            u[start:start + q] = block(hidden[None, start:start + q], memory,
-                                       query_is_visual=visual[None, start:start + q])[0]
-        start += q
+    if meta.prompt_requests:
+        _prompt_update(block, cache, hidden, visual, meta, u)
+    # A prompt continuing an earlier step may not bring images (its earlier text retrieved
+    # without them); its images, if any, came before and are in the cache.
+    for r in meta.continuing_requests:
+        span = slice(starts[r], starts[r + 1])
+        check_whole_prompt(meta, r, bool(visual[span].any()))
+        memory = gather_paged_memory(cache.kv_cache, flags, meta.block_table[r:r + 1],
+                                     meta.seq_lens[r:r + 1], meta.seq_lens_host[r])
+        u[span] = block(hidden[None, span], memory, query_is_visual=visual[None, span])[0]
     return u
 
 
@@ -316,9 +300,11 @@ class PVMQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
             if inputs_embeds is None:
                 raise RuntimeError("PVM needs the step's input embeddings (vLLM passes them "
                                    "to multimodal models)")
-            is_visual = self.pvm_step.mask(inputs_embeds.shape[0])
-            for block, cache in self._pvm_pairs():
-                store_visual(block, cache, inputs_embeds, is_visual)
+            pairs = self._pvm_pairs()
+            rows = visual_rows(pairs[0][1].metadata(),
+                               self.pvm_step.mask(inputs_embeds.shape[0]))
+            for block, cache in pairs:
+                store_visual(block, cache, inputs_embeds, rows)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
                                **kwargs)
 
